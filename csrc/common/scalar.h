@@ -1,0 +1,79 @@
+// Scalar helpers shared by host and device code. Kept free of torch and Python so the same math
+// compiles into the CPU kernels, the CUDA kernels and the native C++ tests.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define R2M_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define R2M_HOST_DEVICE inline
+#endif
+
+namespace r2m {
+
+// The element types the ops accept. 16-bit inputs are widened on load: every op computes and
+// accumulates in float32 or float64, never in 16 bits.
+enum class ScalarKind : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
+
+R2M_HOST_DEVICE float bf16_bits_to_float(uint16_t bits) {
+  uint32_t widened = static_cast<uint32_t>(bits) << 16;
+  float out;
+#if defined(__CUDA_ARCH__)
+  out = __uint_as_float(widened);
+#else
+  std::memcpy(&out, &widened, sizeof(out));
+#endif
+  return out;
+}
+
+// IEEE 754 binary16 -> binary32, including subnormals, infinities and NaN.
+R2M_HOST_DEVICE float fp16_bits_to_float(uint16_t bits) {
+  uint32_t sign = static_cast<uint32_t>(bits & 0x8000u) << 16;
+  uint32_t exponent = (bits >> 10) & 0x1fu;
+  uint32_t mantissa = bits & 0x3ffu;
+  uint32_t out_bits;
+  if (exponent == 0) {
+    if (mantissa == 0) {
+      out_bits = sign;
+    } else {
+      // Subnormal half: renormalise into a normal float.
+      exponent = 127 - 15 + 1;
+      while ((mantissa & 0x400u) == 0) {
+        mantissa <<= 1;
+        --exponent;
+      }
+      mantissa &= 0x3ffu;
+      out_bits = sign | (exponent << 23) | (mantissa << 13);
+    }
+  } else if (exponent == 0x1f) {
+    out_bits = sign | 0x7f800000u | (mantissa << 13);
+  } else {
+    out_bits = sign | ((exponent + 127 - 15) << 23) | (mantissa << 13);
+  }
+  float out;
+#if defined(__CUDA_ARCH__)
+  out = __uint_as_float(out_bits);
+#else
+  std::memcpy(&out, &out_bits, sizeof(out));
+#endif
+  return out;
+}
+
+// Loads element `i` of a buffer of the given kind as a double.
+R2M_HOST_DEVICE double load_as_double(const void* data, ScalarKind kind, int64_t i) {
+  switch (kind) {
+    case ScalarKind::kFloat32:
+      return static_cast<double>(static_cast<const float*>(data)[i]);
+    case ScalarKind::kFloat64:
+      return static_cast<const double*>(data)[i];
+    case ScalarKind::kBFloat16:
+      return static_cast<double>(bf16_bits_to_float(static_cast<const uint16_t*>(data)[i]));
+    case ScalarKind::kFloat16:
+      return static_cast<double>(fp16_bits_to_float(static_cast<const uint16_t*>(data)[i]));
+  }
+  return 0.0;
+}
+
+}  // namespace r2m

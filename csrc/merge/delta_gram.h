@@ -1,0 +1,45 @@
+// delta_gram: the N x N Gram matrix of task vectors, G[i][j] = sum_e (x_i[e] - b[e]) (x_j[e] - b[e]),
+// with the subtraction fused into the reduction so task vectors are never materialised
+// (../shared/PERFORMANCE.md, Gram pass).
+#pragma once
+
+#include <cstdint>
+
+#include "common/scalar.h"
+
+namespace r2m {
+
+// Plain parameter struct: the kernels never see a torch tensor, so this header and its kernels
+// build without torch (native C++ tests, nvcc compile checks).
+struct DeltaGramParams {
+  const void* base;            // numel elements of `kind`
+  const void* const* experts;  // n_experts pointers, numel elements each, same kind
+  int64_t n_experts;
+  int64_t numel;
+  ScalarKind kind;
+};
+
+// Elements per block of the reduction. Blocks are fixed in size and summed in block order, so the
+// result does not depend on how many threads process them.
+constexpr int64_t kDeltaGramBlock = 1 << 15;
+
+inline int64_t delta_gram_num_blocks(int64_t numel) {
+  return (numel + kDeltaGramBlock - 1) / kDeltaGramBlock;
+}
+
+// Accumulates block `block` into `partial` (n_experts^2 doubles, row-major, overwritten).
+// `scratch` holds n_experts * kDeltaGramBlock doubles owned by the calling thread.
+void delta_gram_block_cpu(const DeltaGramParams& params, int64_t block, double* partial,
+                          double* scratch);
+
+// Single-threaded driver used by the native tests: adds the Gram of all blocks into `gram`.
+void delta_gram_cpu(const DeltaGramParams& params, double* gram);
+
+#if defined(R2M_WITH_CUDA)
+// Adds the Gram of all elements into `gram` (device memory, n_experts^2 doubles).
+// `experts_device` is a device array of n_experts device pointers.
+void delta_gram_cuda(const DeltaGramParams& params, const void* const* experts_device,
+                     double* gram, void* stream);
+#endif
+
+}  // namespace r2m

@@ -1,0 +1,82 @@
+"""Builds r2m_ext and its one extension, r2m_ext._C.
+
+CPU kernels are always built. The CUDA kernels are added when torch was built with CUDA and nvcc
+is found; R2M_FORCE_CUDA=1 requires them (an error if impossible), R2M_NO_CUDA=1 leaves them out.
+Without a visible GPU, TORCH_CUDA_ARCH_LIST defaults to 9.0 (H100/H200).
+"""
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = Path(__file__).resolve().parent
+VERSION = re.search(
+    r'__version__ = "([^"]+)"', (ROOT / "r2m_ext" / "_version.py").read_text()
+).group(1)
+
+
+def _relative(paths):
+    return sorted(str(p.relative_to(ROOT)) for p in paths)
+
+
+def _build_with_cuda() -> bool:
+    forced = os.environ.get("R2M_FORCE_CUDA") == "1"
+    if os.environ.get("R2M_NO_CUDA") == "1":
+        if forced:
+            raise SystemExit("setup.py: R2M_FORCE_CUDA=1 and R2M_NO_CUDA=1 contradict each other")
+        return False
+    nvcc_found = CUDA_HOME is not None or shutil.which("nvcc") is not None
+    possible = torch.version.cuda is not None and nvcc_found
+    if forced and not possible:
+        raise SystemExit(
+            "setup.py: R2M_FORCE_CUDA=1 but "
+            + ("this torch has no CUDA" if torch.version.cuda is None else "nvcc was not found")
+            + f" (torch {torch.__version__}, CUDA_HOME={CUDA_HOME})"
+        )
+    return possible
+
+
+def _extension():
+    with_cuda = _build_with_cuda()
+    cpu_sources = list((ROOT / "csrc").rglob("*_cpu.cpp")) + [
+        p for p in (ROOT / "python").rglob("*.cpp") if not p.name.endswith("_cuda.cpp")
+    ]
+    cxx_flags = ["-O3", f'-DR2M_TORCH_VERSION="{torch.__version__}"']
+    include_dirs = [str(ROOT / "csrc"), str(ROOT / "python")]
+    if not with_cuda:
+        return CppExtension(
+            "r2m_ext._C",
+            _relative(cpu_sources),
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    cuda_sources = list((ROOT / "csrc").rglob("*.cu")) + list((ROOT / "python").rglob("*_cuda.cpp"))
+    return CUDAExtension(
+        "r2m_ext._C",
+        _relative(cpu_sources + cuda_sources),
+        include_dirs=include_dirs,
+        extra_compile_args={
+            "cxx": cxx_flags + ["-DR2M_WITH_CUDA"],
+            "nvcc": ["-O3", "-DR2M_WITH_CUDA", "--expt-relaxed-constexpr"],
+        },
+    )
+
+
+setup(
+    name="r2m_ext",
+    version=VERSION,
+    description="Real-aware Residual Model Merging (R²M) and baselines as a PyTorch extension",
+    packages=find_packages(include=["r2m_ext", "r2m_ext.*"]),
+    python_requires=">=3.11",
+    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "pyyaml", "tqdm"],
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+    entry_points={"console_scripts": ["r2m = r2m_ext.cli:main"]},
+)
