@@ -1,0 +1,163 @@
+"""The Python API: `merge` on state dicts in memory, `merge_files` on checkpoints on disk."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r2m_ext.engine import MergeInputs, run_merge
+from r2m_ext.errors import R2MError
+from r2m_ext.io import Checkpoint, ShardWriter, parse_size
+from r2m_ext.io.checkpoint import PICKLE_SUFFIXES
+from r2m_ext.options import resolve_options
+from r2m_ext.plan import plan_merge
+from r2m_ext.recipe import RECIPE_FILE, Recipe
+
+DEFAULT_SHARD_SIZE = "5GB"
+# Non-weight files of a base directory that are copied next to the merged weights.
+_MAX_COPIED_FILE_BYTES = 50 * 10**6
+_NOT_COPIED_SUFFIXES = (".safetensors", ".msgpack", ".h5", ".ckpt", ".onnx", *PICKLE_SUFFIXES)
+_NOT_COPIED_NAMES = {RECIPE_FILE, "report.json"}
+
+
+def _metadata(state: Mapping[str, torch.Tensor], label: str):
+    meta = {}
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise R2MError(f"{label}: entry {name!r} is a {type(value).__name__}, not a tensor")
+        meta[name] = (tuple(value.shape), value.dtype)
+    return meta
+
+
+def merge(
+    base: Mapping[str, torch.Tensor],
+    experts: Sequence[Mapping[str, torch.Tensor]],
+    method: str = "r2m",
+    *,
+    report: dict | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> dict[str, torch.Tensor]:
+    """Merges expert state dicts fine-tuned from `base` with `method`.
+
+    `options` are named exactly as in ../shared/r2m-spec.md (e.g. alpha=0.6, rank_ratio=0.1,
+    svd="exact"); omitted ones take the method's default, and one the method does not use is an
+    error. Returns a new state dict: every base tensor (plus heads only the experts have) in base
+    order, floating tensors in the base's dtype unless out_dtype is given. Pass a dict as
+    `report` to receive what the method computed (for R²M: Gram, core coefficients, eta, ...).
+    """
+    resolved = resolve_options(method, **options)
+    experts = list(experts)
+    labels = [f"expert {i}" for i in range(len(experts))]
+    plan = plan_merge(
+        _metadata(base, "base"),
+        [_metadata(e, label) for e, label in zip(experts, labels)],
+        resolved,
+        "base",
+        labels,
+    )
+    sources = [base, *experts]
+    names = ["base", *labels]
+    inputs = MergeInputs(
+        plan,
+        read=lambda source, name: sources[source][name],
+        where=lambda source, name: names[source],
+        options=resolved,
+        show_progress=progress,
+    )
+    return dict(run_merge(plan, inputs, resolved, {} if report is None else report))
+
+
+def check_output_path(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
+    """Refuses outputs that would overwrite an input or an existing result."""
+    out_resolved = out.resolve()
+    for path in inputs:
+        resolved = path.resolve()
+        if out_resolved == resolved:
+            raise R2MError(f"output {out} is the input {path}; choose another --out")
+        if resolved in out_resolved.parents:
+            raise R2MError(f"output {out} is inside the input {path}; choose another --out")
+        if out_resolved in resolved.parents:
+            raise R2MError(f"input {path} is inside the output {out}; choose another --out")
+    if out.exists() and not overwrite:
+        if out.is_file() or any(out.iterdir()):
+            raise R2MError(f"output {out} exists and is not empty; pass --overwrite to replace it")
+
+
+def _copied_files(base: Checkpoint) -> list[Path]:
+    if base.directory is None:
+        return []
+    weights = set(base.files)
+    return sorted(
+        path
+        for path in base.directory.iterdir()
+        if path.is_file()
+        and path not in weights
+        and not path.name.startswith(".")
+        and path.suffix not in _NOT_COPIED_SUFFIXES
+        and not path.name.endswith(".index.json")
+        and path.name not in _NOT_COPIED_NAMES
+        and path.stat().st_size <= _MAX_COPIED_FILE_BYTES
+    )
+
+
+def merge_files(
+    base: str | Path,
+    experts: Sequence[str | Path],
+    out: str | Path,
+    method: str = "r2m",
+    *,
+    shard_size: str | int = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+    progress: bool = False,
+    report: dict | None = None,
+    **options: Any,
+) -> Path:
+    """Merges checkpoints on disk into the directory `out` (Hugging Face layout).
+
+    Inputs: .safetensors files, Hugging Face directories (sharded with an index, or one file), or
+    .bin/.pt/.pth (loaded with weights_only=True). Writes model.safetensors (or shards of at most
+    `shard_size` plus model.safetensors.index.json), copies config.json and other small non-weight
+    files of a base directory, and writes r2m_recipe.yaml. All or nothing: on any error no output
+    is left behind. Returns `out`.
+    """
+    resolved = resolve_options(method, **options)
+    out = Path(out)
+    base_path, expert_paths = Path(base), [Path(e) for e in experts]
+    shard_bytes = parse_size(shard_size)
+    if not expert_paths:
+        raise R2MError("at least one expert is required")
+    check_output_path(out, [base_path, *expert_paths], overwrite)
+    checkpoints = [Checkpoint(base_path), *(Checkpoint(p) for p in expert_paths)]
+    plan = plan_merge(
+        checkpoints[0].metadata(),
+        [c.metadata() for c in checkpoints[1:]],
+        resolved,
+        checkpoints[0].label,
+        [c.label for c in checkpoints[1:]],
+    )
+    inputs = MergeInputs(
+        plan,
+        read=lambda source, name: checkpoints[source].load(name),
+        where=lambda source, name: checkpoints[source].file_of(name),
+        options=resolved,
+        show_progress=progress,
+    )
+    recipe = Recipe(
+        base=str(base_path.resolve()),
+        experts=tuple(str(p.resolve()) for p in expert_paths),
+        options=resolved,
+        shard_size=shard_bytes,
+        out=str(out.resolve()),
+    )
+    layout = [(t.name, t.shape, t.out_dtype) for t in plan.tensors]
+    with ShardWriter(out, layout, shard_bytes) as writer:
+        for name, tensor in run_merge(plan, inputs, resolved, {} if report is None else report):
+            writer.add(name, tensor)
+        for path in _copied_files(checkpoints[0]):
+            writer.copy_file(path)
+        writer.add_file(RECIPE_FILE, recipe.to_yaml())
+    return out
