@@ -1,0 +1,220 @@
+"""The `r2m` command: `r2m merge` (flags or a recipe file) and `r2m inspect`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from r2m_ext._backend import backend_info
+from r2m_ext._version import __version__
+from r2m_ext.api import DEFAULT_SHARD_SIZE, merge_files
+from r2m_ext.classify import classify
+from r2m_ext.errors import R2MError
+from r2m_ext.io import Checkpoint, parse_size
+from r2m_ext.io.writer import tensor_nbytes
+from r2m_ext.options import (
+    DEFAULT_EXCLUDE_TRUNCATION,
+    DEFAULT_HEAD_PATTERNS,
+    METHODS,
+    OPTION_FIELDS,
+    method_defaults,
+)
+from r2m_ext.recipe import RECIPE_FILE, load_recipe
+
+_DESCRIPTION = """\
+Merge fine-tuned models in parameter space with R²M (Real-aware Residual Model Merging) or a
+baseline. Every expert must be fine-tuned from the same base model.
+
+  r2m merge --base base/ --expert ff/ --expert fs/ --out merged/          # R²M, defaults
+  r2m merge --base base/ --expert ff/ --expert fs/ --out m/ --method ties --density 0.3
+  r2m merge --config merged/r2m_recipe.yaml --out again/                  # re-run a merge
+  r2m inspect base/                  # what is head, matrix, other, before merging
+"""
+
+_OPTION_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _size_text(count: int) -> str:
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} B"
+
+
+def _default_text(name: str) -> str:
+    per_method = {}
+    for method in METHODS:
+        defaults = method_defaults(method, "ties" if name in ("density", "ties_scope") else None)
+        if name in defaults:
+            value = defaults[name]
+            per_method[method] = " ".join(value) if isinstance(value, tuple) else value
+    values = set(map(str, per_method.values()))
+    if len(per_method) == len(METHODS) and len(values) == 1:
+        return f"default: {values.pop()}"
+    return "default: " + ", ".join(f"{m} {v}" for m, v in per_method.items())
+
+
+def _add_option_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "merge options (named as in the spec; omitted ones take the method's default)"
+    )
+    for name, field in OPTION_FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.metadata['help']} ({_default_text(name)})".replace("%", "%%")
+        kind = str(field.type).split(" ")[0]
+        if kind == "bool":
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
+        elif kind.startswith("tuple"):
+            group.add_argument(
+                flag, nargs="+", metavar="GLOB", default=argparse.SUPPRESS, help=help_text
+            )
+        else:
+            group.add_argument(
+                flag,
+                type=_OPTION_TYPES[kind],
+                choices=field.metadata["choices"],
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="r2m", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=backend_info())
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    merge = commands.add_parser(
+        "merge",
+        help="merge experts into one model",
+        description="Merge experts fine-tuned from one base into one model (a directory of "
+        f"safetensors shards, the base's config files, and {RECIPE_FILE}).",
+    )
+    merge.add_argument("--base", metavar="PATH", help="the model the experts were fine-tuned from")
+    merge.add_argument(
+        "--expert", metavar="PATH", action="append", help="a fine-tuned model (repeat: one per expert)"
+    )
+    merge.add_argument("--out", metavar="DIR", help="output directory (created atomically)")
+    merge.add_argument("--method", choices=METHODS, help="merge method (default: r2m)")
+    merge.add_argument(
+        "--config",
+        metavar="RECIPE",
+        help=f"a recipe file ({RECIPE_FILE}, as every merge writes); flags given too override it",
+    )
+    merge.add_argument(
+        "--shard-size",
+        metavar="SIZE",
+        help=f"largest output shard, e.g. 500MB or 5GB (default: {DEFAULT_SHARD_SIZE})",
+    )
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    merge.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    _add_option_flags(merge)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="list a checkpoint's tensors and how a merge would treat each",
+        description="List tensors, shapes, dtypes, sizes and classes (head / matrix / other / "
+        "non-float), reading headers only.",
+    )
+    inspect.add_argument("path", metavar="PATH")
+    inspect.add_argument(
+        "--head-patterns", nargs="+", metavar="GLOB", default=list(DEFAULT_HEAD_PATTERNS)
+    )
+    inspect.add_argument(
+        "--exclude-truncation", nargs="+", metavar="GLOB", default=list(DEFAULT_EXCLUDE_TRUNCATION)
+    )
+    return parser
+
+
+def _run_merge(args: argparse.Namespace) -> None:
+    recipe = load_recipe(args.config) if args.config else {"options": {}, "experts": []}
+    options = dict(recipe["options"])
+    options.update({name: getattr(args, name) for name in OPTION_FIELDS if hasattr(args, name)})
+    method = args.method or recipe.get("method") or "r2m"
+    base = args.base or recipe.get("base")
+    experts = args.expert or recipe["experts"]
+    out = args.out or recipe.get("out")
+    shard_size = args.shard_size or recipe.get("shard_size") or DEFAULT_SHARD_SIZE
+    for value, flag in ((base, "--base"), (experts, "--expert"), (out, "--out")):
+        if not value:
+            raise R2MError(f"r2m merge needs {flag} (or a --config recipe that sets it)")
+    report: dict = {}
+    started = time.perf_counter()
+    out_path = merge_files(
+        base,
+        experts,
+        out,
+        method,
+        shard_size=shard_size,
+        overwrite=args.overwrite,
+        progress=not args.quiet and sys.stderr.isatty(),
+        report=report,
+        **options,
+    )
+    if args.quiet:
+        return
+    seconds = time.perf_counter() - started
+    written = sum(p.stat().st_size for p in out_path.glob("*.safetensors"))
+    print(backend_info())
+    print(
+        f"merged {len(experts)} experts with {method} into {out_path} "
+        f"({_size_text(written)}) in {seconds:.1f} s"
+    )
+    if "eta" in report:
+        coefficients = ", ".join(f"{c:.3f}" for c in report["core_coefficients"])
+        print(f"  Real core coefficients: [{coefficients}]   eta: {report['eta']:.4g}")
+    print(f"  recipe: {out_path / RECIPE_FILE}")
+
+
+def _run_inspect(args: argparse.Namespace) -> None:
+    checkpoint = Checkpoint(args.path)
+    metadata = checkpoint.metadata()
+    rows = []
+    sizes = Counter()
+    counts = Counter()
+    for name, (shape, dtype) in metadata.items():
+        tensor_class = classify(name, shape, dtype, args.head_patterns, args.exclude_truncation)
+        size = tensor_nbytes(shape, dtype)
+        sizes[tensor_class.value] += size
+        counts[tensor_class.value] += 1
+        shape_text = "[" + ", ".join(map(str, shape)) + "]"
+        rows.append((name, tensor_class.value, shape_text, str(dtype).replace("torch.", ""), _size_text(size)))
+    headers = ("tensor", "class", "shape", "dtype", "size")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    print(f"{checkpoint.label}: {len(metadata)} tensors in {len(checkpoint.files)} file(s)")
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    for row in rows:
+        print("  ".join(value.ljust(w) for value, w in zip(row, widths)))
+    print()
+    for tensor_class in ("head", "matrix", "other", "non-float"):
+        print(f"{tensor_class:>9}: {counts[tensor_class]:5d} tensors, {_size_text(sizes[tensor_class])}")
+    print(f"{'total':>9}: {len(metadata):5d} tensors, {_size_text(sum(sizes.values()))}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "merge":
+            if args.shard_size is not None:
+                parse_size(args.shard_size)
+            _run_merge(args)
+        else:
+            _run_inspect(args)
+    except R2MError as error:
+        print(f"r2m: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("r2m: interrupted; no output was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
