@@ -121,11 +121,11 @@ def test_average_and_task_arithmetic_by_hand():
     torch.testing.assert_close(r2m_ext.merge(base, experts, "average")["x"], t([1.5, 2, 2.5]))
     torch.testing.assert_close(
         r2m_ext.merge(base, experts, "task_arithmetic", compute_dtype="float64")["x"],
-        t([1.3, 1.6, 1.9]),, rtol=0, atol=1e-12
+        t([1.3, 1.6, 1.9]), rtol=0, atol=1e-12
     )
     torch.testing.assert_close(
         r2m_ext.merge(base, experts, "task_arithmetic", lam=1.0, compute_dtype="float64")["x"],
-        t([2, 3, 4]),, rtol=0, atol=1e-12
+        t([2, 3, 4]), rtol=0, atol=1e-12
     )
 
 
