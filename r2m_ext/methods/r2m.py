@@ -20,6 +20,10 @@ from r2m_ext.options import MergeOptions
 
 # Eigenvalues at or below this fraction of the largest are treated as zero (spec §1).
 EIGEN_CUTOFF = 1e-12
+# A truncated residual whose norm is below this many machine epsilons of its task vector's norm is
+# rounding noise, not a Fake component (identical experts leave exactly such residuals): it counts
+# as zero, so eta = alpha |core| / |res| never scales noise up to the size of the core.
+RESIDUAL_ROUNDING_EPS = 64
 
 
 def core_projection(gram: torch.Tensor, k: int, center: bool) -> torch.Tensor:
@@ -96,7 +100,11 @@ def merge_r2m(
         if factors is not None:
             factor_cache[entry.name] = factors
         truncated64 = truncated.double()
-        residual_grams[entry.name] = truncated64 @ truncated64.T
+        rounding_floor = (
+            RESIDUAL_ROUNDING_EPS * torch.finfo(tau.dtype).eps * tau.reshape(n, -1).double().norm(dim=1)
+        )
+        signal = truncated64.norm(dim=1) > rounding_floor
+        residual_grams[entry.name] = (truncated64 @ truncated64.T * torch.outer(signal, signal)).cpu()
         tensor_report = {"class": entry.tensor_class.value}
         if entry.tensor_class is TensorClass.MATRIX:
             full_sq = (r_weights.to(tau) @ tau.reshape(n, -1)).double().square().sum(1)
