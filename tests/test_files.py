@@ -1,0 +1,144 @@
+"""merge_files on real checkpoint files: every input layout, sharded output, recipe, copies."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+import r2m_ext
+from checkpoints import save_pickled, save_sharded, save_single
+from conftest import make_experts, random_model
+from r2m_ext.io import Checkpoint
+from r2m_ext.recipe import load_recipe
+
+
+def read_output(directory):
+    """Every tensor of an output directory, checking the index against the shards on the way."""
+    index_file = directory / "model.safetensors.index.json"
+    if not index_file.exists():
+        with safe_open(str(directory / "model.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    index = json.loads(index_file.read_text())
+    tensors = {}
+    for file in sorted(set(index["weight_map"].values())):
+        with safe_open(str(directory / file), "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            for key in f.keys():
+                assert index["weight_map"][key] == file
+                tensors[key] = f.get_tensor(key)
+    assert set(tensors) == set(index["weight_map"])
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    return tensors
+
+
+@pytest.fixture
+def on_disk(tmp_path):
+    base = random_model(0)
+    experts = make_experts(base, 3)
+    base_dir = save_sharded(base, tmp_path / "base", shards=3, config={"model_type": "vit", "hidden_size": 16})
+    (base_dir / "preprocessor_config.json").write_text("{}")
+    paths = [
+        save_single(experts[0], tmp_path / "e0.safetensors"),
+        save_sharded(experts[1], tmp_path / "e1", shards=2),
+        save_pickled(experts[2], tmp_path / "e2.bin"),
+    ]
+    return base, experts, base_dir, paths
+
+
+@pytest.mark.parametrize("method", ["r2m", "ties", "tsv"])
+def test_every_input_layout_gives_the_in_memory_result(on_disk, tmp_path, method):
+    base, experts, base_dir, paths = on_disk
+    out = r2m_ext.merge_files(base_dir, paths, tmp_path / "out", method)
+    want = r2m_ext.merge(base, experts, method)
+    got = read_output(out)
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_sharded_output_and_index(on_disk, tmp_path):
+    base, experts, base_dir, paths = on_disk
+    out = r2m_ext.merge_files(base_dir, paths, tmp_path / "out", shard_size="4kB")
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    for shard in out.glob("*.safetensors"):
+        assert shard.stat().st_size <= 4000 + 4 * 48 * 16 + 1024  # one tensor may exceed alone
+    want = r2m_ext.merge(base, experts)
+    got = read_output(out)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_copies_small_non_weight_files_and_writes_recipe(on_disk, tmp_path):
+    base, experts, base_dir, paths = on_disk
+    out = r2m_ext.merge_files(base_dir, paths, tmp_path / "out", "ties", density=0.3)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "vit"
+    assert (out / "preprocessor_config.json").exists()
+    assert not list(out.glob("model-0000*-of-00003.safetensors"))  # the base's shards are not copied
+    recipe = yaml.safe_load((out / "r2m_recipe.yaml").read_text())
+    assert recipe["method"] == "ties"
+    assert recipe["options"]["density"] == 0.3 and recipe["options"]["lam"] == 1.0
+    assert recipe["experts"] == [str(p.resolve()) for p in paths]
+    assert recipe["base"] == str(base_dir.resolve())
+
+
+def test_recipe_reruns_to_the_same_bytes(on_disk, tmp_path):
+    base, experts, base_dir, paths = on_disk
+    first = r2m_ext.merge_files(base_dir, paths, tmp_path / "first", shard_size="6kB", alpha=0.4)
+    recipe = load_recipe(first / "r2m_recipe.yaml")
+    second = r2m_ext.merge_files(
+        recipe["base"], recipe["experts"], tmp_path / "second", recipe["method"],
+        shard_size=recipe["shard_size"], **recipe["options"],
+    )
+    first_files = sorted(p.name for p in first.glob("*.safetensors"))
+    assert first_files == sorted(p.name for p in second.glob("*.safetensors")) and len(first_files) > 1
+    for name in first_files + ["model.safetensors.index.json"]:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_bf16_checkpoints_stay_bf16(tmp_path):
+    base = random_model(0, torch.bfloat16)
+    experts = make_experts(base, 2)
+    paths = [save_single(e, tmp_path / f"e{i}.safetensors") for i, e in enumerate(experts)]
+    out = r2m_ext.merge_files(save_single(base, tmp_path / "base.safetensors"), paths, tmp_path / "out")
+    got = read_output(out)
+    assert got["blocks.0.mlp.fc1.weight"].dtype == torch.bfloat16
+    want = r2m_ext.merge(base, experts)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_wrapped_state_dict_in_pt_file(tmp_path):
+    base = random_model(0)
+    path = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": base, "epoch": 3}, path)
+    checkpoint = Checkpoint(path)
+    assert set(checkpoint.metadata()) == set(base)
+    assert torch.equal(checkpoint.load("pos_embed"), base["pos_embed"])
+
+
+class NotATensor:
+    pass
+
+
+def test_pickles_are_loaded_with_weights_only(tmp_path):
+    path = tmp_path / "evil.bin"
+    torch.save({"w": torch.zeros(2), "payload": NotATensor()}, path)
+    with pytest.raises(r2m_ext.R2MError, match=r"evil.bin: cannot load with weights_only=True"):
+        Checkpoint(path)
+
+
+def test_directory_with_several_files_and_no_index_is_ambiguous(tmp_path):
+    save_single({"a": torch.zeros(2)}, tmp_path / "d" / "one.safetensors")
+    save_single({"a": torch.zeros(2)}, tmp_path / "d" / "two.safetensors")
+    with pytest.raises(r2m_ext.R2MError, match="2 weight files but no index"):
+        Checkpoint(tmp_path / "d")
+
+
+def test_shard_that_does_not_match_its_index(tmp_path):
+    directory = save_sharded(random_model(0), tmp_path / "m", shards=2)
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    index["weight_map"]["ghost.weight"] = "model-00001-of-00002.safetensors"
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(r2m_ext.R2MError, match=r"model-00001-of-00002.safetensors: does not match .* lacks 'ghost.weight'"):
+        Checkpoint(directory)
