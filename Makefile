@@ -9,11 +9,12 @@ VPY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 # module:pip-requirement pairs; a module that imports is left alone.
 DEPS := torch:$(TORCH_PIN) numpy:numpy safetensors:safetensors yaml:pyyaml tqdm:tqdm \
-        pytest:pytest pytest_benchmark:pytest-benchmark ninja:ninja
+        pytest:pytest pytest_benchmark:pytest-benchmark ninja:ninja ruff:ruff \
+        clang_format:clang-format
 NATIVE_SOURCES := $(shell find csrc python -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
 NATIVE_BUILD := build/native
 
-.PHONY: all install build demo test test-python test-native clean
+.PHONY: all install build demo test test-python test-native lint clean
 
 all: build
 
@@ -37,7 +38,13 @@ build: .make-build
 demo: build
 	$(VPY) -m r2m_ext.demo
 
-test: build test-native test-python
+test: lint build test-native test-python
+
+# Formatting is automatic (ruff format, clang-format); CI fails when a file is not formatted.
+lint: .make-deps
+	$(VENV)/bin/ruff check r2m_ext tests setup.py
+	$(VENV)/bin/ruff format --check r2m_ext tests setup.py
+	$(VENV)/bin/clang-format --dry-run -Werror $(filter %.cpp %.h %.cu,$(NATIVE_SOURCES))
 
 test-python: build
 	R2M_REQUIRE_NATIVE=1 $(VPY) -m pytest -q tests

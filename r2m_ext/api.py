@@ -54,7 +54,7 @@ def merge(
     labels = [f"expert {i}" for i in range(len(experts))]
     plan = plan_merge(
         _metadata(base, "base"),
-        [_metadata(e, label) for e, label in zip(experts, labels)],
+        [_metadata(e, label) for e, label in zip(experts, labels, strict=True)],
         resolved,
         "base",
         labels,

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 
-class TensorClass(str, enum.Enum):
+class TensorClass(enum.StrEnum):
     HEAD = "head"  # averaged over experts, nothing else
     MATRIX = "matrix"  # 2-D, min(m, n) >= 2, not excluded: the only tensors truncated
     OTHER = "other"  # every other floating tensor

@@ -6,10 +6,8 @@ import argparse
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 from r2m_ext._backend import backend_info
-from r2m_ext._version import __version__
 from r2m_ext.api import DEFAULT_SHARD_SIZE, merge_files
 from r2m_ext.classify import classify
 from r2m_ext.errors import R2MError
@@ -67,7 +65,10 @@ def _add_option_flags(parser: argparse.ArgumentParser) -> None:
         kind = str(field.type).split(" ")[0]
         if kind == "bool":
             group.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
             )
         elif kind.startswith("tuple"):
             group.add_argument(
@@ -98,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--base", metavar="PATH", help="the model the experts were fine-tuned from")
     merge.add_argument(
-        "--expert", metavar="PATH", action="append", help="a fine-tuned model (repeat: one per expert)"
+        "--expert",
+        metavar="PATH",
+        action="append",
+        help="a fine-tuned model (repeat: one per expert)",
     )
     merge.add_argument("--out", metavar="DIR", help="output directory (created atomically)")
     merge.add_argument("--method", choices=METHODS, help="merge method (default: r2m)")
@@ -184,16 +188,29 @@ def _run_inspect(args: argparse.Namespace) -> None:
         sizes[tensor_class.value] += size
         counts[tensor_class.value] += 1
         shape_text = "[" + ", ".join(map(str, shape)) + "]"
-        rows.append((name, tensor_class.value, shape_text, str(dtype).replace("torch.", ""), _size_text(size)))
+        rows.append(
+            (
+                name,
+                tensor_class.value,
+                shape_text,
+                str(dtype).replace("torch.", ""),
+                _size_text(size),
+            )
+        )
     headers = ("tensor", "class", "shape", "dtype", "size")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
     print(f"{checkpoint.label}: {len(metadata)} tensors in {len(checkpoint.files)} file(s)")
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
     for row in rows:
-        print("  ".join(value.ljust(w) for value, w in zip(row, widths)))
+        print("  ".join(value.ljust(w) for value, w in zip(row, widths, strict=True)))
     print()
     for tensor_class in ("head", "matrix", "other", "non-float"):
-        print(f"{tensor_class:>9}: {counts[tensor_class]:5d} tensors, {_size_text(sizes[tensor_class])}")
+        print(
+            f"{tensor_class:>9}: {counts[tensor_class]:5d} tensors, "
+            f"{_size_text(sizes[tensor_class])}"
+        )
     print(f"{'total':>9}: {len(metadata):5d} tensors, {_size_text(sum(sizes.values()))}")
 
 

@@ -26,14 +26,16 @@ def demo_shapes() -> dict[str, tuple[int, ...]]:
     shapes = {"patch_embed.proj.weight": (WIDTH, 3, 8, 8), "pos_embed": (1, 17, WIDTH)}
     for block in range(DEPTH):
         prefix = f"blocks.{block}."
-        shapes.update({
-            prefix + "norm1.weight": (WIDTH,),
-            prefix + "attn.qkv.weight": (3 * WIDTH, WIDTH),
-            prefix + "attn.qkv.bias": (3 * WIDTH,),
-            prefix + "attn.proj.weight": (WIDTH, WIDTH),
-            prefix + "mlp.fc1.weight": (4 * WIDTH, WIDTH),
-            prefix + "mlp.fc2.weight": (WIDTH, 4 * WIDTH),
-        })
+        shapes.update(
+            {
+                prefix + "norm1.weight": (WIDTH,),
+                prefix + "attn.qkv.weight": (3 * WIDTH, WIDTH),
+                prefix + "attn.qkv.bias": (3 * WIDTH,),
+                prefix + "attn.proj.weight": (WIDTH, WIDTH),
+                prefix + "mlp.fc1.weight": (4 * WIDTH, WIDTH),
+                prefix + "mlp.fc2.weight": (WIDTH, 4 * WIDTH),
+            }
+        )
     shapes.update({"norm.weight": (WIDTH,), "head.weight": (2, WIDTH), "head.bias": (2,)})
     return shapes
 
@@ -50,7 +52,9 @@ def write_example(directory: Path, seed: int = 0):
     shared = {name: 0.01 * randn(*value.shape) for name, value in base.items()}
     (directory / "base").mkdir(parents=True)
     save_file(base, str(directory / "base" / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "base" / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": WIDTH}))
+    (directory / "base" / "config.json").write_text(
+        json.dumps({"model_type": "vit", "hidden_size": WIDTH})
+    )
     experts, specifics = [], []
     for index in range(EXPERTS):
         expert, specific = {}, {}
@@ -84,7 +88,9 @@ def share_kept(update, part, names) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m r2m_ext.demo", description=__doc__)
-    parser.add_argument("--dir", type=Path, default=Path("demo_out"), help="where to write (replaced)")
+    parser.add_argument(
+        "--dir", type=Path, default=Path("demo_out"), help="where to write (replaced)"
+    )
     args = parser.parse_args(argv)
     shutil.rmtree(args.dir, ignore_errors=True)
     print(backend_info())
@@ -105,35 +111,52 @@ def main(argv: list[str] | None = None) -> None:
     merged = load_file(str(out / "model.safetensors"))
     body = [n for n in base if not n.startswith("head") and base[n].dim() >= 2]
     mean_update = {n: sum(e[n] for e in experts) / EXPERTS - base[n] for n in body}
-    core = {n: sum(c * (e[n] - base[n]) for c, e in zip(report["core_coefficients"], experts)) for n in body}
+    core = {
+        n: sum(
+            c * (e[n] - base[n]) for c, e in zip(report["core_coefficients"], experts, strict=True)
+        )
+        for n in body
+    }
     merged_update = {n: merged[n] - base[n] for n in body}
 
     gram = torch.tensor(report["gram"])
     print("\nGram of task vectors on the core set (the shared update makes it far from diagonal):")
     for row in gram:
         print("   " + "  ".join(f"{v:8.3f}" for v in row.tolist()))
-    print("Real core coefficients c (tau_core = sum_j c_j tau_j): "
-          + ", ".join(f"{c:.3f}" for c in report["core_coefficients"]))
-    print(f"|tau_core| = {report['core_norm']:.4f}   |tau_res| = {report['residual_norm']:.4f}   "
-          f"eta = {report['eta']:.3f} (so |eta tau_res| = 0.6 |tau_core|)")
-    print("per-task residual norms before matching: "
-          + ", ".join(f"{v:.4f}" for v in report["residual_norms"]))
+    print(
+        "Real core coefficients c (tau_core = sum_j c_j tau_j): "
+        + ", ".join(f"{c:.3f}" for c in report["core_coefficients"])
+    )
+    print(
+        f"|tau_core| = {report['core_norm']:.4f}   |tau_res| = {report['residual_norm']:.4f}   "
+        f"eta = {report['eta']:.3f} (so |eta tau_res| = 0.6 |tau_core|)"
+    )
+    print(
+        "per-task residual norms before matching: "
+        + ", ".join(f"{v:.4f}" for v in report["residual_norms"])
+    )
     matrices = {n: r for n, r in report["tensors"].items() if "rank" in r}
     kept = [sum(r["energy_kept"]) / len(r["energy_kept"]) for r in matrices.values()]
-    print(f"{len(matrices)} matrices truncated to rank 0.1*min(m, n); mean residual energy kept "
-          f"{100 * sum(kept) / len(kept):.1f}% (the rest is the noise the truncation removes)")
+    print(
+        f"{len(matrices)} matrices truncated to rank 0.1*min(m, n); mean residual energy kept "
+        f"{100 * sum(kept) / len(kept):.1f}% (the rest is the noise the truncation removes)"
+    )
 
     print("\nwhat the merged update carries, over the core set (planted parts known here):")
     print(f"  {'':28s}{'shared (Real) kept':>20s}{'own (Fake) update kept, per expert':>38s}")
-    for label, update in (("plain average", mean_update), ("R²M Real core alone", core),
-                          ("R²M merged", merged_update)):
+    for label, update in (
+        ("plain average", mean_update),
+        ("R²M Real core alone", core),
+        ("R²M merged", merged_update),
+    ):
         own = "  ".join(f"{share_kept(update, s, body):.3f}" for s in specifics)
         print(f"  {label:28s}{share_kept(update, shared, body):20.3f}{own:>38s}")
     print(
-        "  Averaging keeps 1/N of each expert's own update. Here c is close to 1/N, so the residuals"
-        "\n  r_i = tau_i - tau_core nearly cancel in their mean: tau_res is what truncation and norm"
-        "\n  matching leave of them, and residual_scale='relative' (the spec's default) scales it to"
-        "\n  0.6 |tau_core|, hence the uneven shares. Try --residual-scale literal or fixed (spec §3)."
+        "  Averaging keeps 1/N of each expert's own update. Here c is close to 1/N, so the\n"
+        "  residuals r_i = tau_i - tau_core nearly cancel in their mean: tau_res is what\n"
+        "  truncation and norm matching leave of them, and residual_scale='relative' (the spec's\n"
+        "  default) scales it to 0.6 |tau_core|, hence the uneven shares. Try --residual-scale\n"
+        "  literal or fixed (spec §3)."
     )
     files = ", ".join(sorted(p.name for p in out.iterdir()))
     print(f"\nmerged model: {out}/ ({files})")

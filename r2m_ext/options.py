@@ -152,9 +152,7 @@ class MergeOptions:
     exclude_truncation: tuple[str, ...] | None = _option(
         "glob patterns (case-insensitive) of 2-D tensors that are never truncated"
     )
-    compute_dtype: str | None = _option(
-        "dtype of all arithmetic", choices=tuple(COMPUTE_DTYPES)
-    )
+    compute_dtype: str | None = _option("dtype of all arithmetic", choices=tuple(COMPUTE_DTYPES))
     out_dtype: str | None = _option(
         "dtype of the merged tensors (default: each base tensor's dtype)", choices=tuple(OUT_DTYPES)
     )

@@ -60,7 +60,7 @@ def plan_merge(
     labels = list(expert_labels or [f"expert {i}" for i in range(len(experts))])
     heads = options.head_patterns
 
-    for expert, label in zip(experts, labels):
+    for expert, label in zip(experts, labels, strict=True):
         missing = [n for n in base if n not in expert and not is_head(n, heads)]
         if missing:
             raise R2MError(
@@ -68,7 +68,9 @@ def plan_merge(
             )
         extra = [n for n in expert if n not in base and not is_head(n, heads)]
         if extra:
-            raise R2MError(f"tensor {_listing(extra)} in expert {label} is not in base {base_label}")
+            raise R2MError(
+                f"tensor {_listing(extra)} in expert {label} is not in base {base_label}"
+            )
         for name, (shape, dtype) in base.items():
             if is_head(name, heads):
                 continue
@@ -87,14 +89,14 @@ def plan_merge(
     head_names = [n for n in experts[0] if is_head(n, heads)]
     head_names += [n for e in experts[1:] for n in e if is_head(n, heads) and n not in head_names]
     for name in head_names:
-        holders = [label for e, label in zip(experts, labels) if name in e]
+        holders = [label for e, label in zip(experts, labels, strict=True) if name in e]
         if len(holders) != len(experts):
-            lacking = next(label for e, label in zip(experts, labels) if name not in e)
+            lacking = next(label for e, label in zip(experts, labels, strict=True) if name not in e)
             raise R2MError(
                 f"head tensor {name!r} is in expert {holders[0]} but missing from expert {lacking}"
             )
         first_shape, first_dtype = experts[0][name]
-        for expert, label in zip(experts[1:], labels[1:]):
+        for expert, label in zip(experts[1:], labels[1:], strict=True):
             shape, dtype = expert[name]
             if tuple(shape) != tuple(first_shape) or dtype != first_dtype:
                 raise R2MError(

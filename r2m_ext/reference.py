@@ -32,9 +32,7 @@ def gaussian_test_matrix(
     return omega.to(device=device, dtype=dtype)
 
 
-def truncated_svd(
-    a: torch.Tensor, rank: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncated_svd(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact rank-`rank` SVD of a (batched) matrix [..., m, n] -> U [..., m, r], S [..., r],
     V [..., n, r], from a full SVD (the accuracy reference)."""
     u, s, vh = torch.linalg.svd(a, full_matrices=False)

@@ -5,10 +5,9 @@ import resource
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from checkpoints import save_pickled, save_sharded, save_single
 from conftest import make_experts, random_model, run_cli
+from safetensors.torch import load_file
 
 
 @pytest.fixture
@@ -51,12 +50,28 @@ def test_merge_prints_a_summary_and_quiet_prints_nothing(files):
 def test_cli_options_reach_the_method(files):
     tmp, base, experts, base_path, expert_paths = files
     out = tmp / "out"
-    result = run_cli(*merge_args(base_path, expert_paths, out, "--method", "ties", "--density", "0.5",
-                                 "--ties-scope", "tensor", "--head-patterns", "head.*", "--quiet"))
+    result = run_cli(
+        *merge_args(
+            base_path,
+            expert_paths,
+            out,
+            "--method",
+            "ties",
+            "--density",
+            "0.5",
+            "--ties-scope",
+            "tensor",
+            "--head-patterns",
+            "head.*",
+            "--quiet",
+        )
+    )
     assert result.returncode == 0, result.stderr
     import r2m_ext
 
-    want = r2m_ext.merge(base, experts, "ties", density=0.5, ties_scope="tensor", head_patterns=["head.*"])
+    want = r2m_ext.merge(
+        base, experts, "ties", density=0.5, ties_scope="tensor", head_patterns=["head.*"]
+    )
     got = load_file(out / "model.safetensors")
     assert all(torch.equal(got[n], want[n]) for n in want)
 
@@ -64,14 +79,30 @@ def test_cli_options_reach_the_method(files):
 def test_config_reruns_to_the_same_bytes_and_flags_override(files):
     tmp, base, experts, base_path, expert_paths = files
     first = tmp / "first"
-    assert run_cli(*merge_args(base_path, expert_paths, first, "--shard-size", "5kB", "--quiet")).returncode == 0
-    again = run_cli("merge", "--config", first / "r2m_recipe.yaml", "--out", tmp / "again", "--quiet")
+    assert (
+        run_cli(
+            *merge_args(base_path, expert_paths, first, "--shard-size", "5kB", "--quiet")
+        ).returncode
+        == 0
+    )
+    again = run_cli(
+        "merge", "--config", first / "r2m_recipe.yaml", "--out", tmp / "again", "--quiet"
+    )
     assert again.returncode == 0, again.stderr
     shards = sorted(p.name for p in first.glob("*.safetensors"))
     assert len(shards) > 1
     for name in shards:
         assert (first / name).read_bytes() == (tmp / "again" / name).read_bytes()
-    changed = run_cli("merge", "--config", first / "r2m_recipe.yaml", "--out", tmp / "changed", "--alpha", "0.2", "--quiet")
+    changed = run_cli(
+        "merge",
+        "--config",
+        first / "r2m_recipe.yaml",
+        "--out",
+        tmp / "changed",
+        "--alpha",
+        "0.2",
+        "--quiet",
+    )
     assert changed.returncode == 0, changed.stderr
     assert "alpha: 0.2" in (tmp / "changed" / "r2m_recipe.yaml").read_text()
 
@@ -80,7 +111,11 @@ def test_inspect_shows_classes(files):
     tmp, base, experts, base_path, expert_paths = files
     result = run_cli("inspect", base_path)
     assert result.returncode == 0, result.stderr
-    rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[2:] if line.strip() and ":" not in line}
+    rows = {
+        line.split()[0]: line.split()[1]
+        for line in result.stdout.splitlines()[2:]
+        if line.strip() and ":" not in line
+    }
     assert rows["blocks.0.attn.qkv.weight"] == "matrix"
     assert rows["pos_embed"] == "other"  # excluded from truncation by *pos*
     assert rows["head.weight"] == "head"
@@ -92,7 +127,9 @@ def test_help_explains_the_commands():
     result = run_cli("--help")
     assert result.returncode == 0 and "r2m merge --base" in result.stdout
     merge_help = run_cli("merge", "--help")
-    assert "--rank-ratio" in merge_help.stdout and "default: r2m 0.1, cart 0.12" in merge_help.stdout
+    assert (
+        "--rank-ratio" in merge_help.stdout and "default: r2m 0.1, cart 0.12" in merge_help.stdout
+    )
 
 
 def rewrite(path, state):
@@ -135,7 +172,11 @@ def test_bad_expert_is_a_one_line_error_with_no_output(files, breakage, fragment
     out = tmp / "out"
     assert_clean_failure(run_cli(*merge_args(base_path, expert_paths, out)), out, *fragments)
     if breakage == "nan":
-        allowed = run_cli(*merge_args(base_path, expert_paths, out, "--allow-nonfinite", "--method", "average", "--quiet"))
+        allowed = run_cli(
+            *merge_args(
+                base_path, expert_paths, out, "--allow-nonfinite", "--method", "average", "--quiet"
+            )
+        )
         assert allowed.returncode == 0, allowed.stderr
 
 
@@ -146,8 +187,11 @@ def test_missing_shard_of_a_sharded_directory(tmp_path):
     expert = save_single(make_experts(base, 1)[0], tmp_path / "e.safetensors")
     out = tmp_path / "out"
     assert_clean_failure(
-        run_cli(*merge_args(directory, [expert], out)), out,
-        "model-00002-of-00002.safetensors", "missing", "model.safetensors.index.json",
+        run_cli(*merge_args(directory, [expert], out)),
+        out,
+        "model-00002-of-00002.safetensors",
+        "missing",
+        "model.safetensors.index.json",
     )
 
 
@@ -157,7 +201,9 @@ def test_unsafe_pickle_is_refused(tmp_path):
     evil = tmp_path / "evil.bin"
     torch.save({"w": torch.zeros(1), "run": print}, evil)
     out = tmp_path / "out"
-    assert_clean_failure(run_cli(*merge_args(base_path, [evil], out)), out, "evil.bin", "weights_only=True")
+    assert_clean_failure(
+        run_cli(*merge_args(base_path, [evil], out)), out, "evil.bin", "weights_only=True"
+    )
 
 
 def test_output_equal_to_or_inside_an_input(tmp_path):
@@ -166,9 +212,15 @@ def test_output_equal_to_or_inside_an_input(tmp_path):
     expert = save_pickled(make_experts(base, 1)[0], tmp_path / "expert.pt")
     before = {p.name: p.read_bytes() for p in base_dir.iterdir()}
     result = run_cli(*merge_args(base_dir, [expert], base_dir, "--overwrite"))
-    assert result.returncode != 0 and "is the input" in result.stderr and str(base_dir) in result.stderr
+    assert (
+        result.returncode != 0
+        and "is the input" in result.stderr
+        and str(base_dir) in result.stderr
+    )
     inside = base_dir / "merged"
-    assert_clean_failure(run_cli(*merge_args(base_dir, [expert], inside)), inside, "inside the input", base_dir)
+    assert_clean_failure(
+        run_cli(*merge_args(base_dir, [expert], inside)), inside, "inside the input", base_dir
+    )
     assert {p.name: p.read_bytes() for p in base_dir.iterdir()} == before
 
 
@@ -195,19 +247,34 @@ def test_write_failure_leaves_no_output(files):
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))  # qkv alone is 3 kB
 
-    result = run_cli(*merge_args(base_path, expert_paths, out, "--shard-size", "2kB"), preexec_fn=limit_file_size)
+    result = run_cli(
+        *merge_args(base_path, expert_paths, out, "--shard-size", "2kB"), preexec_fn=limit_file_size
+    )
     assert_clean_failure(result, out, "write failed")
 
 
 def test_option_errors_are_one_line(files):
     tmp, base, experts, base_path, expert_paths = files
     out = tmp / "out"
-    assert_clean_failure(run_cli(*merge_args(base_path, expert_paths, out, "--density", "0.3")), out,
-                         "density", "do not apply to method 'r2m'")
-    assert_clean_failure(run_cli(*merge_args(base_path, expert_paths, out, "--rank-ratio", "0")), out,
-                         "rank_ratio", "(0, 1]")
-    assert_clean_failure(run_cli(*merge_args(base_path, expert_paths, out, "--shard-size", "lots")), out,
-                         "cannot read size 'lots'")
+    assert_clean_failure(
+        run_cli(*merge_args(base_path, expert_paths, out, "--density", "0.3")),
+        out,
+        "density",
+        "do not apply to method 'r2m'",
+    )
+    assert_clean_failure(
+        run_cli(*merge_args(base_path, expert_paths, out, "--rank-ratio", "0")),
+        out,
+        "rank_ratio",
+        "(0, 1]",
+    )
+    assert_clean_failure(
+        run_cli(*merge_args(base_path, expert_paths, out, "--shard-size", "lots")),
+        out,
+        "cannot read size 'lots'",
+    )
     recipe = tmp / "bad.yaml"
     recipe.write_text("method: r2m\nbase: [unclosed\n")
-    assert_clean_failure(run_cli("merge", "--config", recipe, "--out", out), out, "bad.yaml", "not valid YAML")
+    assert_clean_failure(
+        run_cli("merge", "--config", recipe, "--out", out), out, "bad.yaml", "not valid YAML"
+    )

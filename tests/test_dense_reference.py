@@ -10,9 +10,9 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from conftest import make_experts, random_model
 
 import r2m_ext
-from conftest import make_experts, random_model
 
 HEADS = ("head.*", "*.head.*", "classifier.*", "*.classifier.*", "fc.*")
 EXCLUDED = ("*embed*", "*pos*", "*token*")
@@ -20,7 +20,8 @@ EXCLUDED = ("*embed*", "*pos*", "*token*")
 
 def body_names(base):
     return [
-        n for n, v in base.items()
+        n
+        for n, v in base.items()
         if v.is_floating_point() and not any(fnmatch.fnmatchcase(n, p) for p in HEADS)
     ]
 
@@ -46,8 +47,17 @@ def numpy_inputs(base, experts):
     return names, b, tau
 
 
-def numpy_r2m(base, experts, k=1, center=False, residual="core", rank_ratio=0.1,
-              norm_scope="global", residual_scale="relative", alpha=0.6):
+def numpy_r2m(
+    base,
+    experts,
+    k=1,
+    center=False,
+    residual="core",
+    rank_ratio=0.1,
+    norm_scope="global",
+    residual_scale="relative",
+    alpha=0.6,
+):
     names, b, tau = numpy_inputs(base, experts)
     n = len(experts)
     core_names = sorted(x for x in names if b[x].ndim >= 2)
@@ -77,7 +87,12 @@ def numpy_r2m(base, experts, k=1, center=False, residual="core", rank_ratio=0.1,
             core[x] = flat.mean(0)
             r = flat - core[x]
         if is_matrix(x, b[x].shape):
-            r = np.stack([best_rank(ri.reshape(b[x].shape), rank_for(b[x].shape, rank_ratio)).ravel() for ri in r])
+            r = np.stack(
+                [
+                    best_rank(ri.reshape(b[x].shape), rank_for(b[x].shape, rank_ratio)).ravel()
+                    for ri in r
+                ]
+            )
         res[x] = r
 
     def scales(norms):
@@ -182,12 +197,15 @@ def test_r2m_core_variants(models, center, k, residual):
 
 
 @pytest.mark.parametrize(
-    "norm_scope,residual_scale", list(itertools.product(["global", "tensor"], ["relative", "literal", "fixed"]))
+    "norm_scope,residual_scale",
+    list(itertools.product(["global", "tensor"], ["relative", "literal", "fixed"])),
 )
 @pytest.mark.parametrize("rank_ratio", [0.1, 0.3, 1.0])
 def test_r2m_scale_variants(models, norm_scope, residual_scale, rank_ratio):
     base, experts = models
-    options = dict(norm_scope=norm_scope, residual_scale=residual_scale, rank_ratio=rank_ratio, alpha=0.8)
+    options = dict(
+        norm_scope=norm_scope, residual_scale=residual_scale, rank_ratio=rank_ratio, alpha=0.8
+    )
     merged = r2m_ext.merge(base, experts, svd="exact", compute_dtype="float64", **options)
     assert_matches(merged, numpy_r2m(base, experts, **options))
 
@@ -201,7 +219,9 @@ def test_tsv(models):
 @pytest.mark.parametrize("rank_ratio", [0.12, 0.5, 1.0])
 def test_cart(models, rank_ratio):
     base, experts = models
-    merged = r2m_ext.merge(base, experts, "cart", svd="exact", rank_ratio=rank_ratio, compute_dtype="float64")
+    merged = r2m_ext.merge(
+        base, experts, "cart", svd="exact", rank_ratio=rank_ratio, compute_dtype="float64"
+    )
     assert_matches(merged, numpy_cart(base, experts, rank_ratio=rank_ratio))
 
 

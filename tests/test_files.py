@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 import yaml
+from checkpoints import save_pickled, save_sharded, save_single
+from conftest import make_experts, random_model
 from safetensors import safe_open
 
 import r2m_ext
-from checkpoints import save_pickled, save_sharded, save_single
-from conftest import make_experts, random_model
 from r2m_ext.io import Checkpoint
 from r2m_ext.recipe import load_recipe
 
@@ -29,7 +29,9 @@ def read_output(directory):
                 assert index["weight_map"][key] == file
                 tensors[key] = f.get_tensor(key)
     assert set(tensors) == set(index["weight_map"])
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in tensors.values()
+    )
     return tensors
 
 
@@ -37,7 +39,9 @@ def read_output(directory):
 def on_disk(tmp_path):
     base = random_model(0)
     experts = make_experts(base, 3)
-    base_dir = save_sharded(base, tmp_path / "base", shards=3, config={"model_type": "vit", "hidden_size": 16})
+    base_dir = save_sharded(
+        base, tmp_path / "base", shards=3, config={"model_type": "vit", "hidden_size": 16}
+    )
     (base_dir / "preprocessor_config.json").write_text("{}")
     paths = [
         save_single(experts[0], tmp_path / "e0.safetensors"),
@@ -75,7 +79,9 @@ def test_copies_small_non_weight_files_and_writes_recipe(on_disk, tmp_path):
     out = r2m_ext.merge_files(base_dir, paths, tmp_path / "out", "ties", density=0.3)
     assert json.loads((out / "config.json").read_text())["model_type"] == "vit"
     assert (out / "preprocessor_config.json").exists()
-    assert not list(out.glob("model-0000*-of-00003.safetensors"))  # the base's shards are not copied
+    assert not list(
+        out.glob("model-0000*-of-00003.safetensors")
+    )  # the base's shards are not copied
     recipe = yaml.safe_load((out / "r2m_recipe.yaml").read_text())
     assert recipe["method"] == "ties"
     assert recipe["options"]["density"] == 0.3 and recipe["options"]["lam"] == 1.0
@@ -88,11 +94,17 @@ def test_recipe_reruns_to_the_same_bytes(on_disk, tmp_path):
     first = r2m_ext.merge_files(base_dir, paths, tmp_path / "first", shard_size="6kB", alpha=0.4)
     recipe = load_recipe(first / "r2m_recipe.yaml")
     second = r2m_ext.merge_files(
-        recipe["base"], recipe["experts"], tmp_path / "second", recipe["method"],
-        shard_size=recipe["shard_size"], **recipe["options"],
+        recipe["base"],
+        recipe["experts"],
+        tmp_path / "second",
+        recipe["method"],
+        shard_size=recipe["shard_size"],
+        **recipe["options"],
     )
     first_files = sorted(p.name for p in first.glob("*.safetensors"))
-    assert first_files == sorted(p.name for p in second.glob("*.safetensors")) and len(first_files) > 1
+    assert (
+        first_files == sorted(p.name for p in second.glob("*.safetensors")) and len(first_files) > 1
+    )
     for name in first_files + ["model.safetensors.index.json"]:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
@@ -101,7 +113,9 @@ def test_bf16_checkpoints_stay_bf16(tmp_path):
     base = random_model(0, torch.bfloat16)
     experts = make_experts(base, 2)
     paths = [save_single(e, tmp_path / f"e{i}.safetensors") for i, e in enumerate(experts)]
-    out = r2m_ext.merge_files(save_single(base, tmp_path / "base.safetensors"), paths, tmp_path / "out")
+    out = r2m_ext.merge_files(
+        save_single(base, tmp_path / "base.safetensors"), paths, tmp_path / "out"
+    )
     got = read_output(out)
     assert got["blocks.0.mlp.fc1.weight"].dtype == torch.bfloat16
     want = r2m_ext.merge(base, experts)
@@ -140,5 +154,8 @@ def test_shard_that_does_not_match_its_index(tmp_path):
     index = json.loads((directory / "model.safetensors.index.json").read_text())
     index["weight_map"]["ghost.weight"] = "model-00001-of-00002.safetensors"
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(r2m_ext.R2MError, match=r"model-00001-of-00002.safetensors: does not match .* lacks 'ghost.weight'"):
+    with pytest.raises(
+        r2m_ext.R2MError,
+        match=r"model-00001-of-00002.safetensors: does not match .* lacks 'ghost.weight'",
+    ):
         Checkpoint(directory)

@@ -26,8 +26,18 @@ def r2m_hand_case():
         "head.weight": t([[100.0, 100.0]]),
         "steps": torch.tensor([7]),
     }
-    e1 = {"w": t([[2, 0], [0, 0]]), "b": t([2, 0]), "head.weight": t([[1, 2]]), "steps": torch.tensor([7])}
-    e2 = {"w": t([[0, 1], [0, 0]]), "b": t([0, 2]), "head.weight": t([[3, 6]]), "steps": torch.tensor([7])}
+    e1 = {
+        "w": t([[2, 0], [0, 0]]),
+        "b": t([2, 0]),
+        "head.weight": t([[1, 2]]),
+        "steps": torch.tensor([7]),
+    }
+    e2 = {
+        "w": t([[0, 1], [0, 0]]),
+        "b": t([0, 2]),
+        "head.weight": t([[3, 6]]),
+        "steps": torch.tensor([7]),
+    }
     return base, [e1, e2]
 
 
@@ -46,14 +56,22 @@ def test_r2m_uncentered_core_and_norm_matching_by_hand():
     res_b = (s1 - s2) / 2 * t([1, -1])
     report = {}
     merged = r2m_ext.merge(
-        base, experts, "r2m", svd="exact", residual_scale="fixed", alpha=1.0,
-        compute_dtype="float64", report=report,
+        base,
+        experts,
+        "r2m",
+        svd="exact",
+        residual_scale="fixed",
+        alpha=1.0,
+        compute_dtype="float64",
+        report=report,
     )
     torch.testing.assert_close(merged["w"], t([[1, 0], [0, 0]]) + res_w, rtol=0, atol=1e-12)
     torch.testing.assert_close(merged["b"], t([1, 1]) + res_b, rtol=0, atol=1e-12)
     torch.testing.assert_close(t(report["core_coefficients"]), t([0.5, 0.0]), rtol=0, atol=1e-12)
     torch.testing.assert_close(t(report["gram"]), t([[4, 0], [0, 1]]), rtol=0, atol=0)
-    torch.testing.assert_close(t(report["residual_norms"]), t([math.sqrt(3), 2]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        t(report["residual_norms"]), t([math.sqrt(3), 2]), rtol=0, atol=1e-12
+    )
     # Head: mean of the experts' heads, the base's ignored; the integer buffer is copied.
     torch.testing.assert_close(merged["head.weight"], t([[2, 4]]), rtol=0, atol=0)
     assert torch.equal(merged["steps"], torch.tensor([7]))
@@ -68,7 +86,9 @@ def test_r2m_uncentered_core_and_norm_matching_by_hand():
     merged = r2m_ext.merge(
         base, experts, svd="exact", compute_dtype="float64", residual_scale="literal", alpha=0.5
     )
-    torch.testing.assert_close(merged["b"], t([1, 1]) + 0.5 * math.sqrt(3) * res_b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        merged["b"], t([1, 1]) + 0.5 * math.sqrt(3) * res_b, rtol=0, atol=1e-12
+    )
 
 
 def test_r2m_centered_core_by_hand():
@@ -93,8 +113,14 @@ def test_r2m_projection_residual_with_tensor_norm_scope_by_hand():
     # b: n = (sqrt2, sqrt2), s = (1, 1) -> tau_res(b) = 0.
     base, experts = r2m_hand_case()
     merged = r2m_ext.merge(
-        base, experts, residual="projection", norm_scope="tensor", residual_scale="fixed",
-        alpha=1.0, svd="exact", compute_dtype="float64",
+        base,
+        experts,
+        residual="projection",
+        norm_scope="tensor",
+        residual_scale="fixed",
+        alpha=1.0,
+        svd="exact",
+        compute_dtype="float64",
     )
     torch.testing.assert_close(merged["w"], t([[1, 0.25], [0, 0]]), rtol=0, atol=1e-12)
     torch.testing.assert_close(merged["b"], t([1, 1]), rtol=0, atol=1e-12)
@@ -121,11 +147,15 @@ def test_average_and_task_arithmetic_by_hand():
     torch.testing.assert_close(r2m_ext.merge(base, experts, "average")["x"], t([1.5, 2, 2.5]))
     torch.testing.assert_close(
         r2m_ext.merge(base, experts, "task_arithmetic", compute_dtype="float64")["x"],
-        t([1.3, 1.6, 1.9]), rtol=0, atol=1e-12
+        t([1.3, 1.6, 1.9]),
+        rtol=0,
+        atol=1e-12,
     )
     torch.testing.assert_close(
         r2m_ext.merge(base, experts, "task_arithmetic", lam=1.0, compute_dtype="float64")["x"],
-        t([2, 3, 4]), rtol=0, atol=1e-12
+        t([2, 3, 4]),
+        rtol=0,
+        atol=1e-12,
     )
 
 
@@ -169,7 +199,9 @@ def test_cart_by_hand():
     base = {"w": torch.zeros(3, 3, dtype=F64)}
     experts = [{"w": torch.diag(t(d))} for d in ([6, 0, 0], [0, 9, 0], [0, 0, 0])]
     for svd in ("exact", "randomized"):
-        merged = r2m_ext.merge(base, experts, "cart", rank_ratio=0.34, svd=svd, compute_dtype="float64")
+        merged = r2m_ext.merge(
+            base, experts, "cart", rank_ratio=0.34, svd=svd, compute_dtype="float64"
+        )
         torch.testing.assert_close(merged["w"], torch.diag(t([10, 9, 0])), rtol=0, atol=1e-10)
 
 
@@ -178,7 +210,10 @@ def test_tsv_by_hand():
     # tau_2 = diag(0, 2) -> 2 e2 e2^T. U = [e1, e2] and V = [e1, e2] are already orthogonal, so the
     # polar factors change nothing: update = diag(3, 2), times alpha = 0.5. The 1-D tensor: mean.
     base = {"w": torch.zeros(2, 2, dtype=F64), "b": t([1, 1])}
-    experts = [{"w": torch.diag(t([3, 1])), "b": t([3, 1])}, {"w": torch.diag(t([0, 2])), "b": t([1, 5])}]
+    experts = [
+        {"w": torch.diag(t([3, 1])), "b": t([3, 1])},
+        {"w": torch.diag(t([0, 2])), "b": t([1, 5])},
+    ]
     merged = r2m_ext.merge(base, experts, "tsv", alpha=0.5, svd="exact", compute_dtype="float64")
     torch.testing.assert_close(merged["w"], torch.diag(t([1.5, 1.0])), rtol=0, atol=1e-12)
     torch.testing.assert_close(merged["b"], t([2, 3]), rtol=0, atol=0)
@@ -202,7 +237,9 @@ def test_dare_by_hand():
 
 def test_dare_ties_combines_sparsified_vectors():
     # drop_rate 0 makes DARE-TIES exactly TIES (same defaults: density 0.2, lam 1.0).
-    merged = r2m_ext.merge(TIES_BASE, TIES_EXPERTS, "dare", drop_rate=0.0, dare_combine="ties", density=0.5)
+    merged = r2m_ext.merge(
+        TIES_BASE, TIES_EXPERTS, "dare", drop_rate=0.0, dare_combine="ties", density=0.5
+    )
     want = r2m_ext.merge(TIES_BASE, TIES_EXPERTS, "ties", density=0.5)
     for name in want:
         torch.testing.assert_close(merged[name], want[name], rtol=0, atol=0)

@@ -33,7 +33,10 @@ def test_delta_gram_by_hand():
 def test_delta_gram_native_matches_float64_reference(dtype, shape):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(shape, generator=g).to(dtype)
-    experts = [(base.double() + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype) for _ in range(4)]
+    experts = [
+        (base.double() + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+        for _ in range(4)
+    ]
     got = torch.ops.r2m_ext.delta_gram.default(base, experts)
     # The reference widens the same low-precision values to float64, so only summation order
     # differs: both accumulate in float64.
@@ -72,7 +75,10 @@ def test_delta_gram_opcheck():
     [
         ([], "needs at least one expert"),
         ([torch.zeros(3, 4)], r"expert 0 has shape \[3, 4\] but base has shape \[4, 3\]"),
-        ([torch.zeros(4, 3, dtype=torch.float64)], "expert 0 has dtype Double but base has dtype Float"),
+        (
+            [torch.zeros(4, 3, dtype=torch.float64)],
+            "expert 0 has dtype Double but base has dtype Float",
+        ),
     ],
 )
 def test_delta_gram_errors_name_the_argument(experts, message):
@@ -83,7 +89,9 @@ def test_delta_gram_errors_name_the_argument(experts, message):
 @needs_native
 def test_delta_gram_rejects_integer_inputs():
     with pytest.raises(RuntimeError, match="base must be float32, float64, bfloat16 or float16"):
-        torch.ops.r2m_ext.delta_gram.default(torch.zeros(3, dtype=torch.int32), [torch.zeros(3, dtype=torch.int32)])
+        torch.ops.r2m_ext.delta_gram.default(
+            torch.zeros(3, dtype=torch.int32), [torch.zeros(3, dtype=torch.int32)]
+        )
 
 
 @pytest.mark.parametrize("shape", [(40, 30), (30, 40), (1, 25), (25, 1)])
@@ -91,15 +99,21 @@ def test_randomized_svd_reference_recovers_a_low_rank_matrix(shape):
     # Rank-3 matrix: a rank-3 randomized SVD reproduces it to rounding, with orthonormal factors.
     g = torch.Generator().manual_seed(3)
     rank = min(3, *shape)
-    a = torch.randn(shape[0], rank, generator=g, dtype=torch.float64) @ torch.randn(rank, shape[1], generator=g, dtype=torch.float64)
+    a = torch.randn(shape[0], rank, generator=g, dtype=torch.float64) @ torch.randn(
+        rank, shape[1], generator=g, dtype=torch.float64
+    )
     u, s, v = reference.randomized_svd(a[None], rank, oversample=4, n_iter=1, seed=0, key="w")
     torch.testing.assert_close((u * s.unsqueeze(-2)) @ v.mT, a[None], rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(u.mT @ u, torch.eye(rank, dtype=torch.float64)[None], rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        u.mT @ u, torch.eye(rank, dtype=torch.float64)[None], rtol=0, atol=1e-12
+    )
     torch.testing.assert_close(s, torch.linalg.svdvals(a)[:rank][None], rtol=1e-10, atol=0)
 
 
 def test_randomized_svd_reference_zero_matrix_has_no_nan():
-    u, s, v = reference.randomized_svd(torch.zeros(2, 10, 8), 2, oversample=8, n_iter=2, seed=0, key="z")
+    u, s, v = reference.randomized_svd(
+        torch.zeros(2, 10, 8), 2, oversample=8, n_iter=2, seed=0, key="z"
+    )
     assert torch.equal(s, torch.zeros(2, 2)) and torch.isfinite(u).all() and torch.isfinite(v).all()
 
 
@@ -107,8 +121,14 @@ def test_sketch_depends_on_seed_name_and_shape_only():
     first = reference.gaussian_test_matrix(0, "a.weight", (8, 6), 6, 3, torch.float64, "cpu")
     again = reference.gaussian_test_matrix(0, "a.weight", (8, 6), 6, 3, torch.float64, "cpu")
     assert torch.equal(first, again)
-    for seed, key, shape in ((1, "a.weight", (8, 6)), (0, "b.weight", (8, 6)), (0, "a.weight", (9, 6))):
-        assert not torch.equal(first, reference.gaussian_test_matrix(seed, key, shape, 6, 3, torch.float64, "cpu"))
+    for seed, key, shape in (
+        (1, "a.weight", (8, 6)),
+        (0, "b.weight", (8, 6)),
+        (0, "a.weight", (9, 6)),
+    ):
+        assert not torch.equal(
+            first, reference.gaussian_test_matrix(seed, key, shape, 6, 3, torch.float64, "cpu")
+        )
     # Pinned: recipes promise the same output across versions, so the seed derivation (blake2b of
     # seed, name and shape) must not change silently. Lists and tuples of sizes are the same shape.
     assert reference.sketch_seed(0, "a.weight", (8, 6)) == 2973196808043213964

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import make_experts, random_model, relative_error
 
 import r2m_ext
-from conftest import make_experts, random_model, relative_error
 
 DETERMINISTIC = [
     ("r2m", {"svd": "exact"}),
@@ -66,7 +66,9 @@ def test_alpha_zero_gives_base_plus_core(toy):
     report = {}
     merged = r2m_ext.merge(base, experts, alpha=0.0, compute_dtype="float64", report=report)
     names = sorted(n for n, v in base.items() if v.dim() >= 2 and not n.startswith("head"))
-    m = torch.stack([torch.cat([(e[n] - base[n]).double().ravel() for n in names]) for e in experts])
+    m = torch.stack(
+        [torch.cat([(e[n] - base[n]).double().ravel() for n in names]) for e in experts]
+    )
     top = torch.linalg.svd(m, full_matrices=False).Vh[0]
     core = top * (top @ m.mean(0))
     offset = 0
@@ -96,7 +98,12 @@ def test_truncation_changes_matrices(toy):
     base, experts = toy
     truncated = r2m_ext.merge(base, experts, rank_ratio=0.1, svd="exact")
     untruncated = r2m_ext.merge(base, experts, exclude_truncation=["*"])
-    assert relative_error(truncated["blocks.0.attn.qkv.weight"], untruncated["blocks.0.attn.qkv.weight"]) > 1e-4
+    assert (
+        relative_error(
+            truncated["blocks.0.attn.qkv.weight"], untruncated["blocks.0.attn.qkv.weight"]
+        )
+        > 1e-4
+    )
 
 
 @pytest.mark.parametrize("method", ["r2m", "average", "ties", "tsv", "cart", "dare"])
@@ -178,11 +185,23 @@ def test_nonfinite_inputs_refused_unless_allowed(toy):
 @pytest.mark.parametrize(
     "change,message",
     [
-        (lambda e: e.pop("blocks.0.norm1.weight"), r"'blocks.0.norm1.weight' in base base missing from expert expert 1"),
+        (
+            lambda e: e.pop("blocks.0.norm1.weight"),
+            r"'blocks.0.norm1.weight' in base base missing from expert expert 1",
+        ),
         (lambda e: e.update(extra=torch.zeros(2)), r"'extra' in expert expert 1 is not in base"),
-        (lambda e: e.update({"pos_embed": torch.zeros(6, 16)}), r"'pos_embed' has shape \[6, 16\] in expert expert 1 but \[5, 16\]"),
-        (lambda e: e.update({"pos_embed": torch.zeros(5, 16, dtype=torch.float64)}), r"'pos_embed' has dtype torch.float64"),
-        (lambda e: e.pop("head.bias"), r"head tensor 'head.bias' is in expert expert 0 but missing from expert expert 1"),
+        (
+            lambda e: e.update({"pos_embed": torch.zeros(6, 16)}),
+            r"'pos_embed' has shape \[6, 16\] in expert expert 1 but \[5, 16\]",
+        ),
+        (
+            lambda e: e.update({"pos_embed": torch.zeros(5, 16, dtype=torch.float64)}),
+            r"'pos_embed' has dtype torch.float64",
+        ),
+        (
+            lambda e: e.pop("head.bias"),
+            r"head tensor 'head.bias' is in expert expert 0 but missing from expert expert 1",
+        ),
     ],
 )
 def test_mismatches_are_errors_naming_the_tensor(toy, change, message):

@@ -1,5 +1,5 @@
-// delta_gram: the N x N Gram matrix of task vectors, G[i][j] = sum_e (x_i[e] - b[e]) (x_j[e] - b[e]),
-// with the subtraction fused into the reduction so task vectors are never materialised
+// delta_gram: the N x N Gram matrix of task vectors, G[i][j] = sum_e (x_i[e] - b[e]) (x_j[e] -
+// b[e]), with the subtraction fused into the reduction so task vectors are never materialised
 // (../shared/PERFORMANCE.md, Gram pass).
 #pragma once
 
@@ -38,8 +38,8 @@ void delta_gram_cpu(const DeltaGramParams& params, double* gram);
 #if defined(R2M_WITH_CUDA)
 // Adds the Gram of all elements into `gram` (device memory, n_experts^2 doubles).
 // `experts_device` is a device array of n_experts device pointers.
-void delta_gram_cuda(const DeltaGramParams& params, const void* const* experts_device,
-                     double* gram, void* stream);
+void delta_gram_cuda(const DeltaGramParams& params, const void* const* experts_device, double* gram,
+                     void* stream);
 #endif
 
 }  // namespace r2m

@@ -14,8 +14,8 @@ constexpr int kMaxChunksPerPair = 1024;
 // blockIdx.y picks the pair (i, j), j <= i; blockIdx.x a strided share of the elements. Each
 // block writes one partial sum; a second kernel adds partials in a fixed order, so the result is
 // deterministic (no floating-point atomics).
-__global__ void delta_gram_partials_kernel(DeltaGramParams params,
-                                           const void* const* experts, double* partials) {
+__global__ void delta_gram_partials_kernel(DeltaGramParams params, const void* const* experts,
+                                           double* partials) {
   const int64_t pair = blockIdx.y;
   int64_t i = 0;
   while ((i + 1) * (i + 2) / 2 <= pair) ++i;
@@ -54,8 +54,8 @@ __global__ void delta_gram_finish_kernel(const double* partials, int64_t chunks,
 
 }  // namespace
 
-void delta_gram_cuda(const DeltaGramParams& params, const void* const* experts_device,
-                     double* gram, void* stream) {
+void delta_gram_cuda(const DeltaGramParams& params, const void* const* experts_device, double* gram,
+                     void* stream) {
   if (params.numel == 0 || params.n_experts == 0) return;
   cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
   const int64_t pairs = params.n_experts * (params.n_experts + 1) / 2;

@@ -1,12 +1,13 @@
 // Torch-facing entry of delta_gram: checks, dtype mapping, and a parallel loop over fixed-size
 // blocks of the Python-free core (csrc/merge/delta_gram_cpu.cpp).
+#include "merge/delta_gram.h"
+
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <vector>
 
-#include "merge/delta_gram.h"
 #include "ops/scalar_kind.h"
 
 namespace r2m {
@@ -22,8 +23,8 @@ at::Tensor delta_gram_cpu_entry(const at::Tensor& base, at::TensorList experts) 
     const at::Tensor& expert = experts[i];
     TORCH_CHECK(expert.sizes() == base.sizes(), "delta_gram: expert ", i, " has shape ",
                 expert.sizes(), " but base has shape ", base.sizes());
-    TORCH_CHECK(expert.scalar_type() == base.scalar_type(), "delta_gram: expert ", i,
-                " has dtype ", expert.scalar_type(), " but base has dtype ", base.scalar_type());
+    TORCH_CHECK(expert.scalar_type() == base.scalar_type(), "delta_gram: expert ", i, " has dtype ",
+                expert.scalar_type(), " but base has dtype ", base.scalar_type());
     TORCH_CHECK(expert.device() == base.device(), "delta_gram: expert ", i, " is on ",
                 expert.device(), " but base is on ", base.device());
     contiguous.push_back(expert.contiguous());

@@ -101,7 +101,9 @@ class Checkpoint:
                     tensor_slice = handle.get_slice(name)
                     dtype_name = tensor_slice.get_dtype()
                     if dtype_name not in SAFETENSORS_DTYPES:
-                        raise R2MError(f"{file}: tensor {name!r} has unsupported dtype {dtype_name}")
+                        raise R2MError(
+                            f"{file}: tensor {name!r} has unsupported dtype {dtype_name}"
+                        )
                     metas[name] = (tuple(tensor_slice.get_shape()), SAFETENSORS_DTYPES[dtype_name])
             except (SafetensorError, OSError) as error:
                 raise R2MError(f"{file}: not a readable safetensors file ({error})") from None
@@ -134,9 +136,13 @@ class Checkpoint:
                 # Legacy (pre-zip) serialization cannot be memory-mapped.
                 state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - torch raises many types for bad pickles
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            first_line = (
+                str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            )
             raise R2MError(f"{file}: cannot load with weights_only=True ({first_line})") from None
-        if isinstance(state, Mapping) and not all(isinstance(v, torch.Tensor) for v in state.values()):
+        if isinstance(state, Mapping) and not all(
+            isinstance(v, torch.Tensor) for v in state.values()
+        ):
             for wrapper in ("state_dict", "model", "module"):
                 if isinstance(state.get(wrapper), Mapping):
                     state = state[wrapper]

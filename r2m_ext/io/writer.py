@@ -19,8 +19,18 @@ from r2m_ext.errors import R2MError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -89,7 +99,9 @@ class ShardWriter:
             self._shard_names = [SINGLE_FILE]
         else:
             total = len(shards)
-            self._shard_names = [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+            self._shard_names = [
+                f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)
+            ]
         self._shards = shards
         self._shard_of = {name: i for i, shard in enumerate(shards) for name in shard}
         self._pending: list[dict[str, torch.Tensor]] = [{} for _ in shards]
@@ -104,7 +116,9 @@ class ShardWriter:
                 shutil.rmtree(self.tmp)
             self.tmp.mkdir()
         except OSError as error:
-            raise R2MError(f"{self.out}: cannot create output ({error.strerror or error})") from None
+            raise R2MError(
+                f"{self.out}: cannot create output ({error.strerror or error})"
+            ) from None
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
@@ -151,7 +165,11 @@ class ShardWriter:
         self._written.add(shard)
 
     def _commit(self) -> None:
-        missing = [n for n, s in self._shard_of.items() if s not in self._written and n not in self._pending[s]]
+        missing = [
+            n
+            for n, s in self._shard_of.items()
+            if s not in self._written and n not in self._pending[s]
+        ]
         if missing or len(self._written) != len(self._shards):
             raise R2MError(f"internal error: {len(missing)} planned tensors were never written")
         if len(self._shards) > 1:
@@ -172,7 +190,9 @@ class ShardWriter:
             os.rename(self.tmp, self.out)
             _fsync_path(self.out.parent)
         except OSError as error:
-            raise R2MError(f"{self.out}: cannot finish output ({error.strerror or error})") from None
+            raise R2MError(
+                f"{self.out}: cannot finish output ({error.strerror or error})"
+            ) from None
         if replaced is not None:
             shutil.rmtree(replaced) if replaced.is_dir() else replaced.unlink()
 

@@ -50,9 +50,7 @@ def ties_combine(tau: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     return (trimmed * agrees).sum(0) / count
 
 
-def _ties(
-    tensors: TaskTensors, options: MergeOptions, vectors: TaskVectorFn, label: str
-) -> Merged:
+def _ties(tensors: TaskTensors, options: MergeOptions, vectors: TaskVectorFn, label: str) -> Merged:
     body = tensors.body
     if options.ties_scope == "global":
         magnitudes = [
@@ -79,7 +77,9 @@ def merge_ties(tensors: TaskTensors, options: MergeOptions, report: dict) -> Mer
 def dare_keep_mask(seed: int, name: str, task: int, shape, drop_rate: float) -> torch.Tensor:
     """Entries of task `task`'s vector that DARE keeps: a function of (seed, name, task, shape)
     alone, so it does not depend on the order tensors are processed in."""
-    generator = torch.Generator(device="cpu").manual_seed(sketch_seed(seed, f"dare/{task}/{name}", shape))
+    generator = torch.Generator(device="cpu").manual_seed(
+        sketch_seed(seed, f"dare/{task}/{name}", shape)
+    )
     return torch.rand(tuple(shape), generator=generator) >= drop_rate
 
 

@@ -52,9 +52,7 @@ def low_rank_factors(
     method `options.svd` names. `key` (the tensor name) seeds the randomized sketch."""
     if options.svd == "exact":
         return ops.truncated_svd(matrices, rank)
-    return ops.randomized_svd(
-        matrices, rank, options.oversample, options.n_iter, options.seed, key
-    )
+    return ops.randomized_svd(matrices, rank, options.oversample, options.n_iter, options.seed, key)
 
 
 def task_vectors(tensors: TaskTensors, name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,8 @@ def core_projection(gram: torch.Tensor, k: int, center: bool) -> torch.Tensor:
     """P [N, N] with Pi tau_i = sum_j P[i, j] tau_j on S, from the uncentered Gram G_M = M M^T.
 
     With X = A M (A = I - 11^T/N when centering, else I), G = A G_M A = U Lambda U^T and
-    Pi = X^T U_k Lambda_k^-1 U_k^T X, so Pi tau_i = M^T A W e_i with W = U_k Lambda_k^-1 U_k^T A G_M.
+    Pi = X^T U_k Lambda_k^-1 U_k^T X, so Pi tau_i = M^T A W e_i with
+    W = U_k Lambda_k^-1 U_k^T A G_M.
     Zero when no eigenvalue is kept (G = 0, or N = 1 with centering).
     """
     n = gram.shape[0]
@@ -101,10 +102,14 @@ def merge_r2m(
             factor_cache[entry.name] = factors
         truncated64 = truncated.double()
         rounding_floor = (
-            RESIDUAL_ROUNDING_EPS * torch.finfo(tau.dtype).eps * tau.reshape(n, -1).double().norm(dim=1)
+            RESIDUAL_ROUNDING_EPS
+            * torch.finfo(tau.dtype).eps
+            * tau.reshape(n, -1).double().norm(dim=1)
         )
         signal = truncated64.norm(dim=1) > rounding_floor
-        residual_grams[entry.name] = (truncated64 @ truncated64.T * torch.outer(signal, signal)).cpu()
+        residual_grams[entry.name] = (
+            truncated64 @ truncated64.T * torch.outer(signal, signal)
+        ).cpu()
         tensor_report = {"class": entry.tensor_class.value}
         if entry.tensor_class is TensorClass.MATRIX:
             full_sq = (r_weights.to(tau) @ tau.reshape(n, -1)).double().square().sum(1)
@@ -132,7 +137,11 @@ def merge_r2m(
     )
     core_norm, residual_norm = core_norm_sq**0.5, residual_norm_sq**0.5
     if options.residual_scale == "relative":
-        eta = options.alpha * core_norm / residual_norm if core_norm > 0 and residual_norm > 0 else 0.0
+        eta = (
+            options.alpha * core_norm / residual_norm
+            if core_norm > 0 and residual_norm > 0
+            else 0.0
+        )
     elif options.residual_scale == "literal":
         eta = options.alpha * core_norm
     else:
