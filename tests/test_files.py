@@ -159,3 +159,19 @@ def test_shard_that_does_not_match_its_index(tmp_path):
         match=r"model-00001-of-00002.safetensors: does not match .* lacks 'ghost.weight'",
     ):
         Checkpoint(directory)
+
+
+def test_sharded_pickle_directory(tmp_path):
+    # pytorch_model.bin.index.json with .bin shards, as older Hugging Face checkpoints ship.
+    base = random_model(0)
+    directory = tmp_path / "bins"
+    names = list(base)
+    weight_map = {}
+    for i, group in enumerate((names[:5], names[5:]), start=1):
+        file = f"pytorch_model-0000{i}-of-00002.bin"
+        save_pickled({n: base[n] for n in group}, directory / file)
+        weight_map.update({n: file for n in group})
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    checkpoint = Checkpoint(directory)
+    assert set(checkpoint.metadata()) == set(base)
+    assert all(torch.equal(checkpoint.load(n), base[n]) for n in base)
