@@ -128,8 +128,6 @@ def merge_files(
     out = Path(out)
     base_path, expert_paths = Path(base), [Path(e) for e in experts]
     shard_bytes = parse_size(shard_size)
-    if not expert_paths:
-        raise R2MError("at least one expert is required")
     check_output_path(out, [base_path, *expert_paths], overwrite)
     checkpoints = [Checkpoint(base_path), *(Checkpoint(p) for p in expert_paths)]
     plan = plan_merge(

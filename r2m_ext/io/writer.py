@@ -165,13 +165,10 @@ class ShardWriter:
         self._written.add(shard)
 
     def _commit(self) -> None:
-        missing = [
-            n
-            for n, s in self._shard_of.items()
-            if s not in self._written and n not in self._pending[s]
-        ]
-        if missing or len(self._written) != len(self._shards):
-            raise R2MError(f"internal error: {len(missing)} planned tensors were never written")
+        unwritten = [i for i in range(len(self._shards)) if i not in self._written]
+        if unwritten:
+            names = [n for i in unwritten for n in self._shards[i] if n not in self._pending[i]]
+            raise R2MError(f"internal error: planned tensors never written, e.g. {names[:3]}")
         if len(self._shards) > 1:
             total_size = sum(tensor_nbytes(*meta) for meta in self._layout.values())
             index = {
@@ -179,17 +176,19 @@ class ShardWriter:
                 "weight_map": {n: self._shard_names[s] for n, s in self._shard_of.items()},
             }
             self.add_file(INDEX_FILE, json.dumps(index, indent=2) + "\n")
+        replaced = None
         try:
             for path in self._files:
                 _fsync_path(path)
             _fsync_path(self.tmp)
-            replaced = None
             if self.out.exists():
                 replaced = self.out.parent / f".{self.out.name}.r2m-replaced-{os.getpid()}"
                 os.rename(self.out, replaced)
             os.rename(self.tmp, self.out)
             _fsync_path(self.out.parent)
         except OSError as error:
+            if replaced is not None and not self.out.exists():
+                os.rename(replaced, self.out)  # put the previous output back
             raise R2MError(
                 f"{self.out}: cannot finish output ({error.strerror or error})"
             ) from None

@@ -75,15 +75,19 @@ def merge_r2m(
         return mean_weights, off_core_residual_weights
 
     def residuals(entry, tau):
-        """Truncated residuals [N, numel] and, for truncated matrices, their factors."""
+        """Untruncated residuals r_i as rows [N, numel]."""
         _, r_weights = weights_for(entry)
-        flat = r_weights.to(tau) @ tau.reshape(n, -1)
+        return r_weights.to(tau) @ tau.reshape(n, -1)
+
+    def truncated(entry, rows):
+        """Rank-rho residuals [N, numel] and, where truncation changed them, their factors
+        (U S [N, m, rho], V [N, n, rho])."""
         if entry.tensor_class is not TensorClass.MATRIX:
-            return flat, None
+            return rows, None
         rank = kept_rank(entry.shape, options.rank_ratio)
         if rank >= min(entry.shape):
-            return flat, None
-        u, s, v = low_rank_factors(flat.reshape(n, *entry.shape), rank, options, entry.name)
+            return rows, None
+        u, s, v = low_rank_factors(rows.reshape(n, *entry.shape), rank, options, entry.name)
         factors = (u * s.unsqueeze(-2), v)
         return (factors[0] @ v.mT).reshape(n, -1), factors
 
@@ -94,13 +98,14 @@ def merge_r2m(
     tensor_reports = report.setdefault("tensors", {})
     for entry in tensors.progress(body, "R²M truncation pass"):
         _, tau = task_vectors(tensors, entry.name)
-        c_weights, r_weights = weights_for(entry)
+        c_weights, _ = weights_for(entry)
         core = c_weights.to(tau) @ tau.reshape(n, -1)
         core_norm_sq += float(core.double().square().sum())
-        truncated, factors = residuals(entry, tau)
+        rows = residuals(entry, tau)
+        kept_rows, factors = truncated(entry, rows)
         if factors is not None:
             factor_cache[entry.name] = factors
-        truncated64 = truncated.double()
+        truncated64 = kept_rows.double()
         rounding_floor = (
             RESIDUAL_ROUNDING_EPS
             * torch.finfo(tau.dtype).eps
@@ -112,8 +117,8 @@ def merge_r2m(
         ).cpu()
         tensor_report = {"class": entry.tensor_class.value}
         if entry.tensor_class is TensorClass.MATRIX:
-            full_sq = (r_weights.to(tau) @ tau.reshape(n, -1)).double().square().sum(1)
-            kept_sq = residual_grams[entry.name].diagonal()
+            full_sq = rows.double().square().sum(1).cpu()
+            kept_sq = truncated64.square().sum(1).cpu()
             tensor_report["rank"] = kept_rank(entry.shape, options.rank_ratio)
             tensor_report["energy_kept"] = torch.where(
                 full_sq > 0, kept_sq / full_sq, torch.ones_like(full_sq)
@@ -164,6 +169,6 @@ def merge_r2m(
             left = left * residual_weights_out.to(left).view(n, 1, 1)
             residual = torch.einsum("imr,inr->mn", left, right)
         else:
-            truncated, _ = residuals(entry, tau)
-            residual = (residual_weights_out.to(tau) @ truncated).reshape(entry.shape)
+            kept_rows, _ = truncated(entry, residuals(entry, tau))
+            residual = (residual_weights_out.to(tau) @ kept_rows).reshape(entry.shape)
         yield entry.name, base + core + residual
