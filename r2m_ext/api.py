@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from r2m_ext.engine import MergeInputs, run_merge
+from r2m_ext.engine import MemoryBudget, MergeInputs, run_merge
+from r2m_ext.engine.budget import peak_rss_bytes
 from r2m_ext.errors import R2MError
 from r2m_ext.io import Checkpoint, ShardWriter, parse_size
 from r2m_ext.io.checkpoint import PICKLE_SUFFIXES
+from r2m_ext.io.writer import partial_dir
 from r2m_ext.options import resolve_options
 from r2m_ext.plan import plan_merge
 from r2m_ext.recipe import RECIPE_FILE, Recipe
 
 DEFAULT_SHARD_SIZE = "5GB"
+DEFAULT_IO_THREADS = 2
+REPORT_FILE = "report.json"
+# In memory the inputs are already resident: the budget only bounds the engine's own workspace.
+_IN_MEMORY_BUDGET = 1 << 62
 # Non-weight files of a base directory that are copied next to the merged weights.
 _MAX_COPIED_FILE_BYTES = 50 * 10**6
 _NOT_COPIED_SUFFIXES = (".safetensors", ".msgpack", ".h5", ".ckpt", ".onnx", *PICKLE_SUFFIXES)
-_NOT_COPIED_NAMES = {RECIPE_FILE, "report.json"}
+_NOT_COPIED_NAMES = {RECIPE_FILE, REPORT_FILE}
 
 
 def _metadata(state: Mapping[str, torch.Tensor], label: str):
@@ -63,12 +72,20 @@ def merge(
     names = ["base", *labels]
     inputs = MergeInputs(
         plan,
-        read=lambda source, name: sources[source][name],
+        read=lambda source, name, rows: (
+            sources[source][name] if rows is None else sources[source][name][rows]
+        ),
         where=lambda source, name: names[source],
         options=resolved,
+        budget=MemoryBudget(_IN_MEMORY_BUDGET),
         show_progress=progress,
     )
-    return dict(run_merge(plan, inputs, resolved, {} if report is None else report))
+    blocks: dict[str, list[torch.Tensor]] = {}
+    for name, _, values in run_merge(plan, inputs, resolved, {} if report is None else report):
+        blocks.setdefault(name, []).append(values)
+    return {
+        name: parts[0] if len(parts) == 1 else torch.cat(parts) for name, parts in blocks.items()
+    }
 
 
 def check_output_path(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
@@ -111,51 +128,86 @@ def merge_files(
     method: str = "r2m",
     *,
     shard_size: str | int = DEFAULT_SHARD_SIZE,
+    max_memory: str | int | None = None,
+    io_threads: int = DEFAULT_IO_THREADS,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = False,
     report: dict | None = None,
     **options: Any,
 ) -> Path:
-    """Merges checkpoints on disk into the directory `out` (Hugging Face layout).
+    """Merges checkpoints on disk into the directory `out` (Hugging Face layout), streaming.
 
     Inputs: .safetensors files, Hugging Face directories (sharded with an index, or one file), or
-    .bin/.pt/.pth (loaded with weights_only=True). Writes model.safetensors (or shards of at most
-    `shard_size` plus model.safetensors.index.json), copies config.json and other small non-weight
-    files of a base directory, and writes r2m_recipe.yaml. All or nothing: on any error no output
-    is left behind. Returns `out`.
+    .bin/.pt/.pth (loaded with weights_only=True). Tensors are read one at a time, or in row
+    blocks, so that everything the merge holds stays within `max_memory` (default: half the
+    available memory); `io_threads` background readers load the next tensors meanwhile.
+    Writes model.safetensors (or shards of at most `shard_size` plus
+    model.safetensors.index.json) as the merge produces it, copies config.json and other small
+    non-weight files of a base directory, and writes r2m_recipe.yaml and report.json.
+    All or nothing: on an error no output is left behind; after an interruption the complete
+    shards are kept beside `out`, and `resume=True` with the same recipe continues. Returns `out`.
     """
+    started = time.perf_counter()
     resolved = resolve_options(method, **options)
     out = Path(out)
     base_path, expert_paths = Path(base), [Path(e) for e in experts]
     shard_bytes = parse_size(shard_size)
+    budget = MemoryBudget(max_memory)
+    if io_threads < 0:
+        raise R2MError(f"io_threads must be >= 0, got {io_threads}")
     check_output_path(out, [base_path, *expert_paths], overwrite)
+    if overwrite and not resume and partial_dir(out).exists():
+        shutil.rmtree(partial_dir(out))
     checkpoints = [Checkpoint(base_path), *(Checkpoint(p) for p in expert_paths)]
-    plan = plan_merge(
-        checkpoints[0].metadata(),
-        [c.metadata() for c in checkpoints[1:]],
-        resolved,
-        checkpoints[0].label,
-        [c.label for c in checkpoints[1:]],
-    )
-    inputs = MergeInputs(
-        plan,
-        read=lambda source, name: checkpoints[source].load(name),
-        where=lambda source, name: checkpoints[source].file_of(name),
-        options=resolved,
-        show_progress=progress,
-    )
-    recipe = Recipe(
-        base=str(base_path.resolve()),
-        experts=tuple(str(p.resolve()) for p in expert_paths),
-        options=resolved,
-        shard_size=shard_bytes,
-        out=str(out.resolve()),
-    )
-    layout = [(t.name, t.shape, t.out_dtype) for t in plan.tensors]
-    with ShardWriter(out, layout, shard_bytes) as writer:
-        for name, tensor in run_merge(plan, inputs, resolved, {} if report is None else report):
-            writer.add(name, tensor)
-        for path in _copied_files(checkpoints[0]):
-            writer.copy_file(path)
-        writer.add_file(RECIPE_FILE, recipe.to_yaml())
+    try:
+        plan = plan_merge(
+            checkpoints[0].metadata(),
+            [c.metadata() for c in checkpoints[1:]],
+            resolved,
+            checkpoints[0].label,
+            [c.label for c in checkpoints[1:]],
+        )
+        recipe = Recipe(
+            base=str(base_path.resolve()),
+            experts=tuple(str(p.resolve()) for p in expert_paths),
+            options=resolved,
+            shard_size=shard_bytes,
+            out=str(out.resolve()),
+        )
+        layout = [(t.name, t.shape, t.out_dtype) for t in plan.tensors]
+        report = {} if report is None else report
+        with ShardWriter(out, layout, shard_bytes, recipe.identity(), resume) as writer:
+            inputs = MergeInputs(
+                plan,
+                read=lambda source, name, rows: checkpoints[source].load(name, rows),
+                where=lambda source, name: checkpoints[source].file_of(name),
+                options=resolved,
+                budget=budget,
+                io_threads=io_threads,
+                show_progress=progress,
+                done=writer.done_names,
+            )
+            try:
+                for name, _, values in run_merge(plan, inputs, resolved, report, writer.done_names):
+                    writer.write(name, values)
+            finally:
+                inputs.close()
+            for path in _copied_files(checkpoints[0]):
+                writer.copy_file(path)
+            writer.add_file(RECIPE_FILE, recipe.to_yaml())
+            report.update(
+                method=resolved.method,
+                timings_s={**inputs.timings, "total": time.perf_counter() - started},
+                memory={
+                    "max_memory": budget.limit,
+                    "peak_accounted": budget.peak,
+                    "peak_rss": peak_rss_bytes(),
+                },
+                resumed_shards=len(writer.complete) if resume else 0,
+            )
+            writer.add_file(REPORT_FILE, json.dumps(report, indent=1) + "\n")
+    finally:
+        for checkpoint in checkpoints:
+            checkpoint.close()
     return out

@@ -20,6 +20,7 @@ class TensorPlan:
     name: str
     tensor_class: TensorClass
     shape: tuple[int, ...]
+    in_dtype: torch.dtype
     out_dtype: torch.dtype
     in_core_set: bool
     # Head tensors in the base that no expert has: output as zeros (spec §4).
@@ -116,6 +117,7 @@ def plan_merge(
                 name=name,
                 tensor_class=tensor_class,
                 shape=shape,
+                in_dtype=dtype,
                 out_dtype=dtype if out_dtype is None or not dtype.is_floating_point else out_dtype,
                 in_core_set=in_core_set(tensor_class, shape),
                 head_only_in_base=tensor_class is TensorClass.HEAD and from_base,

@@ -37,6 +37,15 @@ class Recipe:
         }
         return yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
 
+    def identity(self) -> dict:
+        """What makes two runs produce the same output: inputs, method, options, shard size."""
+        return {
+            "base": self.base,
+            "experts": list(self.experts),
+            "shard_size": self.shard_size,
+            **self.options.to_dict(),
+        }
+
 
 def load_recipe(path: str | Path) -> dict:
     """The recipe's fields as plain values (paths resolved against the recipe's directory), for

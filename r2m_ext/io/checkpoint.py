@@ -10,34 +10,20 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from r2m_ext.errors import R2MError
+from r2m_ext.io.safetensors_format import SafetensorsFile
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-
 TensorMeta = tuple[tuple[int, ...], torch.dtype]
 
 
 class Checkpoint:
-    """One model on disk. `metadata()` reads headers only; `load(name)` reads one tensor."""
+    """One model on disk. `metadata()` reads headers only; `load(name)` reads one tensor (or a
+    block of its rows) from disk each time it is called."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -46,7 +32,7 @@ class Checkpoint:
             raise R2MError(f"{self.label}: no such file or directory")
         self.directory = self.path if self.path.is_dir() else None
         self._file_of: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, SafetensorsFile] = {}
         self._pickled: dict[Path, Mapping[str, torch.Tensor]] = {}
         self._meta: dict[str, TensorMeta] = {}
         # (index path, weight map) of a sharded directory: each shard must hold what it lists.
@@ -93,20 +79,8 @@ class Checkpoint:
 
     def _index_file(self, file: Path) -> None:
         if file.suffix == ".safetensors":
-            try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
-                names = list(handle.keys())
-                metas = {}
-                for name in names:
-                    tensor_slice = handle.get_slice(name)
-                    dtype_name = tensor_slice.get_dtype()
-                    if dtype_name not in SAFETENSORS_DTYPES:
-                        raise R2MError(
-                            f"{file}: tensor {name!r} has unsupported dtype {dtype_name}"
-                        )
-                    metas[name] = (tuple(tensor_slice.get_shape()), SAFETENSORS_DTYPES[dtype_name])
-            except (SafetensorError, OSError) as error:
-                raise R2MError(f"{file}: not a readable safetensors file ({error})") from None
+            handle = SafetensorsFile(file)
+            metas = {name: (shape, dtype) for name, (dtype, shape, _, _) in handle.entries.items()}
             self._handles[file] = handle
         else:
             state = self._load_pickled(file)
@@ -164,11 +138,15 @@ class Checkpoint:
     def files(self) -> list[Path]:
         return list(dict.fromkeys(self._file_of.values()))
 
-    def load(self, name: str) -> torch.Tensor:
+    def load(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Tensor `name`, or rows [start, stop) of its first dimension."""
         file = self._file_of[name]
         if file in self._pickled:
-            return self._pickled[file][name]
-        try:
-            return self._handles[file].get_tensor(name)
-        except (SafetensorError, OSError) as error:
-            raise R2MError(f"{file}: cannot read tensor {name!r} ({error})") from None
+            tensor = self._pickled[file][name]
+            return tensor if rows is None else tensor[rows]
+        return self._handles[file].read(name, rows)
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()

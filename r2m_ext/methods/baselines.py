@@ -1,43 +1,42 @@
-"""The baselines of spec §6, on the same tensor classes as R²M (heads are handled by the caller)."""
+"""The baselines of spec §6, on the same tensor classes as R²M (heads are handled by the caller).
+Elementwise math runs on row blocks; only truncations and per-tensor thresholds need a whole
+tensor."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
 from r2m_ext.classify import TensorClass
 from r2m_ext.methods.common import (
+    Merged,
     TaskTensors,
     exact_ceil,
     kept_rank,
     low_rank_factors,
-    task_vectors,
+    svd_workspace_stacks,
+    truncates,
 )
+from r2m_ext.methods.select import KthLargestMagnitude
 from r2m_ext.options import MergeOptions
+from r2m_ext.plan import TensorPlan
 from r2m_ext.reference import sketch_seed
 
-Merged = Iterator[tuple[str, torch.Tensor]]
-TaskVectorFn = Callable[[str], tuple[torch.Tensor, torch.Tensor]]
+# tau [N, rows...] of a block -> the task vectors a method combines (DARE drops entries).
+Sparsify = Callable[[TensorPlan, "slice | None", torch.Tensor], torch.Tensor]
 
 
 def merge_average(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
-    for entry in tensors.progress(tensors.body, "average"):
-        base, tau = task_vectors(tensors, entry.name)
-        yield entry.name, base + tau.mean(0)
+    for entry in tensors.pass_over(tensors.outputs, "average"):
+        for rows, base, experts in tensors.blocks(entry, extra_stacks=1):
+            yield entry.name, rows, base + (experts - base).mean(0)
 
 
 def merge_task_arithmetic(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
-    for entry in tensors.progress(tensors.body, "task arithmetic"):
-        base, tau = task_vectors(tensors, entry.name)
-        yield entry.name, base + options.lam * tau.sum(0)
-
-
-def _kth_largest_magnitudes(magnitudes: torch.Tensor, density: float) -> torch.Tensor:
-    """Per row of [N, count]: the ceil(density * count)-th largest value."""
-    count = magnitudes.shape[1]
-    keep = max(1, exact_ceil(density, count))
-    return magnitudes.kthvalue(count - keep + 1, dim=1).values
+    for entry in tensors.pass_over(tensors.outputs, "task arithmetic"):
+        for rows, base, experts in tensors.blocks(entry, extra_stacks=1):
+            yield entry.name, rows, base + options.lam * (experts - base).sum(0)
 
 
 def ties_combine(tau: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -50,56 +49,117 @@ def ties_combine(tau: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     return (trimmed * agrees).sum(0) / count
 
 
-def _ties(tensors: TaskTensors, options: MergeOptions, vectors: TaskVectorFn, label: str) -> Merged:
-    body = tensors.body
+def _per_task_kth_largest(magnitudes: torch.Tensor, density: float) -> torch.Tensor:
+    """Per row of [N, count]: the ceil(density * count)-th largest value."""
+    count = magnitudes.shape[1]
+    keep = max(1, exact_ceil(density, count))
+    return magnitudes.kthvalue(count - keep + 1, dim=1).values
+
+
+# [N, ...] stacks TIES holds per block: tau, |tau| or trimmed, signs, agreement.
+_TIES_STACKS = 4
+
+
+def _global_thresholds(tensors: TaskTensors, options: MergeOptions, sparsify: Sparsify, label):
+    total = sum(_numel(entry) for entry in tensors.body)
+    keep = max(1, exact_ceil(options.density, total))
+    selector = KthLargestMagnitude([keep] * tensors.n_experts, tensors.compute_dtype)
+    number = 1
+    while not selector.done:
+        for entry in tensors.pass_over(tensors.body, f"{label} threshold pass {number}"):
+            for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
+                selector.observe(sparsify(entry, rows, experts - base).abs())
+        selector.finish_pass()
+        number += 1
+    return selector.values()
+
+
+def _numel(entry: TensorPlan) -> int:
+    count = 1
+    for size in entry.shape:
+        count *= size
+    return count
+
+
+def _ties(tensors: TaskTensors, options: MergeOptions, sparsify: Sparsify, label: str) -> Merged:
     if options.ties_scope == "global":
-        magnitudes = [
-            vectors(entry.name)[1].abs().reshape(tensors.n_experts, -1)
-            for entry in tensors.progress(body, f"{label} threshold pass")
-        ]
-        global_thresholds = _kth_largest_magnitudes(torch.cat(magnitudes, dim=1), options.density)
-        del magnitudes
-    for entry in tensors.progress(body, label):
-        base, tau = vectors(entry.name)
-        if options.ties_scope == "global":
-            thresholds = global_thresholds
-        else:
-            thresholds = _kth_largest_magnitudes(
-                tau.abs().reshape(tensors.n_experts, -1), options.density
-            )
-        yield entry.name, base + options.lam * ties_combine(tau, thresholds)
+        thresholds = _global_thresholds(tensors, options, sparsify, label)
+        for entry in tensors.pass_over(tensors.outputs, label):
+            for rows, base, experts in tensors.blocks(entry, extra_stacks=_TIES_STACKS):
+                tau = sparsify(entry, rows, experts - base)
+                yield entry.name, rows, base + options.lam * ties_combine(tau, thresholds)
+        return
+    for entry in tensors.pass_over(tensors.outputs, label):
+        base, experts = tensors.load(
+            entry.name, _TIES_STACKS, purpose="find its per-tensor TIES threshold"
+        )
+        tau = sparsify(entry, None, experts - base)
+        thresholds = _per_task_kth_largest(
+            tau.abs().reshape(tensors.n_experts, -1), options.density
+        )
+        yield entry.name, None, base + options.lam * ties_combine(tau, thresholds)
 
 
 def merge_ties(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
-    return _ties(tensors, options, lambda name: task_vectors(tensors, name), "TIES")
+    return _ties(tensors, options, lambda entry, rows, tau: tau, "TIES")
 
 
-def dare_keep_mask(seed: int, name: str, task: int, shape, drop_rate: float) -> torch.Tensor:
-    """Entries of task `task`'s vector that DARE keeps: a function of (seed, name, task, shape)
-    alone, so it does not depend on the order tensors are processed in."""
-    generator = torch.Generator(device="cpu").manual_seed(
-        sketch_seed(seed, f"dare/{task}/{name}", shape)
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+
+
+def _signed64(value: int) -> int:
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def splitmix64_uniform(key: int, index: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) float64 for each int64 `index`, from the SplitMix64 sequence seeded by
+    `key`: a pure function of (key, index), so any block of a tensor draws the same numbers as
+    the whole tensor (int64 products wrap modulo 2^64, as the generator needs)."""
+    z = (index + 1) * _signed64(_GOLDEN_GAMMA) + _signed64(key)
+    z = (z ^ _shift_right(z, 30)) * _signed64(0xBF58476D1CE4E5B9)
+    z = (z ^ _shift_right(z, 27)) * _signed64(0x94D049BB133111EB)
+    z = z ^ _shift_right(z, 31)
+    return _shift_right(z, 11).double() * 2.0**-53
+
+
+def dare_keep_mask(
+    seed: int, entry: TensorPlan, task: int, rows: slice | None, drop_rate: float
+) -> torch.Tensor:
+    """The entries of task `task` DARE keeps in `rows` of `entry`: a function of (seed, tensor
+    name, shape, task, element index) alone, so independent of blocks, budget and order."""
+    row_numel = _numel(entry) // entry.shape[0] if entry.shape else 1
+    start, stop = (
+        (0, _numel(entry)) if rows is None else (rows.start * row_numel, rows.stop * row_numel)
     )
-    return torch.rand(tuple(shape), generator=generator) >= drop_rate
+    key = sketch_seed(seed, f"dare/{task}/{entry.name}", entry.shape)
+    uniform = splitmix64_uniform(key, torch.arange(start, stop, dtype=torch.int64))
+    shape = entry.shape if rows is None else (rows.stop - rows.start, *entry.shape[1:])
+    return (uniform >= drop_rate).reshape(shape)
 
 
 def merge_dare(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
-    def sparsified(name):
-        base, tau = task_vectors(tensors, name)
+    def sparsify(entry, rows, tau):
         masks = torch.stack(
             [
-                dare_keep_mask(options.seed, name, i, tau.shape[1:], options.drop_rate)
-                for i in range(tensors.n_experts)
+                dare_keep_mask(options.seed, entry, i, rows, options.drop_rate)
+                for i in range(len(tau))
             ]
         ).to(tau.device)
-        return base, torch.where(masks, tau / (1.0 - options.drop_rate), torch.zeros_like(tau))
+        return torch.where(masks, tau / (1.0 - options.drop_rate), torch.zeros_like(tau))
 
     if options.dare_combine == "ties":
-        yield from _ties(tensors, options, sparsified, "DARE-TIES")
+        yield from _ties(tensors, options, sparsify, "DARE-TIES")
         return
-    for entry in tensors.progress(tensors.body, "DARE"):
-        base, tau = sparsified(entry.name)
-        yield entry.name, base + options.lam * tau.sum(0)
+    for entry in tensors.pass_over(tensors.outputs, "DARE"):
+        for rows, base, experts in tensors.blocks(entry, extra_stacks=3):
+            tau = sparsify(entry, rows, experts - base)
+            yield entry.name, rows, base + options.lam * tau.sum(0)
 
 
 def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
@@ -108,39 +168,49 @@ def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
+def _elementwise_mean(tensors: TaskTensors, entry: TensorPlan) -> Merged:
+    for rows, base, experts in tensors.blocks(entry, extra_stacks=1):
+        yield entry.name, rows, base + (experts - base).mean(0)
+
+
 def merge_tsv(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
     n = tensors.n_experts
-    for entry in tensors.progress(tensors.body, "TSV-M"):
-        base, tau = task_vectors(tensors, entry.name)
+    for entry in tensors.pass_over(tensors.outputs, "TSV-M"):
         if entry.tensor_class is not TensorClass.MATRIX:
-            yield entry.name, base + tau.mean(0)
+            yield from _elementwise_mean(tensors, entry)
             continue
         m, cols = entry.shape
         rank = min(m, cols) // n
         if rank == 0:
             # Spec §6 keeps floor(min(m, n) / N) triplets per task: none when N > min(m, n).
-            yield entry.name, base.clone()
+            for rows, base, _ in tensors.blocks(entry):
+                yield entry.name, rows, base
             continue
-        u, s, v = low_rank_factors(tau, rank, options, entry.name)
+        base, experts = tensors.load(
+            entry.name, 1 + svd_workspace_stacks(options), purpose="run TSV-M's SVDs"
+        )
+        u, s, v = low_rank_factors(experts - base, rank, options, entry.name)
         u_joint = polar_factor(u.permute(1, 0, 2).reshape(m, n * rank))
         v_joint = polar_factor(v.permute(1, 0, 2).reshape(cols, n * rank))
         update = (u_joint * s.reshape(1, n * rank)) @ v_joint.T
-        yield entry.name, base + options.alpha * update
+        yield entry.name, None, base + options.alpha * update
 
 
 def merge_cart(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
-    for entry in tensors.progress(tensors.body, "CART"):
-        base, tau = task_vectors(tensors, entry.name)
-        mean = tau.mean(0)
-        averaged = base + mean
-        if entry.tensor_class is not TensorClass.MATRIX:
-            yield entry.name, averaged
+    for entry in tensors.pass_over(tensors.outputs, "CART"):
+        rank = kept_rank(entry.shape, options.rank_ratio) if len(entry.shape) == 2 else 0
+        if not truncates(entry, rank):
+            # Untruncated, sum_i (tau_i - mean) = 0 up to rounding: theta_avg, elementwise.
+            for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
+                tau = experts - base
+                mean = tau.mean(0)
+                yield entry.name, rows, base + mean + options.lam * (tau - mean).sum(0)
             continue
-        centered = tau - mean
-        rank = kept_rank(entry.shape, options.rank_ratio)
-        if rank >= min(entry.shape):
-            low_rank_sum = centered.sum(0)
-        else:
-            u, s, v = low_rank_factors(centered, rank, options, entry.name)
-            low_rank_sum = torch.einsum("imr,inr->mn", u * s.unsqueeze(-2), v)
-        yield entry.name, averaged + options.lam * low_rank_sum
+        base, experts = tensors.load(
+            entry.name, 2 + svd_workspace_stacks(options), purpose="run CART's SVDs"
+        )
+        tau = experts - base
+        mean = tau.mean(0)
+        u, s, v = low_rank_factors(tau - mean, rank, options, entry.name)
+        low_rank_sum = torch.einsum("imr,inr->mn", u * s.unsqueeze(-2), v)
+        yield entry.name, None, base + mean + options.lam * low_rank_sum

@@ -10,24 +10,47 @@ from typing import Protocol
 import torch
 
 from r2m_ext import ops
+from r2m_ext.classify import TensorClass
 from r2m_ext.options import MergeOptions
 from r2m_ext.plan import TensorPlan
 
+# What a method yields: (tensor name, rows or None for the whole tensor, merged values).
+MergedBlock = tuple[str, "slice | None", torch.Tensor]
+Merged = Iterator[MergedBlock]
+
 
 class TaskTensors(Protocol):
-    """The head-free floating tensors of one merge, served one at a time in the compute dtype.
+    """The head-free floating tensors of one merge, in the compute dtype, within a memory budget.
 
-    Methods make as many passes over `body` as they need; the source decides where tensors come
-    from (state dicts in memory, or files)."""
+    A method makes as many passes as it needs with `pass_over`; inside a pass it reads a tensor
+    whole with `load` (when its math needs all of it: an SVD, a per-tensor threshold) or in row
+    blocks with `blocks` (elementwise math), declaring the workspace it will add. Its last pass
+    covers `outputs` (the body less what a resumed run already wrote)."""
 
     body: tuple[TensorPlan, ...]
+    outputs: tuple[TensorPlan, ...]
     n_experts: int
+    compute_dtype: torch.dtype
+    timings: dict[str, float]
 
-    def load(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(base [*shape], experts [N, *shape]) in the compute dtype."""
+    def pass_over(self, items: Iterable[TensorPlan], description: str) -> Iterator[TensorPlan]: ...
 
-    def progress(self, items: Iterable[TensorPlan], description: str) -> Iterator[TensorPlan]:
-        """`items`, reporting progress of a pass to the user."""
+    def load(
+        self, name: str, extra_stacks: float = 0, fixed: int = 0, purpose: str = "merge"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base [*shape], experts [N, *shape])."""
+
+    def blocks(
+        self, entry: TensorPlan, extra_stacks: float = 0
+    ) -> Iterator[tuple[slice | None, torch.Tensor, torch.Tensor]]:
+        """(rows, base rows, experts rows), rows None when the tensor comes whole."""
+
+    def whole_need(self, entry: TensorPlan, extra_stacks: float = 0, fixed: int = 0) -> int:
+        """Bytes a whole-tensor step with that workspace needs."""
+
+    def try_keep(self, nbytes: int, keep_free: int) -> bool:
+        """Reserves `nbytes` for a cache held across passes, if `keep_free` bytes still remain
+        for steps afterwards."""
 
 
 def exact_floor(ratio: float, count: int) -> int:
@@ -45,6 +68,12 @@ def kept_rank(shape: tuple[int, ...], rank_ratio: float) -> int:
     return max(1, exact_floor(rank_ratio, min(shape)))
 
 
+def svd_workspace_stacks(options: MergeOptions) -> float:
+    """[N, m, n] stacks an SVD step adds beyond its inputs: the matrices, and the full factors
+    of an exact SVD (a randomized one works in rank + oversample columns)."""
+    return 3.0 if options.svd == "exact" else 1.5
+
+
 def low_rank_factors(
     matrices: torch.Tensor, rank: int, options: MergeOptions, key: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -55,7 +84,6 @@ def low_rank_factors(
     return ops.randomized_svd(matrices, rank, options.oversample, options.n_iter, options.seed, key)
 
 
-def task_vectors(tensors: TaskTensors, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(base, tau [N, *shape]) for one tensor."""
-    base, experts = tensors.load(name)
-    return base, experts - base
+def truncates(entry: TensorPlan, rank: int) -> bool:
+    """Whether a rank-`rank` truncation changes this tensor (matrices below full rank only)."""
+    return entry.tensor_class is TensorClass.MATRIX and rank < min(entry.shape)

@@ -9,13 +9,17 @@ or N x N matrix, so a streaming source can serve the tensors.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
 from r2m_ext import ops
-from r2m_ext.classify import TensorClass
-from r2m_ext.methods.common import TaskTensors, kept_rank, low_rank_factors, task_vectors
+from r2m_ext.methods.common import (
+    Merged,
+    TaskTensors,
+    kept_rank,
+    low_rank_factors,
+    svd_workspace_stacks,
+    truncates,
+)
 from r2m_ext.options import MergeOptions
 
 # Eigenvalues at or below this fraction of the largest are treated as zero (spec §1).
@@ -49,16 +53,18 @@ def core_projection(gram: torch.Tensor, k: int, center: bool) -> torch.Tensor:
     return (a @ w).T
 
 
-def merge_r2m(
-    tensors: TaskTensors, options: MergeOptions, report: dict
-) -> Iterator[tuple[str, torch.Tensor]]:
+def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
     n = tensors.n_experts
     body = tensors.body
+    svd_stacks = svd_workspace_stacks(options)
+
+    def rank_of(entry):
+        return kept_rank(entry.shape, options.rank_ratio) if len(entry.shape) == 2 else 0
 
     gram = torch.zeros(n, n, dtype=torch.float64)
-    for entry in tensors.progress([t for t in body if t.in_core_set], "R²M gram pass"):
-        base, experts = tensors.load(entry.name)
-        gram += ops.delta_gram(base, list(experts)).cpu()
+    for entry in tensors.pass_over([t for t in body if t.in_core_set], "R²M gram pass"):
+        for _, base, experts in tensors.blocks(entry):
+            gram += ops.delta_gram(base, list(experts)).cpu()
     projection = core_projection(gram, options.k, options.center)
     identity = torch.eye(n, dtype=torch.float64)
     mean_weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
@@ -69,106 +75,122 @@ def merge_r2m(
         residual_weights = identity - projection
     off_core_residual_weights = identity - mean_weights.expand(n, n)
 
-    def weights_for(entry):
-        if entry.in_core_set:
-            return core_weights, residual_weights
-        return mean_weights, off_core_residual_weights
+    def weights_for(entry, like):
+        c, r = (
+            (core_weights, residual_weights)
+            if entry.in_core_set
+            else (mean_weights, off_core_residual_weights)
+        )
+        return c.to(like), r.to(like)
 
-    def residuals(entry, tau):
-        """Untruncated residuals r_i as rows [N, numel]."""
-        _, r_weights = weights_for(entry)
-        return r_weights.to(tau) @ tau.reshape(n, -1)
+    def truncated_factors(entry, residual_rows):
+        u, s, v = low_rank_factors(
+            residual_rows.reshape(n, *entry.shape), rank_of(entry), options, entry.name
+        )
+        return u * s.unsqueeze(-2), v, s
 
-    def truncated(entry, rows):
-        """Rank-rho residuals [N, numel] and, where truncation changed them, their factors
-        (U S [N, m, rho], V [N, n, rho])."""
-        if entry.tensor_class is not TensorClass.MATRIX:
-            return rows, None
-        rank = kept_rank(entry.shape, options.rank_ratio)
-        if rank >= min(entry.shape):
-            return rows, None
-        u, s, v = low_rank_factors(rows.reshape(n, *entry.shape), rank, options, entry.name)
-        factors = (u * s.unsqueeze(-2), v)
-        return (factors[0] @ v.mT).reshape(n, -1), factors
-
-    # Truncation pass: factors are cached (rho (m + n) numbers per task and matrix).
+    # Truncation pass: per tensor, the N x N Gram of its truncated residuals (every norm follows
+    # from those) and, where the budget allows, the factors (rho (m + n) numbers per task);
+    # factors not cached are recomputed in the write pass from the same seed, to the same bits.
+    truncating = {t.name: t for t in body if truncates(t, rank_of(t))}
+    whole_stacks = 2 + svd_stacks
+    largest_step = max(
+        (tensors.whole_need(t, whole_stacks) for t in truncating.values()), default=0
+    )
     factor_cache = {}
     residual_grams = {}
     core_norm_sq = 0.0
     tensor_reports = report.setdefault("tensors", {})
-    for entry in tensors.progress(body, "R²M truncation pass"):
-        _, tau = task_vectors(tensors, entry.name)
-        c_weights, _ = weights_for(entry)
-        core = c_weights.to(tau) @ tau.reshape(n, -1)
-        core_norm_sq += float(core.double().square().sum())
-        rows = residuals(entry, tau)
-        kept_rows, factors = truncated(entry, rows)
-        if factors is not None:
-            factor_cache[entry.name] = factors
-        truncated64 = kept_rows.double()
-        rounding_floor = (
-            RESIDUAL_ROUNDING_EPS
-            * torch.finfo(tau.dtype).eps
-            * tau.reshape(n, -1).double().norm(dim=1)
-        )
-        signal = truncated64.norm(dim=1) > rounding_floor
-        residual_grams[entry.name] = (
-            truncated64 @ truncated64.T * torch.outer(signal, signal)
-        ).cpu()
-        tensor_report = {"class": entry.tensor_class.value}
-        if entry.tensor_class is TensorClass.MATRIX:
-            full_sq = rows.double().square().sum(1).cpu()
-            kept_sq = truncated64.square().sum(1).cpu()
-            tensor_report["rank"] = kept_rank(entry.shape, options.rank_ratio)
-            tensor_report["energy_kept"] = torch.where(
-                full_sq > 0, kept_sq / full_sq, torch.ones_like(full_sq)
-            ).tolist()
-        tensor_reports[entry.name] = tensor_report
+    for entry in tensors.pass_over(body, "R²M truncation pass"):
+        grams = torch.zeros(n, n, dtype=torch.float64)
+        task_sq = torch.zeros(n, dtype=torch.float64)
+        entry_report = {"class": entry.tensor_class.value}
+        if entry.name in truncating:
+            base, experts = tensors.load(entry.name, whole_stacks, purpose="truncate its residuals")
+            tau = (experts - base).reshape(n, -1)
+            c_weights, r_weights = weights_for(entry, tau)
+            core_norm_sq += float((c_weights @ tau).double().square().sum())
+            rows = r_weights @ tau
+            left, right, singular = truncated_factors(entry, rows)
+            kept = (left @ right.mT).reshape(n, -1).double()
+            grams += kept @ kept.T
+            task_sq += tau.double().square().sum(1)
+            full_sq = rows.double().square().sum(1)
+            entry_report.update(
+                rank=rank_of(entry),
+                energy_kept=torch.where(full_sq > 0, kept.square().sum(1) / full_sq, 1.0).tolist(),
+                singular_values=singular.double().tolist(),
+            )
+            cache_bytes = (left.numel() + right.numel()) * left.element_size()
+            if tensors.try_keep(cache_bytes, keep_free=largest_step):
+                factor_cache[entry.name] = (left, right)
+        else:
+            for _, base, experts in tensors.blocks(entry, extra_stacks=2):
+                tau = (experts - base).reshape(n, -1)
+                c_weights, r_weights = weights_for(entry, tau)
+                core_norm_sq += float((c_weights @ tau).double().square().sum())
+                rows = (r_weights @ tau).double()
+                grams += rows @ rows.T
+                task_sq += tau.double().square().sum(1)
+        # Residuals at the rounding level of their task vector are noise: count them as zero.
+        floor = RESIDUAL_ROUNDING_EPS * torch.finfo(tensors.compute_dtype).eps * task_sq.sqrt()
+        signal = grams.diagonal().clamp_min(0).sqrt() > floor
+        residual_grams[entry.name] = grams * torch.outer(signal, signal)
+        tensor_reports[entry.name] = entry_report
 
     def matched_scales(grams):
         norms = grams.diagonal().clamp_min(0).sqrt()
         target = norms.mean()
-        return torch.where(norms > 0, target / norms, torch.zeros_like(norms)), norms
+        return torch.where(norms > 0, target / norms, torch.zeros_like(norms))
 
     if options.norm_scope == "global":
         total = sum(residual_grams.values(), torch.zeros(n, n, dtype=torch.float64))
-        global_scales, residual_norms = matched_scales(total)
+        global_scales = matched_scales(total)
         scales = {name: global_scales for name in residual_grams}
-        report["residual_norms"] = residual_norms.tolist()
+        report["residual_norms"] = total.diagonal().clamp_min(0).sqrt().tolist()
     else:
-        scales = {name: matched_scales(g)[0] for name, g in residual_grams.items()}
+        scales = {name: matched_scales(g) for name, g in residual_grams.items()}
     residual_norm_sq = sum(
         float(scales[name] @ g @ scales[name]) / n**2 for name, g in residual_grams.items()
     )
     core_norm, residual_norm = core_norm_sq**0.5, residual_norm_sq**0.5
     if options.residual_scale == "relative":
-        eta = (
-            options.alpha * core_norm / residual_norm
-            if core_norm > 0 and residual_norm > 0
-            else 0.0
-        )
+        has_both = core_norm > 0 and residual_norm > 0
+        eta = options.alpha * core_norm / residual_norm if has_both else 0.0
     elif options.residual_scale == "literal":
         eta = options.alpha * core_norm
     else:
         eta = options.alpha
+    for name, grams in residual_grams.items():
+        before = grams.diagonal().clamp_min(0).sqrt()
+        tensor_reports[name]["residual_norm_before"] = before.tolist()
+        tensor_reports[name]["residual_norm_after"] = (scales[name] * before).tolist()
     report.update(
         gram=gram.tolist(),
         core_coefficients=core_weights.tolist(),
         core_norm=core_norm,
         residual_norm=residual_norm,
         eta=eta,
+        factors_cached=len(factor_cache),
+        factors_recomputed=len(truncating) - len(factor_cache),
     )
 
-    for entry in tensors.progress(body, "R²M write pass"):
-        base, tau = task_vectors(tensors, entry.name)
-        c_weights, _ = weights_for(entry)
-        core = (c_weights.to(tau) @ tau.reshape(n, -1)).reshape(entry.shape)
-        residual_weights_out = (eta / n) * scales[entry.name]
-        if entry.name in factor_cache:
-            left, right = factor_cache.pop(entry.name)
-            left = left * residual_weights_out.to(left).view(n, 1, 1)
+    for entry in tensors.pass_over(tensors.outputs, "R²M write pass"):
+        weights_out = (eta / n) * scales[entry.name]
+        if entry.name in truncating:
+            base, experts = tensors.load(entry.name, whole_stacks, purpose="write its merge")
+            tau = (experts - base).reshape(n, -1)
+            c_weights, r_weights = weights_for(entry, tau)
+            if entry.name in factor_cache:
+                left, right = factor_cache.pop(entry.name)
+            else:
+                left, right, _ = truncated_factors(entry, r_weights @ tau)
+            left = left * weights_out.to(left).view(n, 1, 1)
             residual = torch.einsum("imr,inr->mn", left, right)
-        else:
-            kept_rows, _ = truncated(entry, residuals(entry, tau))
-            residual = (residual_weights_out.to(tau) @ kept_rows).reshape(entry.shape)
-        yield entry.name, base + core + residual
+            yield entry.name, None, base + (c_weights @ tau).reshape(entry.shape) + residual
+            continue
+        for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
+            tau = (experts - base).reshape(n, -1)
+            c_weights, r_weights = weights_for(entry, tau)
+            update = c_weights @ tau + weights_out.to(tau) @ (r_weights @ tau)
+            yield entry.name, rows, base + update.reshape(base.shape)

@@ -1,0 +1,73 @@
+"""The memory budget (`--max-memory`): every buffer the engine holds is counted against it before
+it is allocated: input tensors (raw and in the compute dtype), method workspace, cached factors,
+prefetched tensors and output blocks."""
+
+from __future__ import annotations
+
+import resource
+import threading
+
+from r2m_ext.errors import R2MError
+from r2m_ext.io.writer import parse_size
+
+# Without --max-memory: this fraction of the memory the kernel reports as available.
+DEFAULT_FRACTION_OF_AVAILABLE = 0.5
+
+
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise R2MError("cannot read available memory from /proc/meminfo; pass --max-memory")
+
+
+def default_budget() -> int:
+    return int(available_memory() * DEFAULT_FRACTION_OF_AVAILABLE)
+
+
+def format_bytes(count: int) -> str:
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} B"
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class MemoryBudget:
+    """Bytes reserved by long-lived holders (caches, prefetch) and the peak of reservations plus
+    the largest step. Thread-safe: the prefetcher reserves from its own threads."""
+
+    def __init__(self, limit: int | str | None):
+        self.limit = default_budget() if limit is None else parse_size(limit)
+        self._reserved = 0
+        self.peak = 0
+        self._lock = threading.Lock()
+
+    @property
+    def free(self) -> int:
+        return self.limit - self._reserved
+
+    def try_reserve(self, count: int) -> bool:
+        with self._lock:
+            if self._reserved + count > self.limit:
+                return False
+            self._reserved += count
+            self.peak = max(self.peak, self._reserved)
+            return True
+
+    def release(self, count: int) -> None:
+        with self._lock:
+            self._reserved -= count
+
+    def note_step(self, count: int) -> None:
+        """Records a transient step of `count` bytes on top of what is reserved."""
+        with self._lock:
+            self.peak = max(self.peak, self._reserved + count)

@@ -1,0 +1,258 @@
+"""MergeInputs: the TaskTensors source every method reads from, whole tensors or row blocks, within
+the memory budget, with a background reader that loads the next tensors of a pass while the
+current one computes."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from r2m_ext.engine.budget import MemoryBudget, format_bytes
+from r2m_ext.errors import R2MError
+from r2m_ext.options import COMPUTE_DTYPES, MergeOptions
+from r2m_ext.plan import MergePlan, TensorPlan
+
+# read(source, name, rows): source 0 is the base, source i >= 1 is expert i - 1; rows None = all.
+ReadFn = Callable[[int, str, "slice | None"], torch.Tensor]
+WhereFn = Callable[[int, str], str]
+
+# Share of the budget the background reader may fill with tensors loaded ahead.
+PREFETCH_SHARE = 0.25
+
+
+def _rows_of(entry: TensorPlan) -> int:
+    return entry.shape[0] if entry.shape else 1
+
+
+def _numel(entry: TensorPlan) -> int:
+    count = 1
+    for size in entry.shape:
+        count *= size
+    return count
+
+
+class _Prefetcher:
+    """Loads the raw inputs of upcoming tensors on worker threads, holding at most `allowance`
+    bytes that have not been taken yet."""
+
+    def __init__(self, read_all: Callable[[str], list[torch.Tensor]], threads: int, allowance: int):
+        self._read_all = read_all
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="r2m-read")
+        self._threads = threads
+        self.allowance = allowance
+        self.in_flight = 0
+        self._queue: deque[tuple[str, int]] = deque()
+        self._pending: OrderedDict[str, tuple] = OrderedDict()
+
+    def plan(self, upcoming: list[tuple[str, int]]) -> None:
+        self.drop()
+        self._queue = deque(upcoming)
+        self._fill()
+
+    def _fill(self) -> None:
+        while self._queue and len(self._pending) < 2 * self._threads:
+            name, nbytes = self._queue[0]
+            if self.in_flight + nbytes > self.allowance:
+                break
+            self._queue.popleft()
+            self.in_flight += nbytes
+            self._pending[name] = (self._pool.submit(self._read_all, name), nbytes)
+
+    def take(self, name: str) -> list[torch.Tensor] | None:
+        if name not in self._pending:
+            return None
+        future, nbytes = self._pending.pop(name)
+        try:
+            return future.result()
+        finally:
+            self.in_flight -= nbytes
+            self._fill()
+
+    def drop(self) -> None:
+        for future, nbytes in self._pending.values():
+            future.cancel()
+            self.in_flight -= nbytes
+        self._pending.clear()
+        self._queue.clear()
+
+    def close(self) -> None:
+        self.drop()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class MergeInputs:
+    """Serves the head-free floating tensors of a merge to a method (the TaskTensors protocol)."""
+
+    def __init__(
+        self,
+        plan: MergePlan,
+        read: ReadFn,
+        where: WhereFn,
+        options: MergeOptions,
+        budget: MemoryBudget,
+        io_threads: int = 0,
+        show_progress: bool = False,
+        done: set[str] | frozenset[str] = frozenset(),
+    ):
+        self.body = plan.body
+        self.outputs = tuple(t for t in plan.body if t.name not in done)
+        self.n_experts = plan.n_experts
+        self.compute_dtype = COMPUTE_DTYPES[options.compute_dtype]
+        self.budget = budget
+        self.timings: dict[str, float] = {}
+        self._entries = {t.name: t for t in plan.tensors}
+        self._read = read
+        self._where = where
+        self._allow_nonfinite = options.allow_nonfinite
+        self._show_progress = show_progress
+        self._checked: set[tuple] = set()
+        self._prefetcher = None
+        if io_threads > 0:
+            allowance = int(budget.limit * PREFETCH_SHARE)
+            self._prefetcher = _Prefetcher(self._read_all, io_threads, allowance)
+
+    def close(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+
+    # -- memory model ------------------------------------------------------------------------
+    def bytes_per_element(self, entry: TensorPlan, extra_stacks: float = 0) -> float:
+        """Bytes one element of `entry` costs in a step: raw inputs, their compute-dtype copies,
+        `extra_stacks` more [N, ...] stacks of method workspace, and the output."""
+        n = self.n_experts
+        compute = self.compute_dtype.itemsize
+        raw = entry.in_dtype.itemsize
+        return (
+            (n + 1) * (raw + compute)
+            + extra_stacks * n * compute
+            + compute
+            + entry.out_dtype.itemsize
+        )
+
+    def step_budget(self) -> int:
+        """Bytes a step may use: the budget less reservations and the reader's allowance."""
+        allowance = self._prefetcher.allowance if self._prefetcher is not None else 0
+        return self.budget.free - allowance
+
+    def whole_need(self, entry: TensorPlan, extra_stacks: float = 0, fixed: int = 0) -> int:
+        return int(_numel(entry) * self.bytes_per_element(entry, extra_stacks)) + fixed
+
+    # -- reading -----------------------------------------------------------------------------
+    def _read_all(self, name: str) -> list[torch.Tensor]:
+        return [self._read(source, name, None) for source in range(self.n_experts + 1)]
+
+    def _checked_raw(self, source: int, name: str, tensor: torch.Tensor, rows) -> torch.Tensor:
+        key = (source, name, None if rows is None else (rows.start, rows.stop))
+        if self._allow_nonfinite or key in self._checked or not tensor.dtype.is_floating_point:
+            return tensor
+        if not bool(torch.isfinite(tensor).all()):
+            raise R2MError(
+                f"tensor {name!r} in {self._where(source, name)} contains NaN or Inf"
+                " (pass --allow-nonfinite / allow_nonfinite=True to merge anyway)"
+            )
+        self._checked.add(key)
+        return tensor
+
+    def raw(self, source: int, name: str, rows: slice | None = None) -> torch.Tensor:
+        return self._checked_raw(source, name, self._read(source, name, rows), rows)
+
+    def _stack(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        base = tensors[0].to(self.compute_dtype)
+        experts = torch.stack([t.to(self.compute_dtype) for t in tensors[1:]])
+        return base, experts
+
+    def load(
+        self, name: str, extra_stacks: float = 0, fixed: int = 0, purpose: str = "merge"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base, experts [N, *shape]) of a whole tensor in the compute dtype. Raises when the
+        step (inputs, `extra_stacks` workspace stacks, `fixed` bytes more) exceeds the budget."""
+        entry = self._entries[name]
+        need = self.whole_need(entry, extra_stacks, fixed)
+        if need > self.step_budget():
+            raise R2MError(
+                f"tensor {name!r} {list(entry.shape)} needs {format_bytes(need)} to {purpose} "
+                f"with {self.n_experts} experts, more than --max-memory "
+                f"{format_bytes(self.budget.limit)} leaves for one step "
+                f"({format_bytes(self.step_budget())}); raise --max-memory"
+            )
+        self.budget.note_step(need + self._in_flight())
+        prefetched = self._prefetcher.take(name) if self._prefetcher is not None else None
+        if prefetched is None:
+            prefetched = self._read_all(name)
+        checked = [self._checked_raw(s, name, t, None) for s, t in enumerate(prefetched)]
+        return self._stack(checked)
+
+    def blocks(
+        self, entry: TensorPlan, extra_stacks: float = 0
+    ) -> Iterator[tuple[slice | None, torch.Tensor, torch.Tensor]]:
+        """(rows, base rows, experts rows [N, rows, ...]) covering `entry`: the whole tensor when
+        it fits the budget (rows None), else blocks of rows sized to fit."""
+        rows = _rows_of(entry)
+        per_row = max(1, _numel(entry) // rows) * self.bytes_per_element(entry, extra_stacks)
+        fit = int(self.step_budget() // per_row)
+        if fit >= rows or not entry.shape:
+            yield None, *self.load(entry.name, extra_stacks)
+            return
+        if fit < 1:
+            raise R2MError(
+                f"tensor {entry.name!r} {list(entry.shape)} needs {format_bytes(int(per_row))} "
+                f"per row with {self.n_experts} experts, more than --max-memory "
+                f"{format_bytes(self.budget.limit)} leaves for one step; raise --max-memory"
+            )
+        for start in range(0, rows, fit):
+            block = slice(start, min(rows, start + fit))
+            self.budget.note_step(int(per_row * (block.stop - block.start)) + self._in_flight())
+            tensors = [self.raw(s, entry.name, block) for s in range(self.n_experts + 1)]
+            yield block, *self._stack(tensors)
+
+    def try_keep(self, nbytes: int, keep_free: int) -> bool:
+        if self.step_budget() - nbytes < keep_free:
+            return False
+        return self.budget.try_reserve(nbytes)
+
+    def _in_flight(self) -> int:
+        return self._prefetcher.in_flight if self._prefetcher is not None else 0
+
+    def head(self, entry: TensorPlan) -> torch.Tensor:
+        if entry.head_only_in_base:
+            # Spec §4: a head tensor no expert has counts as 0.
+            return torch.zeros(entry.shape, dtype=self.compute_dtype)
+        total = self.raw(1, entry.name).to(self.compute_dtype).clone()
+        for i in range(2, self.n_experts + 1):
+            total += self.raw(i, entry.name).to(self.compute_dtype)
+        return total / self.n_experts
+
+    # -- passes ------------------------------------------------------------------------------
+    def pass_over(self, items: Iterable[TensorPlan], description: str) -> Iterator[TensorPlan]:
+        """`items` in order, as one pass: the reader loads ahead the tensors that fit whole, a
+        progress bar shows on a terminal, and the pass's time goes into `timings`."""
+        items = list(items)
+        if self._prefetcher is not None:
+            raw_bytes = [
+                (t.name, (self.n_experts + 1) * _numel(t) * t.in_dtype.itemsize) for t in items
+            ]
+            fits = self.step_budget()
+            self._prefetcher.plan(
+                [
+                    (n, b)
+                    for (n, b), t in zip(raw_bytes, items, strict=True)
+                    if self.whole_need(t) <= fits
+                ]
+            )
+        iterator = items
+        if self._show_progress:
+            try:
+                from tqdm.auto import tqdm
+
+                iterator = tqdm(items, desc=description, unit="tensor", leave=False)
+            except ImportError:
+                pass
+        started = time.perf_counter()
+        yield from iterator
+        self.timings[description] = (
+            self.timings.get(description, 0.0) + time.perf_counter() - started
+        )

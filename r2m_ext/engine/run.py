@@ -1,0 +1,64 @@
+"""Runs a merge plan: the method computes the body, heads are averaged, integer buffers copied;
+every output tensor comes out in plan order, whole or in row blocks, cast to its dtype."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from r2m_ext.classify import TensorClass
+from r2m_ext.engine.inputs import MergeInputs
+from r2m_ext.errors import R2MError
+from r2m_ext.methods import METHOD_FUNCTIONS
+from r2m_ext.options import MergeOptions
+from r2m_ext.plan import MergePlan
+
+OutputBlock = tuple[str, "slice | None", torch.Tensor]
+
+
+def _rows_of(shape) -> int:
+    return shape[0] if shape else 1
+
+
+def run_merge(
+    plan: MergePlan,
+    inputs: MergeInputs,
+    options: MergeOptions,
+    report: dict,
+    done: set[str] | frozenset[str] = frozenset(),
+) -> Iterator[OutputBlock]:
+    """Yields (name, rows, values) for every tensor of the plan not in `done`, in plan order;
+    rows is None for a whole tensor, else the slice of its first dimension the block covers."""
+    merged_body = METHOD_FUNCTIONS[options.method](inputs, options, report)
+    for entry in plan.tensors:
+        if entry.name in done:
+            continue
+        if entry.tensor_class is TensorClass.NON_FLOAT:
+            blocks = [(None, inputs.raw(0, entry.name).clone())]
+        elif entry.tensor_class is TensorClass.HEAD:
+            blocks = [(None, inputs.head(entry))]
+        else:
+            blocks = _body_blocks(entry, merged_body)
+        for rows, values in blocks:
+            values = values.to(entry.out_dtype)
+            if not options.allow_nonfinite and values.dtype.is_floating_point:
+                if not bool(torch.isfinite(values).all()):
+                    raise R2MError(
+                        f"merged tensor {entry.name!r} is not finite in {entry.out_dtype}"
+                        " (overflow? check out_dtype and the scale options)"
+                    )
+            yield entry.name, rows, values
+
+
+def _body_blocks(entry, merged_body) -> Iterator[tuple[slice | None, torch.Tensor]]:
+    covered = 0
+    while covered < _rows_of(entry.shape):
+        name, rows, values = next(merged_body)
+        if name != entry.name or (rows is not None and rows.start != covered):
+            raise R2MError(
+                f"internal error: method produced {name!r} rows {rows}, expected {entry.name!r}"
+                f" from row {covered}"
+            )
+        covered = _rows_of(entry.shape) if rows is None else rows.stop
+        yield rows, values

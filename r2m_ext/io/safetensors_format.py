@@ -1,0 +1,157 @@
+"""The safetensors format, read and written directly: an 8-byte little-endian header length, a JSON
+header (name -> dtype, shape, data_offsets), then the tensor bytes.
+
+Reading uses positioned reads into buffers this process owns, never mmap: a mapped file's touched
+pages count towards the process's resident memory, which would make a memory budget meaningless
+over inputs larger than RAM. Row blocks of a tensor are single contiguous reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from r2m_ext.errors import R2MError
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
+# The reference implementation refuses larger headers; so do we, before allocating one.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Linux transfers at most 0x7ffff000 bytes per read call.
+_MAX_READ = 1 << 30
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+class SafetensorsFile:
+    """One .safetensors file: header validated at open, tensors read on demand."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as error:
+            raise R2MError(f"{self.path}: cannot open ({error.strerror or error})") from None
+        try:
+            self.entries = self._read_header()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _fail(self, reason: str) -> R2MError:
+        return R2MError(f"{self.path}: not a readable safetensors file ({reason})")
+
+    def _read_header(self) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+        size = os.fstat(self._fd).st_size
+        if size < 8:
+            raise self._fail(f"{size} bytes, shorter than the 8-byte header length")
+        (header_len,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise self._fail(f"header length {header_len} does not fit a file of {size} bytes")
+        try:
+            header = json.loads(os.pread(self._fd, header_len, 8))
+        except (UnicodeDecodeError, ValueError) as error:
+            raise self._fail(f"header is not JSON: {error}") from None
+        if not isinstance(header, dict):
+            raise self._fail("header is not a JSON object")
+        self.data_start = 8 + header_len
+        data_size = size - self.data_start
+        entries = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = DTYPES[info["dtype"]]
+                shape = tuple(int(s) for s in info["shape"])
+                begin, end = (int(v) for v in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise self._fail(f"tensor {name!r} has a malformed or unsupported entry") from None
+            if any(s < 0 for s in shape) or end - begin != _numel(shape) * dtype.itemsize:
+                raise self._fail(
+                    f"tensor {name!r}: shape {list(shape)} of {info['dtype']} needs "
+                    f"{_numel(shape) * dtype.itemsize} bytes but its offsets span {end - begin}"
+                )
+            entries[name] = (dtype, shape, begin, end)
+        position = 0
+        for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+            if begin != position:
+                raise self._fail(f"tensor {name!r} starts at byte {begin}, expected {position}")
+            position = end
+        if position != data_size:
+            raise self._fail(
+                f"header describes {position} bytes of data but the file holds {data_size}"
+                + (" (truncated?)" if position > data_size else "")
+            )
+        return entries
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Tensor `name`, or rows [start, stop) of its first dimension, in a buffer of its own."""
+        dtype, shape, begin, end = self.entries[name]
+        if rows is not None:
+            row_bytes = _numel(shape[1:]) * dtype.itemsize
+            begin, end = begin + rows.start * row_bytes, begin + rows.stop * row_bytes
+            shape = (rows.stop - rows.start, *shape[1:])
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        done = 0
+        while done < len(view):
+            chunk = view[done : done + _MAX_READ]
+            try:
+                got = os.preadv(self._fd, [chunk], self.data_start + begin + done)
+            except OSError as error:
+                raise R2MError(
+                    f"{self.path}: cannot read tensor {name!r} ({error.strerror or error})"
+                ) from None
+            if got == 0:
+                raise R2MError(f"{self.path}: file ended inside tensor {name!r} (truncated?)")
+            done += got
+        return buffer.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def header_bytes(layout: Sequence[tuple[str, Sequence[int], torch.dtype]]) -> bytes:
+    """Length prefix and JSON header for tensors stored contiguously in `layout` order, padded with
+    spaces to a multiple of 8 bytes so every tensor's data stays aligned."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in layout:
+        nbytes = _numel(shape) * dtype.itemsize
+        header[name] = {
+            "dtype": DTYPE_CODES[dtype],
+            "shape": [int(s) for s in shape],
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes in row-major order, for any dtype numpy lacks (bfloat16, float8)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())

@@ -1,0 +1,80 @@
+"""Exact k-th largest magnitude per task over a whole model, streamed in bounded memory (the
+global TIES threshold).
+
+Non-negative floats order like their bit patterns read as integers, so selection is a radix
+select on the bits: a pass histograms the next 16 bits of the entries that still match the known
+prefix, which pins 16 more bits of the answer; once few enough entries match, a pass collects them
+and the answer is read off a sort. Float32 needs at most 2 passes, float64 at most 4."""
+
+from __future__ import annotations
+
+import torch
+
+_DIGIT_BITS = 16
+# Entries per task a collecting pass may hold (x 8 bytes).
+COLLECT_LIMIT = 1 << 20
+
+
+class KthLargestMagnitude:
+    def __init__(self, ks: list[int], dtype: torch.dtype):
+        self._ks = list(ks)  # rank still sought within the entries matching the prefix
+        self._int_dtype = torch.int32 if dtype == torch.float32 else torch.int64
+        self._dtype = dtype
+        bits = 32 if dtype == torch.float32 else 64
+        self._free_bits = [bits - 1] * len(ks)  # low bits not yet known (the sign bit is 0)
+        self._prefix = [0] * len(ks)
+        self._matching = [None] * len(ks)  # entries matching the prefix, when known
+        self._collecting = [False] * len(ks)
+        self._reset_pass()
+
+    def _reset_pass(self) -> None:
+        self._histograms = [None] * len(self._ks)
+        self._collected: list[list[torch.Tensor]] = [[] for _ in self._ks]
+        for i, count in enumerate(self._matching):
+            self._collecting[i] = count is not None and count <= COLLECT_LIMIT
+
+    @property
+    def done(self) -> bool:
+        return all(bits == 0 for bits in self._free_bits)
+
+    def observe(self, magnitudes: torch.Tensor) -> None:
+        """magnitudes [N, ...] (|tau| in the compute dtype) of one block."""
+        bits = magnitudes.reshape(len(self._ks), -1).view(self._int_dtype).long()
+        for i in range(len(self._ks)):
+            if self._free_bits[i] == 0:
+                continue
+            row = bits[i]
+            matches = row[(row >> self._free_bits[i]) == self._prefix[i]]
+            if self._collecting[i]:
+                self._collected[i].append(matches)
+                continue
+            width = min(_DIGIT_BITS, self._free_bits[i])
+            digits = (matches >> (self._free_bits[i] - width)) & ((1 << width) - 1)
+            counts = torch.bincount(digits, minlength=1 << width)
+            self._histograms[i] = (
+                counts if self._histograms[i] is None else self._histograms[i] + counts
+            )
+
+    def finish_pass(self) -> None:
+        for i in range(len(self._ks)):
+            if self._free_bits[i] == 0:
+                continue
+            if self._collecting[i]:
+                values = torch.cat(self._collected[i]).sort(descending=True).values
+                self._prefix[i] = int(values[self._ks[i] - 1])
+                self._free_bits[i] = 0
+                continue
+            width = min(_DIGIT_BITS, self._free_bits[i])
+            counts = self._histograms[i].flip(0)  # highest digit first
+            above = torch.cumsum(counts, 0)
+            position = int(torch.searchsorted(above, self._ks[i]))
+            digit = (1 << width) - 1 - position
+            self._ks[i] -= int(above[position - 1]) if position > 0 else 0
+            self._matching[i] = int(counts[position])
+            self._prefix[i] = (self._prefix[i] << width) | digit
+            self._free_bits[i] -= width
+        self._reset_pass()
+
+    def values(self) -> torch.Tensor:
+        bits = torch.tensor(self._prefix, dtype=torch.int64).to(self._int_dtype)
+        return bits.view(self._dtype)
