@@ -20,10 +20,10 @@ from r2m_ext.io.writer import partial_dir
 from r2m_ext.options import resolve_options
 from r2m_ext.plan import plan_merge
 from r2m_ext.recipe import RECIPE_FILE, Recipe
+from r2m_ext.report import REPORT_FILE
 
 DEFAULT_SHARD_SIZE = "5GB"
 DEFAULT_IO_THREADS = 2
-REPORT_FILE = "report.json"
 # In memory the inputs are already resident: the budget only bounds the engine's own workspace.
 _IN_MEMORY_BUDGET = 1 << 62
 # Non-weight files of a base directory that are copied next to the merged weights.
@@ -204,6 +204,7 @@ def merge_files(
                     "peak_accounted": budget.peak,
                     "peak_rss": peak_rss_bytes(),
                 },
+                tiled_tensors=sorted(inputs.tiled),
                 resumed_shards=len(writer.complete) if resume else 0,
             )
             writer.add_file(REPORT_FILE, json.dumps(report, indent=1) + "\n")

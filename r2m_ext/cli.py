@@ -1,18 +1,20 @@
-"""The `r2m` command: `r2m merge` (flags or a recipe file) and `r2m inspect`."""
+"""The `r2m` command: `r2m merge` (flags or a recipe file), `r2m report`, `r2m inspect`."""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 from r2m_ext._backend import backend_info
-from r2m_ext.api import DEFAULT_SHARD_SIZE, merge_files
+from r2m_ext.api import DEFAULT_IO_THREADS, DEFAULT_SHARD_SIZE, merge_files
 from r2m_ext.classify import classify
 from r2m_ext.errors import R2MError
 from r2m_ext.io import Checkpoint, parse_size
-from r2m_ext.io.writer import tensor_nbytes
+from r2m_ext.io.writer import partial_dir, tensor_nbytes
 from r2m_ext.options import (
     DEFAULT_EXCLUDE_TRUNCATION,
     DEFAULT_HEAD_PATTERNS,
@@ -21,6 +23,7 @@ from r2m_ext.options import (
     method_defaults,
 )
 from r2m_ext.recipe import RECIPE_FILE, load_recipe
+from r2m_ext.report import format_report, load_report, save_plots
 
 _DESCRIPTION = """\
 Merge fine-tuned models in parameter space with R²M (Real-aware Residual Model Merging) or a
@@ -29,6 +32,8 @@ baseline. Every expert must be fine-tuned from the same base model.
   r2m merge --base base/ --expert ff/ --expert fs/ --out merged/          # R²M, defaults
   r2m merge --base base/ --expert ff/ --expert fs/ --out m/ --method ties --density 0.3
   r2m merge --config merged/r2m_recipe.yaml --out again/                  # re-run a merge
+  r2m merge ... --max-memory 2GB     # bound everything the merge holds
+  r2m report merged/ --plot plots/   # what the merge did, with PNG plots
   r2m inspect base/                  # what is head, matrix, other, before merging
 """
 
@@ -116,9 +121,43 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help=f"largest output shard, e.g. 500MB or 5GB (default: {DEFAULT_SHARD_SIZE})",
     )
+    merge.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="bound on everything the merge holds: inputs, workspace, caches, output blocks "
+        "(default: half the available memory)",
+    )
+    merge.add_argument(
+        "--io-threads",
+        type=int,
+        metavar="N",
+        help=f"threads reading the next tensors ahead (default: {DEFAULT_IO_THREADS}, 0: none)",
+    )
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    merge.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted merge into --out from its last complete shard",
+    )
     merge.add_argument("--quiet", action="store_true", help="print nothing but errors")
     _add_option_flags(merge)
+
+    report = commands.add_parser(
+        "report",
+        help="print what a merge did (report.json), optionally as PNG plots",
+        description="Summarise OUT/report.json: timings, memory, Real core, eta, and per tensor "
+        "the rank kept, the energy the truncation kept, residual norms before/after matching.",
+    )
+    report.add_argument("out", metavar="OUT", help="a merge output directory (or its report.json)")
+    report.add_argument("--rows", type=int, default=20, help="tensors to list (default: 20)")
+    report.add_argument("--plot", metavar="DIR", help="save PNG plots into DIR")
+    report.add_argument(
+        "--tensor",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also plot the kept singular-value spectrum of this matrix (repeatable)",
+    )
 
     inspect = commands.add_parser(
         "inspect",
@@ -150,17 +189,25 @@ def _run_merge(args: argparse.Namespace) -> None:
             raise R2MError(f"r2m merge needs {flag} (or a --config recipe that sets it)")
     report: dict = {}
     started = time.perf_counter()
-    out_path = merge_files(
-        base,
-        experts,
-        out,
-        method,
-        shard_size=shard_size,
-        overwrite=args.overwrite,
-        progress=not args.quiet and sys.stderr.isatty(),
-        report=report,
-        **options,
-    )
+    try:
+        out_path = merge_files(
+            base,
+            experts,
+            out,
+            method,
+            shard_size=shard_size,
+            max_memory=args.max_memory,
+            io_threads=DEFAULT_IO_THREADS if args.io_threads is None else args.io_threads,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            progress=not args.quiet and sys.stderr.isatty(),
+            report=report,
+            **options,
+        )
+    except KeyboardInterrupt:
+        if partial_dir(Path(out)).exists():
+            raise _MergeInterrupted(partial_dir(Path(out))) from None
+        raise
     if args.quiet:
         return
     seconds = time.perf_counter() - started
@@ -173,7 +220,17 @@ def _run_merge(args: argparse.Namespace) -> None:
     if "eta" in report:
         coefficients = ", ".join(f"{c:.3f}" for c in report["core_coefficients"])
         print(f"  Real core coefficients: [{coefficients}]   eta: {report['eta']:.4g}")
-    print(f"  recipe: {out_path / RECIPE_FILE}")
+    print(f"  recipe: {out_path / RECIPE_FILE}   report: r2m report {out_path}")
+
+
+def _run_report(args: argparse.Namespace) -> None:
+    report = load_report(args.out)
+    print(format_report(report, rows=args.rows))
+    if args.plot:
+        for path in save_plots(report, args.plot, args.tensor):
+            print(f"saved {path}")
+    elif args.tensor:
+        raise R2MError("--tensor chooses spectra to plot: add --plot DIR")
 
 
 def _run_inspect(args: argparse.Namespace) -> None:
@@ -214,21 +271,41 @@ def _run_inspect(args: argparse.Namespace) -> None:
     print(f"{'total':>9}: {len(metadata):5d} tensors, {_size_text(sum(sizes.values()))}")
 
 
+class _MergeInterrupted(Exception):
+    def __init__(self, partial: Path):
+        self.partial = partial
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # A kill (SIGTERM) stops a merge as Ctrl-C does: complete shards kept for --resume.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.command == "merge":
             if args.shard_size is not None:
                 parse_size(args.shard_size)
             _run_merge(args)
+        elif args.command == "report":
+            _run_report(args)
         else:
             _run_inspect(args)
     except R2MError as error:
         print(f"r2m: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("r2m: interrupted; no output was written", file=sys.stderr)
+        print("r2m: interrupted, no output written", file=sys.stderr)
+        return 130
+    except _MergeInterrupted as interrupted:
+        print(
+            f"r2m: interrupted, no output written; complete shards kept in {interrupted.partial}:"
+            " rerun with --resume",
+            file=sys.stderr,
+        )
         return 130
     return 0
 

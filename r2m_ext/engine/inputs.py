@@ -104,6 +104,7 @@ class MergeInputs:
         self.compute_dtype = COMPUTE_DTYPES[options.compute_dtype]
         self.budget = budget
         self.timings: dict[str, float] = {}
+        self.tiled: set[str] = set()  # tensors that did not fit whole and came in row blocks
         self._entries = {t.name: t for t in plan.tensors}
         self._read = read
         self._where = where
@@ -203,6 +204,7 @@ class MergeInputs:
                 f"per row with {self.n_experts} experts, more than --max-memory "
                 f"{format_bytes(self.budget.limit)} leaves for one step; raise --max-memory"
             )
+        self.tiled.add(entry.name)
         for start in range(0, rows, fit):
             block = slice(start, min(rows, start + fit))
             self.budget.note_step(int(per_row * (block.stop - block.start)) + self._in_flight())

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from r2m_ext.io.safetensors_format import header_bytes, tensor_bytes
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PROGRESS_FILE = "r2m_progress.json"
+# Fault injection for the resume tests: a real SIGINT to this process once this many shards of
+# the run are complete.
+INTERRUPT_AFTER_SHARDS_ENV = "R2M_TEST_INTERRUPT_AFTER_SHARDS"
 _SIZE_UNITS = {
     "": 1,
     "B": 1,
@@ -240,6 +244,8 @@ class ShardWriter:
         self.complete.add(shard)
         self._files.append(self.tmp / self._shard_names[shard])
         self._save_progress()
+        if os.environ.get(INTERRUPT_AFTER_SHARDS_ENV) == str(len(self.complete)):
+            os.kill(os.getpid(), signal.SIGINT)
 
     def _guarded(self, action):
         try:
