@@ -205,7 +205,7 @@ def merge_files(
                     "peak_rss": peak_rss_bytes(),
                 },
                 tiled_tensors=sorted(inputs.tiled),
-                resumed_shards=len(writer.complete) if resume else 0,
+                resumed_shards=writer.resumed,
             )
             writer.add_file(REPORT_FILE, json.dumps(report, indent=1) + "\n")
     finally:

@@ -142,6 +142,9 @@ class MergeInputs:
     def whole_need(self, entry: TensorPlan, extra_stacks: float = 0, fixed: int = 0) -> int:
         return int(_numel(entry) * self.bytes_per_element(entry, extra_stacks)) + fixed
 
+    def fits_whole(self, entry: TensorPlan, extra_stacks: float = 0) -> bool:
+        return self.whole_need(entry, extra_stacks) <= self.step_budget()
+
     # -- reading -----------------------------------------------------------------------------
     def _read_all(self, name: str) -> list[torch.Tensor]:
         return [self._read(source, name, None) for source in range(self.n_experts + 1)]

@@ -49,6 +49,9 @@ def run_merge(
                         " (overflow? check out_dtype and the scale options)"
                     )
             yield entry.name, rows, values
+    # Let the method finish its last pass (its timing, its checks); it must have nothing left.
+    for name, rows, _ in merged_body:
+        raise R2MError(f"internal error: method produced {name!r} rows {rows} beyond the plan")
 
 
 def _body_blocks(entry, merged_body) -> Iterator[tuple[slice | None, torch.Tensor]]:

@@ -121,6 +121,7 @@ class ShardWriter:
         )
         self._shard_of = {name: i for i, shard in enumerate(self._shards) for name in shard}
         self.complete: set[int] = set()
+        self.resumed = 0  # shards a resumed run found complete
         self._open = None  # (shard index, file object, {name: bytes still to come})
         self._files: list[Path] = []
 
@@ -183,6 +184,7 @@ class ShardWriter:
         for path in self.tmp.glob("*.safetensors"):
             if path not in self._files:
                 path.unlink()
+        self.resumed = len(self.complete)
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         if exc_type is None:

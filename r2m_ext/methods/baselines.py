@@ -90,14 +90,24 @@ def _ties(tensors: TaskTensors, options: MergeOptions, sparsify: Sparsify, label
                 yield entry.name, rows, base + options.lam * ties_combine(tau, thresholds)
         return
     for entry in tensors.pass_over(tensors.outputs, label):
-        base, experts = tensors.load(
-            entry.name, _TIES_STACKS, purpose="find its per-tensor TIES threshold"
-        )
-        tau = sparsify(entry, None, experts - base)
-        thresholds = _per_task_kth_largest(
-            tau.abs().reshape(tensors.n_experts, -1), options.density
-        )
-        yield entry.name, None, base + options.lam * ties_combine(tau, thresholds)
+        if tensors.fits_whole(entry, _TIES_STACKS):
+            base, experts = tensors.load(entry.name, _TIES_STACKS)
+            tau = sparsify(entry, None, experts - base)
+            magnitudes = tau.abs().reshape(tensors.n_experts, -1)
+            thresholds = _per_task_kth_largest(magnitudes, options.density)
+            yield entry.name, None, base + options.lam * ties_combine(tau, thresholds)
+            continue
+        # Too large to hold whole: select its threshold over row blocks, then merge them.
+        keep = max(1, exact_ceil(options.density, _numel(entry)))
+        selector = KthLargestMagnitude([keep] * tensors.n_experts, tensors.compute_dtype)
+        while not selector.done:
+            for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
+                selector.observe(sparsify(entry, rows, experts - base).abs())
+            selector.finish_pass()
+        thresholds = selector.values()
+        for rows, base, experts in tensors.blocks(entry, extra_stacks=_TIES_STACKS):
+            tau = sparsify(entry, rows, experts - base)
+            yield entry.name, rows, base + options.lam * ties_combine(tau, thresholds)
 
 
 def merge_ties(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:

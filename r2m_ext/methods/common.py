@@ -48,6 +48,9 @@ class TaskTensors(Protocol):
     def whole_need(self, entry: TensorPlan, extra_stacks: float = 0, fixed: int = 0) -> int:
         """Bytes a whole-tensor step with that workspace needs."""
 
+    def fits_whole(self, entry: TensorPlan, extra_stacks: float = 0) -> bool:
+        """Whether `load` of this tensor with that workspace fits the budget."""
+
     def try_keep(self, nbytes: int, keep_free: int) -> bool:
         """Reserves `nbytes` for a cache held across passes, if `keep_free` bytes still remain
         for steps afterwards."""

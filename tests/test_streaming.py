@@ -1,0 +1,279 @@
+"""The streaming engine: merges within small memory budgets equal the in-memory reference for every
+method, tiling really happens, the background reader changes nothing, over-budget tensors give a
+sized error, interrupted runs resume to identical bytes, and report.json says what happened."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from checkpoints import save_sharded, save_single
+from conftest import make_experts, random_model, relative_error, run_cli
+from safetensors.torch import load_file
+
+import r2m_ext
+from r2m_ext.io.writer import INTERRUPT_AFTER_SHARDS_ENV, partial_dir
+from r2m_ext.methods.baselines import splitmix64_uniform
+from r2m_ext.methods.select import KthLargestMagnitude
+
+
+def streaming_model(seed=0):
+    # token_embed (excluded from truncation, 24 kB per model in float32) is too large to take
+    # whole under the budgets below, so every method has to read it in row blocks.
+    base = random_model(seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    base["token_embed.weight"] = torch.randn(400, 16, generator=g)
+    return base
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("streaming")
+    base = streaming_model()
+    experts = make_experts(base, 3)
+    base_path = save_sharded(base, tmp / "base", shards=2)
+    paths = [save_single(e, tmp / f"e{i}.safetensors") for i, e in enumerate(experts)]
+    return tmp, base, experts, base_path, paths
+
+
+def read_dir(directory):
+    tensors = {}
+    for file in directory.glob("*.safetensors"):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+CASES = [
+    ("r2m", {}),
+    ("r2m", {"svd": "exact", "norm_scope": "tensor", "residual": "projection", "center": True}),
+    ("r2m", {"residual_scale": "literal", "k": 2}),
+    ("average", {}),
+    ("task_arithmetic", {}),
+    ("ties", {}),
+    ("ties", {"ties_scope": "tensor", "density": 0.5}),
+    ("dare", {}),
+    ("dare", {"dare_combine": "ties"}),
+    ("tsv", {}),
+    ("cart", {}),
+]
+
+
+@pytest.mark.parametrize("method,options", CASES)
+def test_small_budget_matches_in_memory_reference(files, method, options):
+    tmp, base, experts, base_path, paths = files
+    out = tmp / f"out-{method}-{len(options)}"
+    report = {}
+    r2m_ext.merge_files(
+        base_path,
+        paths,
+        out,
+        method,
+        max_memory="160kB",
+        io_threads=1,
+        report=report,
+        overwrite=True,
+        **options,
+    )
+    assert "token_embed.weight" in report["tiled_tensors"]
+    assert report["memory"]["peak_accounted"] <= 160_000
+    want = r2m_ext.merge(base, experts, method, **options)
+    got = read_dir(out)
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype
+        assert relative_error(got[name], want[name]) <= 1e-5, name
+
+
+@pytest.mark.parametrize("method", ["r2m", "ties", "dare"])
+def test_background_reader_and_budget_do_not_change_the_bytes(files, method):
+    tmp, base, experts, base_path, paths = files
+    outputs = []
+    for index, (budget, threads) in enumerate([("160kB", 0), ("160kB", 3), ("2GB", 2)]):
+        out = tmp / f"det-{method}-{index}"
+        r2m_ext.merge_files(
+            base_path, paths, out, method, max_memory=budget, io_threads=threads, overwrite=True
+        )
+        outputs.append(read_dir(out))
+    for name in outputs[0]:
+        # Same budget: bitwise. Whole vs row blocks: the same elementwise math, also bitwise here;
+        # R²M's Gram is summed in a different order, so it may differ by rounding.
+        assert torch.equal(outputs[0][name], outputs[1][name]), name
+        assert relative_error(outputs[2][name], outputs[0][name]) <= 1e-6, name
+
+
+def test_tensor_too_large_for_the_budget_says_how_much_it_needs(files):
+    tmp, base, experts, base_path, paths = files
+    with pytest.raises(
+        r2m_ext.R2MError,
+        match=r"'blocks.0.attn.qkv.weight' \[48, 16\] needs 62.98 kB to truncate its residuals"
+        r" with 3 experts.*raise --max-memory",
+    ):
+        r2m_ext.merge_files(base_path, paths, tmp / "too-small", max_memory="40kB", io_threads=0)
+    assert not (tmp / "too-small").exists() and not partial_dir(tmp / "too-small").exists()
+
+
+def test_r2m_recomputes_factors_it_cannot_cache(files):
+    # The largest truncation step (qkv, 768 elements x 82 bytes) needs 62,976 B; at 64 kB the
+    # budget keeps qkv's factors (768 B) and must recompute fc1's and fc2's (same seed, same bits).
+    tmp, base, experts, base_path, paths = files
+    small, large = {}, {}
+    r2m_ext.merge_files(
+        base_path,
+        paths,
+        tmp / "f-small",
+        max_memory="64kB",
+        io_threads=0,
+        report=small,
+        overwrite=True,
+    )
+    r2m_ext.merge_files(
+        base_path,
+        paths,
+        tmp / "f-large",
+        max_memory="2GB",
+        io_threads=0,
+        report=large,
+        overwrite=True,
+    )
+    assert large["factors_recomputed"] == 0 and large["factors_cached"] == 3
+    assert small["factors_cached"] == 1 and small["factors_recomputed"] == 2
+    got, want = read_dir(tmp / "f-small"), read_dir(tmp / "f-large")
+    for name in want:
+        assert relative_error(got[name], want[name]) <= 1e-6, name
+
+
+def test_report_json(files):
+    tmp, base, experts, base_path, paths = files
+    out = tmp / "reported"
+    r2m_ext.merge_files(base_path, paths, out, max_memory="1GB", overwrite=True)
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "r2m" and len(report["gram"]) == 3
+    assert set(report["timings_s"]) >= {
+        "R²M gram pass",
+        "R²M truncation pass",
+        "R²M write pass",
+        "total",
+    }
+    assert report["memory"]["max_memory"] == 10**9 and report["memory"]["peak_rss"] > 0
+    qkv = report["tensors"]["blocks.0.attn.qkv.weight"]
+    assert qkv["class"] == "matrix" and qkv["rank"] == 1  # floor(0.1 * 16)
+    assert all(0 < e <= 1 for e in qkv["energy_kept"]) and len(qkv["singular_values"][0]) == 1
+    # The kept energy is the kept singular value squared over the residual's squared norm.
+    before = qkv["residual_norm_before"]
+    assert [s[0] for s in qkv["singular_values"]] == pytest.approx(before, rel=1e-5)
+    bias = report["tensors"]["blocks.0.attn.qkv.bias"]
+    assert bias["class"] == "other" and "rank" not in bias
+    # Global norm matching: after = before * (mean of task norms / task norm).
+    norms = report["residual_norms"]
+    scale = [sum(norms) / len(norms) / v for v in norms]
+    assert bias["residual_norm_after"] == pytest.approx(
+        [b * s for b, s in zip(bias["residual_norm_before"], scale, strict=True)]
+    )
+
+
+def test_report_command_prints_and_plots(files):
+    tmp, base, experts, base_path, paths = files
+    out = tmp / "for-report"
+    r2m_ext.merge_files(base_path, paths, out, overwrite=True)
+    result = run_cli("report", out, "--plot", tmp / "plots", "--tensor", "blocks.0.mlp.fc1.weight")
+    assert result.returncode == 0, result.stderr
+    assert "Real core coefficients" in result.stdout and "blocks.0.attn.qkv.weight" in result.stdout
+    for name in ("residual_norms.png", "energy_kept.png", "spectrum_blocks.0.mlp.fc1.weight.png"):
+        assert (tmp / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = run_cli("report", out, "--plot", tmp / "plots", "--tensor", "pos_embed")
+    assert bad.returncode == 1 and "no recorded spectrum" in bad.stderr
+
+
+def test_interrupted_run_resumes_to_identical_bytes(files, monkeypatch):
+    tmp, base, experts, base_path, paths = files
+    args = [
+        "merge",
+        "--base",
+        base_path,
+        "--expert",
+        paths[0],
+        "--expert",
+        paths[1],
+        "--expert",
+        paths[2],
+        "--shard-size",
+        "3kB",
+        "--quiet",
+    ]
+    reference = tmp / "uninterrupted"
+    assert run_cli(*args, "--out", reference).returncode == 0
+    out = tmp / "interrupted"
+    monkeypatch.setenv(INTERRUPT_AFTER_SHARDS_ENV, "2")
+    first = run_cli(*args, "--out", out)
+    assert first.returncode == 130 and "rerun with --resume" in first.stderr
+    assert not out.exists()
+    progress = json.loads((partial_dir(out) / "r2m_progress.json").read_text())
+    assert progress["complete"] == [0, 1]
+    monkeypatch.delenv(INTERRUPT_AFTER_SHARDS_ENV)
+    again = run_cli(*args, "--out", out)
+    assert again.returncode == 1 and "pass --resume" in again.stderr
+    different = run_cli(*args, "--out", out, "--resume", "--alpha", "0.3")
+    assert different.returncode == 1 and "alpha differ" in different.stderr
+    resumed = run_cli(*args, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert not partial_dir(out).exists()
+    assert json.loads((out / "report.json").read_text())["resumed_shards"] == 2
+    files_out = sorted(p.name for p in reference.glob("*.safetensors"))
+    assert len(files_out) > 3 and files_out == sorted(p.name for p in out.glob("*.safetensors"))
+    for name in files_out + ["model.safetensors.index.json"]:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_our_shards_load_with_the_safetensors_library_and_match_its_layout(files):
+    tmp, base, experts, base_path, paths = files
+    out = tmp / "layout"
+    r2m_ext.merge_files(base_path, paths, out, "average", overwrite=True)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert set(f.keys()) == set(base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_streamed_kth_largest_is_exact(dtype, monkeypatch):
+    # Against torch.kthvalue on the whole data, with values tied across blocks, and with a tiny
+    # collection limit that forces histogram refinement 16 bits at a time.
+    import r2m_ext.methods.select as select
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(3, 5000, generator=g, dtype=dtype).abs()
+    data[:, ::7] = data[:, :1]  # many exact ties
+    for limit in (1 << 20, 4):
+        monkeypatch.setattr(select, "COLLECT_LIMIT", limit)
+        ks = [1, 123, 5000]
+        selector = KthLargestMagnitude(ks, dtype)
+        while not selector.done:
+            for block in data.split(777, dim=1):
+                selector.observe(block)
+            selector.finish_pass()
+        want = torch.stack([data[i].kthvalue(5000 - k + 1).values for i, k in enumerate(ks)])
+        assert torch.equal(selector.values(), want)
+
+
+def test_splitmix64_matches_the_reference_generator():
+    # SplitMix64 (Steele, Lea and Flood 2014) written with Python's exact integers.
+    def reference(key, index):
+        mask = (1 << 64) - 1
+        z = (key + (index + 1) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z ^= z >> 31
+        return (z >> 11) * 2.0**-53
+
+    rng = random.Random(1)
+    keys = [0, 1, (1 << 63) - 1, rng.getrandbits(63)]
+    indices = [0, 1, 2, 10**6, (1 << 40) + 3]
+    for key in keys:
+        got = splitmix64_uniform(key, torch.tensor(indices, dtype=torch.int64))
+        assert got.tolist() == [reference(key, i) for i in indices]
+    # A million draws look uniform: mean 1/2, variance 1/12 (5 sd bounds).
+    draws = splitmix64_uniform(12345, torch.arange(10**6))
+    assert abs(float(draws.mean()) - 0.5) < 5 * math.sqrt(1 / 12 / 10**6)
+    assert abs(float(draws.var()) - 1 / 12) < 1e-3
