@@ -1,12 +1,17 @@
 """The real `r2m` command in a subprocess: success paths, and every bad input of the foundation
 issue giving one clear line on stderr, a non-zero exit, and no output left behind."""
 
+import json
+import os
 import resource
+import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
 from checkpoints import save_pickled, save_sharded, save_single
-from conftest import make_experts, random_model, run_cli
+from conftest import REPO, make_experts, random_model, run_cli
 from safetensors.torch import load_file
 
 
@@ -277,4 +282,81 @@ def test_option_errors_are_one_line(files):
     recipe.write_text("method: r2m\nbase: [unclosed\n")
     assert_clean_failure(
         run_cli("merge", "--config", recipe, "--out", out), out, "bad.yaml", "not valid YAML"
+    )
+
+
+def _in_private_mount(tmp, mount_options, *cli_args):
+    """Runs the CLI in a private mount namespace with a tmpfs mounted at tmp/mnt (nothing is
+    mounted outside the namespace, nothing to clean up)."""
+    mount_point = tmp / "mnt"
+    mount_point.mkdir(exist_ok=True)
+    command = " ".join(
+        [
+            f"mount -t tmpfs -o {mount_options} tmpfs {mount_point} &&",
+            sys.executable,
+            "-m",
+            "r2m_ext",
+        ]
+        + [shlex.quote(str(a)) for a in cli_args]
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        ["unshare", "-rm", "sh", "-c", command],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def _private_mounts_work() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+needs_mounts = pytest.mark.skipif(not _private_mounts_work(), reason="unshare -rm not permitted")
+
+
+@needs_mounts
+def test_full_disk_leaves_nothing(files):
+    # A real 16 kB filesystem: the 40 kB output cannot fit, the write fails with ENOSPC.
+    tmp, base, experts, base_path, expert_paths = files
+    out = tmp / "mnt" / "out"
+    result = _in_private_mount(tmp, "size=16k", *merge_args(base_path, expert_paths, out))
+    assert result.returncode == 1, result.stderr
+    assert "write failed (No space left on device)" in result.stderr and str(out) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@needs_mounts
+def test_read_only_output_directory(files):
+    tmp, base, experts, base_path, expert_paths = files
+    out = tmp / "mnt" / "out"
+    result = _in_private_mount(tmp, "ro,size=1m", *merge_args(base_path, expert_paths, out))
+    assert result.returncode == 1, result.stderr
+    assert (
+        "cannot create output (Read-only file system)" in result.stderr
+        and str(out) in result.stderr
+    )
+
+
+def test_header_that_lies_about_sizes(files):
+    tmp, base, experts, base_path, expert_paths = files
+    bad = expert_paths[1]
+    data = bad.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    header["pos_embed"]["shape"] = [5, 17]  # 340 bytes claimed for a 320-byte span
+    text = json.dumps(header).encode()
+    bad.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + header_len :])
+    out = tmp / "out"
+    assert_clean_failure(
+        run_cli(*merge_args(base_path, expert_paths, out)),
+        out,
+        "e1.safetensors",
+        "'pos_embed'",
+        "[5, 17]",
+        "needs 340 bytes but its offsets span 320",
     )

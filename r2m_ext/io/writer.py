@@ -245,7 +245,7 @@ class ShardWriter:
         self._open = None
         self.complete.add(shard)
         self._files.append(self.tmp / self._shard_names[shard])
-        self._save_progress()
+        self._guarded(self._save_progress)
         if os.environ.get(INTERRUPT_AFTER_SHARDS_ENV) == str(len(self.complete)):
             os.kill(os.getpid(), signal.SIGINT)
 
