@@ -113,8 +113,9 @@ class MergeInputs:
         self._checked: set[tuple] = set()
         self._prefetcher = None
         if io_threads > 0:
-            allowance = int(budget.limit * PREFETCH_SHARE)
-            self._prefetcher = _Prefetcher(self._read_all, io_threads, allowance)
+            self._prefetcher = _Prefetcher(
+                self._read_all, io_threads, int(budget.limit * PREFETCH_SHARE)
+            )
 
     def close(self) -> None:
         if self._prefetcher is not None:
@@ -122,22 +123,22 @@ class MergeInputs:
 
     # -- memory model ------------------------------------------------------------------------
     def bytes_per_element(self, entry: TensorPlan, extra_stacks: float = 0) -> float:
-        """Bytes one element of `entry` costs in a step: raw inputs, their compute-dtype copies,
-        `extra_stacks` more [N, ...] stacks of method workspace, and the output."""
+        """Bytes one element of `entry` costs in a step, at its peak: while loading, the raw
+        inputs and their compute-dtype stack; then the base and stack in the compute dtype,
+        `extra_stacks` more [N, ...] stacks of method workspace, the result and its cast."""
         n = self.n_experts
         compute = self.compute_dtype.itemsize
         raw = entry.in_dtype.itemsize
-        return (
-            (n + 1) * (raw + compute)
-            + extra_stacks * n * compute
-            + compute
-            + entry.out_dtype.itemsize
-        )
+        base_cast = compute if entry.in_dtype != self.compute_dtype else 0
+        loading = (n + 1) * raw + n * compute + base_cast
+        computing = (n + 1 + extra_stacks * n + 1) * compute + entry.out_dtype.itemsize
+        return max(loading, computing)
 
     def step_budget(self) -> int:
-        """Bytes a step may use: the budget less reservations and the reader's allowance."""
-        allowance = self._prefetcher.allowance if self._prefetcher is not None else 0
-        return self.budget.free - allowance
+        """Bytes a step may use: the budget less reservations and the reader's allowance. The
+        allowance is set aside even with no reader threads, so block sizes, and with them the
+        bits of the result, depend on --max-memory alone, never on --io-threads."""
+        return self.budget.free - int(self.budget.limit * PREFETCH_SHARE)
 
     def whole_need(self, entry: TensorPlan, extra_stacks: float = 0, fixed: int = 0) -> int:
         return int(_numel(entry) * self.bytes_per_element(entry, extra_stacks)) + fixed

@@ -53,6 +53,16 @@ def core_projection(gram: torch.Tensor, k: int, center: bool) -> torch.Tensor:
     return (a @ w).T
 
 
+def factor_gram(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """<L_i R_i^T, L_j R_j^T> for factors L [N, m, r], R [N, n, r], without forming the [N, m, n]
+    products: the sum over (a, b) of (L_i^T L_j)[a, b] (R_i^T R_j)[a, b]. Float64 [N, N]."""
+    n, _, rank = left.shape
+    left_flat = left.permute(1, 0, 2).reshape(-1, n * rank)
+    right_flat = right.permute(1, 0, 2).reshape(-1, n * rank)
+    products = (left_flat.T @ left_flat).double() * (right_flat.T @ right_flat).double()
+    return products.reshape(n, rank, n, rank).sum(dim=(1, 3))
+
+
 def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
     n = tensors.n_experts
     body = tensors.body
@@ -110,15 +120,17 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
             tau = (experts - base).reshape(n, -1)
             c_weights, r_weights = weights_for(entry, tau)
             core_norm_sq += float((c_weights @ tau).double().square().sum())
+            task_sq += tau.square().sum(1).double()
             rows = r_weights @ tau
+            del tau
             left, right, singular = truncated_factors(entry, rows)
-            kept = (left @ right.mT).reshape(n, -1).double()
-            grams += kept @ kept.T
-            task_sq += tau.double().square().sum(1)
-            full_sq = rows.double().square().sum(1)
+            full_sq = rows.square().sum(1).double()
+            del rows
+            grams += factor_gram(left, right)
+            kept_sq = grams.diagonal()
             entry_report.update(
                 rank=rank_of(entry),
-                energy_kept=torch.where(full_sq > 0, kept.square().sum(1) / full_sq, 1.0).tolist(),
+                energy_kept=torch.where(full_sq > 0, kept_sq / full_sq, 1.0).tolist(),
                 singular_values=singular.double().tolist(),
             )
             cache_bytes = (left.numel() + right.numel()) * left.element_size()
@@ -129,9 +141,9 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
                 tau = (experts - base).reshape(n, -1)
                 c_weights, r_weights = weights_for(entry, tau)
                 core_norm_sq += float((c_weights @ tau).double().square().sum())
-                rows = (r_weights @ tau).double()
-                grams += rows @ rows.T
-                task_sq += tau.double().square().sum(1)
+                rows = r_weights @ tau
+                grams += (rows @ rows.T).double()
+                task_sq += tau.square().sum(1).double()
         # Residuals at the rounding level of their task vector are noise: count them as zero.
         floor = RESIDUAL_ROUNDING_EPS * torch.finfo(tensors.compute_dtype).eps * task_sq.sqrt()
         signal = grams.diagonal().clamp_min(0).sqrt() > floor

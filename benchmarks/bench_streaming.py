@@ -1,0 +1,150 @@
+"""Streaming engine benchmark (issue 3): peak RSS of `r2m merge` under --max-memory, and wall time
+against the I/O floor measured in the same run. Prints a table; writes JSON and markdown.
+
+    python benchmarks/make_checkpoints.py vit_l14 --experts 8 --dtype float32 --out /tmp/ckpt
+    python benchmarks/bench_streaming.py /tmp/ckpt --max-memory 1GB --results benchmarks/results
+
+The I/O floor is what no merge can beat on this machine: reading every input file once and
+writing the output's bytes once (fsynced, as the merge does). Benchmarks report; they never assert.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHUNK = 64 * 2**20
+
+METHODS = {
+    "average": ["--method", "average"],
+    "r2m": ["--method", "r2m"],
+    "r2m_exact": ["--method", "r2m", "--svd", "exact"],
+    "ties": ["--method", "ties"],
+}
+
+
+def machine_facts() -> dict:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    memory = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": memory, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "commit": commit, "date": datetime.date.today().isoformat()}
+
+
+def io_floor(inputs: list[Path], output_bytes: int, scratch: Path) -> float:
+    """Seconds to read every input file once and write output_bytes once with fsync."""
+    buffer = bytearray(CHUNK)
+    started = time.perf_counter()
+    for path in inputs:
+        with open(path, "rb", buffering=0) as handle:
+            while handle.readinto(buffer):
+                pass
+    scratch.mkdir(parents=True, exist_ok=True)
+    target = scratch / "floor.bin"
+    with open(target, "wb", buffering=0) as handle:
+        remaining = output_bytes
+        while remaining:
+            remaining -= handle.write(memoryview(buffer)[: min(CHUNK, remaining)])
+        os.fsync(handle.fileno())
+    elapsed = time.perf_counter() - started
+    target.unlink()
+    return elapsed
+
+
+def run_merge(checkpoints: Path, experts: int, out: Path, extra: list[str], max_memory: str) -> dict:
+    command = ["/usr/bin/time", "-v", sys.executable, "-m", "r2m_ext", "merge",
+               "--base", str(checkpoints / "base"), "--out", str(out), "--max-memory", max_memory,
+               "--overwrite", "--quiet", *extra]
+    for i in range(experts):
+        command += ["--expert", str(checkpoints / f"expert_{i}")]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"merge failed: {result.stderr[-2000:]}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
+    report = json.loads((out / "report.json").read_text())
+    shutil.rmtree(out)
+    return {"wall_s": wall, "peak_rss_bytes": rss_kb * 1024, "timings_s": report["timings_s"],
+            "engine_peak_bytes": report["memory"]["peak_accounted"],
+            "tiled_tensors": len(report.get("tiled_tensors", []))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", type=Path, help="a directory from make_checkpoints.py")
+    parser.add_argument("--max-memory", default="1GB")
+    parser.add_argument("--methods", nargs="+", default=["average", "r2m"], choices=sorted(METHODS))
+    parser.add_argument("--repeat", type=int, default=3, help="runs of the floor and of average")
+    parser.add_argument("--scratch", type=Path, default=None, help="output directory (same disk)")
+    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+
+    info = json.loads((args.checkpoints / "checkpoints.json").read_text())
+    experts = info["experts"]
+    inputs = sorted(args.checkpoints.glob("*/*.safetensors"))
+    input_bytes = sum(p.stat().st_size for p in inputs)
+    output_bytes = info["bytes"]["base"]
+    scratch = args.scratch or args.checkpoints / "_bench_out"
+    budget = int(float(re.match(r"[\d.]+", args.max_memory).group()) * 10**9) if args.max_memory.upper().endswith("GB") else None
+
+    io_floor(inputs, output_bytes, scratch)  # warm-up: inputs into the page cache
+    floors = [io_floor(inputs, output_bytes, scratch) for _ in range(args.repeat)]
+    floor = statistics.median(floors)
+    rows = []
+    for method in args.methods:
+        runs = [run_merge(args.checkpoints, experts, scratch / method, METHODS[method], args.max_memory)
+                for _ in range(args.repeat if method == "average" else 1)]
+        median = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+        rows.append({"method": method, "runs": len(runs), **median,
+                     "floor_ratio": floor / median["wall_s"],
+                     "rss_over_budget_bytes": median["peak_rss_bytes"] - budget if budget else None})
+    result = {"benchmark": "streaming", "machine": machine_facts(), "checkpoints": info,
+              "input_bytes": input_bytes, "output_bytes": output_bytes, "max_memory": args.max_memory,
+              "io_floor_s": floor, "io_floor_runs_s": floors, "rows": rows}
+
+    lines = [
+        f"# Streaming merge, {info['architecture']} x {experts} experts ({info['dtype']}), "
+        f"--max-memory {args.max_memory}",
+        "",
+        f"{result['machine']['cpu']}, {result['machine']['cores']} cores, torch "
+        f"{result['machine']['torch']}, commit {result['machine']['commit']}, {result['machine']['date']}",
+        f"inputs {input_bytes / 1e9:.2f} GB, output {output_bytes / 1e9:.2f} GB; I/O floor "
+        f"(read inputs once + write output once, fsync, page cache warm) {floor:.2f} s "
+        f"({(input_bytes + output_bytes) / floor / 1e9:.2f} GB/s)",
+        "",
+        "| method | wall (s) | floor / wall | peak RSS | RSS - budget | tensors tiled | passes (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        passes = ", ".join(f"{k} {v:.1f}" for k, v in row["timings_s"].items() if k != "total")
+        over = f"{row['rss_over_budget_bytes'] / 1e6:+.0f} MB" if row["rss_over_budget_bytes"] is not None else "n/a"
+        lines.append(f"| {row['method']} | {row['wall_s']:.1f} | {row['floor_ratio']:.2f} | "
+                     f"{row['peak_rss_bytes'] / 1e9:.2f} GB | {over} | {row['tiled_tensors']} | {passes} |")
+    table = "\n".join(lines)
+    print(table)
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = f"streaming_{info['architecture']}_{info['dtype']}_{result['machine']['date']}"
+    (args.results / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (args.results / f"{stem}.md").write_text(table + "\n")
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
