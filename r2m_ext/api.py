@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from r2m_ext.engine import MemoryBudget, MergeInputs, run_merge
-from r2m_ext.engine.budget import peak_rss_bytes
+from r2m_ext.engine.budget import peak_rss_bytes, return_large_frees_to_os
 from r2m_ext.errors import R2MError
 from r2m_ext.io import Checkpoint, ShardWriter, parse_size
 from r2m_ext.io.checkpoint import PICKLE_SUFFIXES
@@ -149,6 +149,7 @@ def merge_files(
     shards are kept beside `out`, and `resume=True` with the same recipe continues. Returns `out`.
     """
     started = time.perf_counter()
+    return_large_frees_to_os()
     resolved = resolve_options(method, **options)
     out = Path(out)
     base_path, expert_paths = Path(base), [Path(e) for e in experts]

@@ -279,3 +279,17 @@ def test_splitmix64_matches_the_reference_generator():
     draws = splitmix64_uniform(12345, torch.arange(10**6))
     assert abs(float(draws.mean()) - 0.5) < 5 * math.sqrt(1 / 12 / 10**6)
     assert abs(float(draws.var()) - 1 / 12) < 1e-3
+
+
+def test_all_finite_shortcut_is_exact():
+    from r2m_ext.engine.inputs import all_finite
+
+    assert all_finite(torch.ones(1000))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        values = torch.ones(1000)
+        values[567] = bad
+        assert not all_finite(values)
+    # Finite values whose sum overflows: the shortcut says "maybe", the elementwise check "yes".
+    assert all_finite(torch.full((4,), 60000.0, dtype=torch.float16))
+    assert all_finite(torch.full((4,), 3e38))
+    assert not all_finite(torch.tensor([3e38, 3e38, float("nan")]))

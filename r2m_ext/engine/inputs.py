@@ -24,6 +24,15 @@ WhereFn = Callable[[int, str], str]
 PREFETCH_SHARE = 0.25
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no element is NaN or Inf. NaN and Inf propagate into a sum, so one reduction
+    decides the usual case; only a non-finite sum (which finite values can also give, by
+    overflow) needs the elementwise check."""
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 def _rows_of(entry: TensorPlan) -> int:
     return entry.shape[0] if entry.shape else 1
 
@@ -154,7 +163,7 @@ class MergeInputs:
         key = (source, name, None if rows is None else (rows.start, rows.stop))
         if self._allow_nonfinite or key in self._checked or not tensor.dtype.is_floating_point:
             return tensor
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise R2MError(
                 f"tensor {name!r} in {self._where(source, name)} contains NaN or Inf"
                 " (pass --allow-nonfinite / allow_nonfinite=True to merge anyway)"

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from r2m_ext.classify import TensorClass
-from r2m_ext.engine.inputs import MergeInputs
+from r2m_ext.engine.inputs import MergeInputs, all_finite
 from r2m_ext.errors import R2MError
 from r2m_ext.methods import METHOD_FUNCTIONS
 from r2m_ext.options import MergeOptions
@@ -43,7 +43,7 @@ def run_merge(
         for rows, values in blocks:
             values = values.to(entry.out_dtype)
             if not options.allow_nonfinite and values.dtype.is_floating_point:
-                if not bool(torch.isfinite(values).all()):
+                if not all_finite(values):
                     raise R2MError(
                         f"merged tensor {entry.name!r} is not finite in {entry.out_dtype}"
                         " (overflow? check out_dtype and the scale options)"
