@@ -6,6 +6,11 @@
 TORCH_LIBRARY(r2m_ext, m) {
   // Gram matrix of task vectors (experts[i] - base), accumulated in float64, shape [N, N].
   m.def("delta_gram(Tensor base, Tensor[] experts) -> Tensor");
+  // out[k] = base_weight * base + sum_j weights[k, j] (experts[j] - base), shape [K, *base.shape],
+  // computed in compute_dtype (float32/float64), returned in out_dtype.
+  m.def(
+      "combine(Tensor base, Tensor[] experts, Tensor weights, float base_weight, "
+      "ScalarType compute_dtype, ScalarType out_dtype) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, module) {

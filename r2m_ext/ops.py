@@ -18,6 +18,19 @@ if native_module() is not None:
     def _delta_gram_fake(base, experts):
         return base.new_empty((len(experts), len(experts)), dtype=torch.float64)
 
+    @torch.library.register_fake("r2m_ext::combine")
+    def _combine_fake(base, experts, weights, base_weight, compute_dtype, out_dtype):
+        return base.new_empty((weights.shape[0], *base.shape), dtype=out_dtype)
+
+
+def _native_supports(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> bool:
+    return (
+        native_module() is not None
+        and base.device.type == "cpu"
+        and base.dtype in _NATIVE_DTYPES
+        and len(experts) > 0
+    )
+
 
 def delta_gram(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Gram matrix of task vectors, G[i, j] = <experts[i] - base, experts[j] - base>.
@@ -28,14 +41,34 @@ def delta_gram(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Ten
     result is bitwise deterministic for any thread count. Results of row blocks of one tensor
     may be summed across calls.
     """
-    if (
-        native_module() is not None
-        and base.device.type == "cpu"
-        and base.dtype in _NATIVE_DTYPES
-        and len(experts) > 0
-    ):
+    if _native_supports(base, experts):
         return torch.ops.r2m_ext.delta_gram.default(base, list(experts))
     return reference.delta_gram(base, experts)
+
+
+def combine(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    weights: torch.Tensor,
+    base_weight: float = 1.0,
+    compute_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """K linear combinations of task vectors in one pass over the inputs:
+    out[k] = base_weight * base + sum_j weights[k, j] * (experts[j] - base).
+
+    base and the N experts: one shape and floating dtype (16-bit inputs are widened on load);
+    weights: [K, N]. Computed in `compute_dtype` (float32 or float64) and returned as
+    [K, *base.shape] in `out_dtype` (default: compute_dtype). No task vector is materialised;
+    each element is computed independently in a fixed order, so the result is bitwise the same
+    for any thread count and any split of the tensor into blocks.
+    """
+    out_dtype = compute_dtype if out_dtype is None else out_dtype
+    if _native_supports(base, experts):
+        return torch.ops.r2m_ext.combine.default(
+            base, list(experts), weights, float(base_weight), compute_dtype, out_dtype
+        )
+    return reference.combine(base, experts, weights, base_weight, compute_dtype, out_dtype)
 
 
 truncated_svd = reference.truncated_svd

@@ -15,6 +15,21 @@ def delta_gram(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Ten
     return tasks @ tasks.T
 
 
+def combine(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    weights: torch.Tensor,
+    base_weight: float,
+    compute_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """out[k] = base_weight * base + sum_j weights[k, j] (experts[j] - base), [K, *base.shape]."""
+    b = base.to(compute_dtype)
+    tau = torch.stack([e.to(compute_dtype) - b for e in experts]).reshape(len(experts), -1)
+    out = weights.to(compute_dtype) @ tau + base_weight * b.reshape(1, -1)
+    return out.reshape(weights.shape[0], *base.shape).to(out_dtype)
+
+
 def sketch_seed(seed: int, key: str, shape: Sequence[int]) -> int:
     """A 63-bit seed from (seed, tensor name, tensor shape) alone (spec §7), stable across runs,
     processes and platforms (unlike Python's salted hash())."""

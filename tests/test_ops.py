@@ -156,3 +156,103 @@ def test_import_works_without_the_extension_and_says_so():
     info, total = result.stdout.strip().splitlines()
     assert "pure-torch backend (r2m_ext._C not built)" in info
     assert float(total) == 12.0  # mean task vector 2 on six entries
+
+
+def test_combine_by_hand():
+    # base (1, 1, 1); tau_1 = (1, 0, 3), tau_2 = (0, 2, 0).
+    base = torch.tensor([1.0, 1.0, 1.0])
+    experts = [torch.tensor([2.0, 1.0, 4.0]), torch.tensor([1.0, 3.0, 1.0])]
+    weights = torch.tensor([[0.5, 0.5], [1.0, -1.0]], dtype=torch.float64)
+    got = ops.combine(base, experts, weights, 1.0)
+    assert torch.equal(got, torch.tensor([[1.5, 2.0, 2.5], [2.0, -1.0, 4.0]]))
+    no_base = ops.combine(base, experts, weights, 0.0)
+    assert torch.equal(no_base, torch.tensor([[0.5, 1.0, 1.5], [1.0, -2.0, 3.0]]))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("compute", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(0,), (1,), (7, 5), (3, 5000)])
+def test_combine_native_matches_float64_oracle(dtype, compute, shape):
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(shape, generator=g).to(dtype)
+    experts = [
+        (base.double() + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+        for _ in range(4)
+    ]
+    weights = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    got = torch.ops.r2m_ext.combine.default(base, experts, weights, 1.0, compute, compute)
+    tau = torch.stack([e.double() - base.double() for e in experts]).reshape(4, -1)
+    want = (weights @ tau + base.double().reshape(1, -1)).reshape(3, *shape)
+    assert got.dtype == compute and got.shape == (3, *shape)
+    tolerance = 1e-12 if compute == torch.float64 else 2e-6
+    torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance)
+
+
+@needs_native
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_combine_16bit_output_is_torchs_rounding_of_the_float32_result(out_dtype):
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(10_000, generator=g)
+    experts = [base + torch.randn(10_000, generator=g) for _ in range(3)]
+    weights = torch.tensor([[0.2, 0.3, 0.5]], dtype=torch.float64)
+    wide = torch.ops.r2m_ext.combine.default(
+        base, experts, weights, 1.0, torch.float32, torch.float32
+    )
+    narrow = torch.ops.r2m_ext.combine.default(
+        base, experts, weights, 1.0, torch.float32, out_dtype
+    )
+    assert torch.equal(narrow, wide.to(out_dtype))
+
+
+@needs_native
+def test_combine_is_the_same_for_any_block_split_and_thread_count():
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(100_003, generator=g)
+    experts = [base + torch.randn(100_003, generator=g) for _ in range(5)]
+    weights = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    whole = ops.combine(base, experts, weights)
+    split = torch.cat(
+        [
+            ops.combine(base[a:b], [e[a:b] for e in experts], weights)
+            for a, b in ((0, 777), (777, 100_003))
+        ],
+        dim=1,
+    )
+    assert torch.equal(whole, split)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = ops.combine(base, experts, weights)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(whole, single)
+
+
+@needs_native
+def test_combine_opcheck_and_errors():
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(6, 5, generator=g)
+    experts = [torch.randn(6, 5, generator=g) for _ in range(3)]
+    weights = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    torch.library.opcheck(
+        torch.ops.r2m_ext.combine.default,
+        (base, experts, weights, 1.0, torch.float32, torch.bfloat16),
+    )
+    with pytest.raises(RuntimeError, match=r"weights must be \[K, 3\] for 3 experts, got \[2, 4\]"):
+        torch.ops.r2m_ext.combine.default(
+            base, experts, torch.zeros(2, 4), 1.0, torch.float32, torch.float32
+        )
+    with pytest.raises(RuntimeError, match="compute_dtype must be float32 or float64"):
+        torch.ops.r2m_ext.combine.default(
+            base, experts, weights, 1.0, torch.bfloat16, torch.float32
+        )
+
+
+def test_combine_reference_matches_native_path_semantics():
+    base = torch.tensor([[1.0, 2.0]], dtype=torch.bfloat16)
+    experts = [torch.tensor([[3.0, 2.0]], dtype=torch.bfloat16)]
+    got = reference.combine(
+        base, experts, torch.tensor([[0.5]]), 1.0, torch.float32, torch.bfloat16
+    )
+    assert got.dtype == torch.bfloat16 and got.tolist() == [[[2.0, 2.0]]]

@@ -44,6 +44,12 @@ def _numel(entry: TensorPlan) -> int:
     return count
 
 
+def _elements(entry: TensorPlan, rows: slice | None) -> int:
+    if rows is None:
+        return _numel(entry)
+    return (rows.stop - rows.start) * (_numel(entry) // _rows_of(entry))
+
+
 class _Prefetcher:
     """Loads the raw inputs of upcoming tensors on worker threads, holding at most `allowance`
     bytes that have not been taken yet."""
@@ -200,16 +206,33 @@ class MergeInputs:
         checked = [self._checked_raw(s, name, t, None) for s, t in enumerate(prefetched)]
         return self._stack(checked)
 
-    def blocks(
-        self, entry: TensorPlan, extra_stacks: float = 0
-    ) -> Iterator[tuple[slice | None, torch.Tensor, torch.Tensor]]:
-        """(rows, base rows, experts rows [N, rows, ...]) covering `entry`: the whole tensor when
-        it fits the budget (rows None), else blocks of rows sized to fit."""
+    def raw_blocks(
+        self, entry: TensorPlan, outputs: int = 1
+    ) -> Iterator[tuple[slice | None, torch.Tensor, list[torch.Tensor]]]:
+        """(rows, base rows, [expert rows]) as read, in their own dtype: for fused ops that
+        widen on load and produce `outputs` compute-dtype results per element."""
+        n = self.n_experts
+        compute = self.compute_dtype.itemsize
+        per_element = (
+            (n + 1) * entry.in_dtype.itemsize + outputs * compute + entry.out_dtype.itemsize
+        )
+        for rows in self._row_blocks(entry, per_element):
+            self.budget.note_step(int(per_element * _elements(entry, rows)) + self._in_flight())
+            prefetched = None
+            if rows is None and self._prefetcher is not None:
+                prefetched = self._prefetcher.take(entry.name)
+            if prefetched is None:
+                prefetched = [self._read(s, entry.name, rows) for s in range(n + 1)]
+            checked = [self._checked_raw(s, entry.name, t, rows) for s, t in enumerate(prefetched)]
+            yield rows, checked[0], checked[1:]
+
+    def _row_blocks(self, entry: TensorPlan, per_element: float) -> Iterator[slice | None]:
+        """None (the whole tensor) when it fits the step budget, else slices of rows that do."""
         rows = _rows_of(entry)
-        per_row = max(1, _numel(entry) // rows) * self.bytes_per_element(entry, extra_stacks)
+        per_row = max(1, _numel(entry) // rows) * per_element
         fit = int(self.step_budget() // per_row)
         if fit >= rows or not entry.shape:
-            yield None, *self.load(entry.name, extra_stacks)
+            yield None
             return
         if fit < 1:
             raise R2MError(
@@ -219,10 +242,21 @@ class MergeInputs:
             )
         self.tiled.add(entry.name)
         for start in range(0, rows, fit):
-            block = slice(start, min(rows, start + fit))
-            self.budget.note_step(int(per_row * (block.stop - block.start)) + self._in_flight())
-            tensors = [self.raw(s, entry.name, block) for s in range(self.n_experts + 1)]
-            yield block, *self._stack(tensors)
+            yield slice(start, min(rows, start + fit))
+
+    def blocks(
+        self, entry: TensorPlan, extra_stacks: float = 0
+    ) -> Iterator[tuple[slice | None, torch.Tensor, torch.Tensor]]:
+        """(rows, base rows, experts rows [N, rows, ...]) covering `entry`: the whole tensor when
+        it fits the budget (rows None), else blocks of rows sized to fit."""
+        per_element = self.bytes_per_element(entry, extra_stacks)
+        for rows in self._row_blocks(entry, per_element):
+            if rows is None:
+                yield None, *self.load(entry.name, extra_stacks)
+                continue
+            self.budget.note_step(int(per_element * _elements(entry, rows)) + self._in_flight())
+            tensors = [self.raw(s, entry.name, rows) for s in range(self.n_experts + 1)]
+            yield rows, *self._stack(tensors)
 
     def try_keep(self, nbytes: int, keep_free: int) -> bool:
         if self.step_budget() - nbytes < keep_free:

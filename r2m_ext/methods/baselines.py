@@ -15,6 +15,7 @@ from r2m_ext.methods.common import (
     exact_ceil,
     kept_rank,
     low_rank_factors,
+    mean_update,
     svd_workspace_stacks,
     truncates,
 )
@@ -29,14 +30,13 @@ Sparsify = Callable[[TensorPlan, "slice | None", torch.Tensor], torch.Tensor]
 
 def merge_average(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
     for entry in tensors.pass_over(tensors.outputs, "average"):
-        for rows, base, experts in tensors.blocks(entry, extra_stacks=1):
-            yield entry.name, rows, base + (experts - base).mean(0)
+        yield from mean_update(tensors, entry)
 
 
 def merge_task_arithmetic(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
+    # lam * sum_i tau_i = (lam * N) * mean_i tau_i
     for entry in tensors.pass_over(tensors.outputs, "task arithmetic"):
-        for rows, base, experts in tensors.blocks(entry, extra_stacks=1):
-            yield entry.name, rows, base + options.lam * (experts - base).sum(0)
+        yield from mean_update(tensors, entry, options.lam * tensors.n_experts)
 
 
 def ties_combine(tau: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -178,16 +178,11 @@ def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
-def _elementwise_mean(tensors: TaskTensors, entry: TensorPlan) -> Merged:
-    for rows, base, experts in tensors.blocks(entry, extra_stacks=1):
-        yield entry.name, rows, base + (experts - base).mean(0)
-
-
 def merge_tsv(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
     n = tensors.n_experts
     for entry in tensors.pass_over(tensors.outputs, "TSV-M"):
         if entry.tensor_class is not TensorClass.MATRIX:
-            yield from _elementwise_mean(tensors, entry)
+            yield from mean_update(tensors, entry)
             continue
         m, cols = entry.shape
         rank = min(m, cols) // n

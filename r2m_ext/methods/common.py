@@ -45,6 +45,11 @@ class TaskTensors(Protocol):
     ) -> Iterator[tuple[slice | None, torch.Tensor, torch.Tensor]]:
         """(rows, base rows, experts rows), rows None when the tensor comes whole."""
 
+    def raw_blocks(
+        self, entry: TensorPlan, outputs: int = 1
+    ) -> Iterator[tuple[slice | None, torch.Tensor, list[torch.Tensor]]]:
+        """(rows, base rows, [expert rows]) in the inputs' own dtype, for ops.combine."""
+
     def whole_need(self, entry: TensorPlan, extra_stacks: float = 0, fixed: int = 0) -> int:
         """Bytes a whole-tensor step with that workspace needs."""
 
@@ -85,6 +90,15 @@ def low_rank_factors(
     if options.svd == "exact":
         return ops.truncated_svd(matrices, rank)
     return ops.randomized_svd(matrices, rank, options.oversample, options.n_iter, options.seed, key)
+
+
+def mean_update(tensors: TaskTensors, entry: TensorPlan, scale: float = 1.0) -> Merged:
+    """theta_0 + scale * sum_i tau_i / N, elementwise, fused (average; means of other methods)."""
+    n = tensors.n_experts
+    weights = torch.full((1, n), scale / n, dtype=torch.float64)
+    for rows, base, experts in tensors.raw_blocks(entry):
+        merged = ops.combine(base, experts, weights, 1.0, tensors.compute_dtype, entry.out_dtype)
+        yield entry.name, rows, merged[0]
 
 
 def truncates(entry: TensorPlan, rank: int) -> bool:

@@ -201,8 +201,11 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
             residual = torch.einsum("imr,inr->mn", left, right)
             yield entry.name, None, base + (c_weights @ tau).reshape(entry.shape) + residual
             continue
-        for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
-            tau = (experts - base).reshape(n, -1)
-            c_weights, r_weights = weights_for(entry, tau)
-            update = c_weights @ tau + weights_out.to(tau) @ (r_weights @ tau)
-            yield entry.name, rows, base + update.reshape(base.shape)
+        # theta_0 + c . tau + w . (R tau) = theta_0 + (c + w R) . tau: one fused combination.
+        c_weights, r_weights = weights_for(entry, weights_out)
+        combined = (c_weights + weights_out @ r_weights).reshape(1, n)
+        for rows, base, experts in tensors.raw_blocks(entry):
+            merged = ops.combine(
+                base, experts, combined, 1.0, tensors.compute_dtype, entry.out_dtype
+            )
+            yield entry.name, rows, merged[0]
