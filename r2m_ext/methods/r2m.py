@@ -73,8 +73,8 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
 
     gram = torch.zeros(n, n, dtype=torch.float64)
     for entry in tensors.pass_over([t for t in body if t.in_core_set], "R²M gram pass"):
-        for _, base, experts in tensors.blocks(entry):
-            gram += ops.delta_gram(base, list(experts)).cpu()
+        for _, base, experts in tensors.raw_blocks(entry, outputs=0):
+            gram += ops.delta_gram(base, experts).cpu()
     projection = core_projection(gram, options.k, options.center)
     identity = torch.eye(n, dtype=torch.float64)
     mean_weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
