@@ -11,6 +11,13 @@ TORCH_LIBRARY(r2m_ext, m) {
   m.def(
       "combine(Tensor base, Tensor[] experts, Tensor weights, float base_weight, "
       "ScalarType compute_dtype, ScalarType out_dtype) -> Tensor");
+  // Rank-`rank` SVD of a [..., m, n] by a Gaussian sketch of rank + oversample columns drawn from
+  // (seed, key), n_iter power iterations: U [..., m, r], S [..., r], V [..., n, r].
+  m.def(
+      "randomized_svd(Tensor a, int rank, int oversample, int n_iter, int seed, int key) -> "
+      "(Tensor, Tensor, Tensor)");
+  // The sketch's Gaussian test matrix, rows x columns float32, a function of (seed, key) alone.
+  m.def("sketch_matrix(int seed, int key, int rows, int columns) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, module) {

@@ -4,6 +4,7 @@ path used when the extension is not built. Any floating dtype, any device."""
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -30,21 +31,64 @@ def combine(
     return out.reshape(weights.shape[0], *base.shape).to(out_dtype)
 
 
-def sketch_seed(seed: int, key: str, shape: Sequence[int]) -> int:
-    """A 63-bit seed from (seed, tensor name, tensor shape) alone (spec §7), stable across runs,
-    processes and platforms (unlike Python's salted hash())."""
-    text = f"{seed}\0{key}\0{tuple(int(s) for s in shape)}".encode()
+_MASK64 = (1 << 64) - 1
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+
+
+def name_key(name: str, shape: Sequence[int]) -> int:
+    """A 63-bit key from a tensor's name and shape, stable across runs, processes and platforms
+    (unlike Python's salted hash())."""
+    text = f"{name}\0{tuple(int(s) for s in shape)}".encode()
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
 
 
+def _splitmix64_int(stream: int, index: int) -> int:
+    z = (stream + (index + 1) * _GOLDEN_GAMMA) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def sketch_stream(seed: int, key: int) -> int:
+    """The random stream of one sketch or mask: the seed mixed into the key (as
+    csrc/sketch/gaussian.h does)."""
+    return _splitmix64_int(key, seed)
+
+
+def _signed64(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def splitmix64_uniform(stream: int, index: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) float64 for each int64 `index`: entry `index` of the SplitMix64 sequence
+    of `stream` (int64 products wrap modulo 2^64, as the generator needs). A pure function of
+    (stream, index), so any block of a tensor draws what the whole tensor would."""
+    z = (index + 1) * _signed64(_GOLDEN_GAMMA) + _signed64(stream)
+    z = (z ^ _shift_right(z, 30)) * _signed64(0xBF58476D1CE4E5B9)
+    z = (z ^ _shift_right(z, 27)) * _signed64(0x94D049BB133111EB)
+    z = z ^ _shift_right(z, 31)
+    return _shift_right(z, 11).double() * 2.0**-53
+
+
 def gaussian_test_matrix(
-    seed: int, key: str, shape: Sequence[int], rows: int, cols: int, dtype, device
+    seed: int, key: int, rows: int, columns: int, dtype=torch.float32, device="cpu"
 ) -> torch.Tensor:
-    """The sketch's Gaussian test matrix, drawn in float32 on the CPU so it is the same for every
-    device, compute dtype and memory budget, then moved."""
-    generator = torch.Generator(device="cpu").manual_seed(sketch_seed(seed, key, shape))
-    omega = torch.randn(rows, cols, generator=generator, dtype=torch.float32)
-    return omega.to(device=device, dtype=dtype)
+    """The sketch's rows x columns Gaussian test matrix: Box-Muller on SplitMix64 counters,
+    column-major, so it depends on (seed, key) alone and a wider sketch only appends columns.
+    Written in torch as an independent twin of csrc/sketch/gaussian.h (results agree to float32
+    rounding; libm and torch's vectorised log/cos may differ in the last bit of a double)."""
+    stream = sketch_stream(seed, key)
+    index = 2 * (torch.arange(columns).view(1, -1) * rows + torch.arange(rows).view(-1, 1))
+    u1 = splitmix64_uniform(stream, index)
+    u2 = splitmix64_uniform(stream, index + 1)
+    normal = torch.sqrt(-2.0 * torch.log1p(-u1)) * torch.cos(2 * math.pi * u2)
+    return normal.float().to(device=device, dtype=dtype)
 
 
 def truncated_svd(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,18 +108,21 @@ def randomized_svd(
     oversample: int,
     n_iter: int,
     seed: int,
-    key: str,
+    key: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-`rank` randomized SVD of [..., m, n] (Halko, Martinsson and Tropp 2011, Alg. 4.4):
-    Gaussian sketch of rank + oversample columns (one test matrix shared by the batch, a function
-    of seed, key and shape), `n_iter` power iterations with a Householder re-orthonormalisation
-    after every product, then an exact SVD of the small projected matrix.
+    the Gaussian test matrix of (seed, key) with rank + oversample columns, shared by the batch;
+    `n_iter` power iterations with a Householder re-orthonormalisation after every product; an
+    exact SVD of the small projected matrix. 16-bit inputs are factored in float32.
     Returns U [..., m, r], S [..., r], V [..., n, r]."""
+    work = torch.float64 if a.dtype == torch.float64 else torch.float32
+    a = a.to(work)
     m, n = a.shape[-2:]
     width = min(rank + oversample, m, n)
-    omega = gaussian_test_matrix(seed, key, a.shape[-2:], n, width, a.dtype, a.device)
+    omega = gaussian_test_matrix(seed, key, n, width, work, a.device)
     q = _orthonormal_basis(a @ omega)
     for _ in range(n_iter):
         q = _orthonormal_basis(a @ _orthonormal_basis(a.mT @ q))
     u_small, s, vh = torch.linalg.svd(q.mT @ a, full_matrices=False)
-    return (q @ u_small)[..., :rank], s[..., :rank], vh[..., :rank, :].mT
+    kept = min(rank, width)
+    return (q @ u_small)[..., :kept], s[..., :kept], vh[..., :kept, :].mT

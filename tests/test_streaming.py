@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 import r2m_ext
 from r2m_ext.io.writer import INTERRUPT_AFTER_SHARDS_ENV, partial_dir
-from r2m_ext.methods.baselines import splitmix64_uniform
 from r2m_ext.methods.select import KthLargestMagnitude
+from r2m_ext.reference import splitmix64_uniform
 
 
 def streaming_model(seed=0):

@@ -22,7 +22,7 @@ from r2m_ext.methods.common import (
 from r2m_ext.methods.select import KthLargestMagnitude
 from r2m_ext.options import MergeOptions
 from r2m_ext.plan import TensorPlan
-from r2m_ext.reference import sketch_seed
+from r2m_ext.reference import name_key, sketch_stream, splitmix64_uniform
 
 # tau [N, rows...] of a block -> the task vectors a method combines (DARE drops entries).
 Sparsify = Callable[[TensorPlan, "slice | None", torch.Tensor], torch.Tensor]
@@ -114,30 +114,6 @@ def merge_ties(tensors: TaskTensors, options: MergeOptions, report: dict) -> Mer
     return _ties(tensors, options, lambda entry, rows, tau: tau, "TIES")
 
 
-_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
-
-
-def _signed64(value: int) -> int:
-    value &= (1 << 64) - 1
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def splitmix64_uniform(key: int, index: torch.Tensor) -> torch.Tensor:
-    """Uniform [0, 1) float64 for each int64 `index`, from the SplitMix64 sequence seeded by
-    `key`: a pure function of (key, index), so any block of a tensor draws the same numbers as
-    the whole tensor (int64 products wrap modulo 2^64, as the generator needs)."""
-    z = (index + 1) * _signed64(_GOLDEN_GAMMA) + _signed64(key)
-    z = (z ^ _shift_right(z, 30)) * _signed64(0xBF58476D1CE4E5B9)
-    z = (z ^ _shift_right(z, 27)) * _signed64(0x94D049BB133111EB)
-    z = z ^ _shift_right(z, 31)
-    return _shift_right(z, 11).double() * 2.0**-53
-
-
 def dare_keep_mask(
     seed: int, entry: TensorPlan, task: int, rows: slice | None, drop_rate: float
 ) -> torch.Tensor:
@@ -147,8 +123,8 @@ def dare_keep_mask(
     start, stop = (
         (0, _numel(entry)) if rows is None else (rows.start * row_numel, rows.stop * row_numel)
     )
-    key = sketch_seed(seed, f"dare/{task}/{entry.name}", entry.shape)
-    uniform = splitmix64_uniform(key, torch.arange(start, stop, dtype=torch.int64))
+    stream = sketch_stream(seed, name_key(f"dare/{task}/{entry.name}", entry.shape))
+    uniform = splitmix64_uniform(stream, torch.arange(start, stop, dtype=torch.int64))
     shape = entry.shape if rows is None else (rows.stop - rows.start, *entry.shape[1:])
     return (uniform >= drop_rate).reshape(shape)
 

@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from r2m_ext import ops
+from r2m_ext import ops, reference
 from r2m_ext.classify import TensorClass
 from r2m_ext.options import MergeOptions
 from r2m_ext.plan import TensorPlan
@@ -86,10 +86,17 @@ def low_rank_factors(
     matrices: torch.Tensor, rank: int, options: MergeOptions, key: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-`rank` factors U [N, m, r], S [N, r], V [N, n, r] of each matrix [N, m, n], by the
-    method `options.svd` names. `key` (the tensor name) seeds the randomized sketch."""
+    method `options.svd` names. `key` (the tensor name) with the shape keys the sketch."""
     if options.svd == "exact":
         return ops.truncated_svd(matrices, rank)
-    return ops.randomized_svd(matrices, rank, options.oversample, options.n_iter, options.seed, key)
+    return ops.randomized_svd(
+        matrices,
+        rank,
+        options.oversample,
+        options.n_iter,
+        options.seed,
+        reference.name_key(key, matrices.shape[-2:]),
+    )
 
 
 def mean_update(tensors: TaskTensors, entry: TensorPlan, scale: float = 1.0) -> Merged:
