@@ -42,8 +42,8 @@ test: lint build test-native test-python
 
 # Formatting is automatic (ruff format, clang-format); CI fails when a file is not formatted.
 lint: .make-deps
-	$(VENV)/bin/ruff check r2m_ext tests setup.py
-	$(VENV)/bin/ruff format --check r2m_ext tests setup.py
+	$(VENV)/bin/ruff check r2m_ext tests benchmarks setup.py
+	$(VENV)/bin/ruff format --check r2m_ext tests benchmarks setup.py
 	$(VENV)/bin/clang-format --dry-run -Werror $(filter %.cpp %.h %.cu,$(NATIVE_SOURCES))
 
 test-python: build

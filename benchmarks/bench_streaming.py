@@ -37,14 +37,28 @@ METHODS = {
 def machine_facts() -> dict:
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     memory = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": memory, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "commit": commit, "date": datetime.date.today().isoformat()}
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_bytes": memory,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "commit": commit,
+        "date": datetime.date.today().isoformat(),
+    }
 
 
 def io_floor(inputs: list[Path], output_bytes: int, scratch: Path) -> float:
@@ -67,27 +81,51 @@ def io_floor(inputs: list[Path], output_bytes: int, scratch: Path) -> float:
     return elapsed
 
 
-def run_merge(checkpoints: Path, experts: int, out: Path, extra: list[str], max_memory: str) -> dict:
-    command = ["/usr/bin/time", "-v", sys.executable, "-m", "r2m_ext", "merge",
-               "--base", str(checkpoints / "base"), "--out", str(out), "--max-memory", max_memory,
-               "--overwrite", "--quiet", *extra]
+def run_merge(
+    checkpoints: Path, experts: int, out: Path, extra: list[str], max_memory: str
+) -> dict:
+    command = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        "-m",
+        "r2m_ext",
+        "merge",
+        "--base",
+        str(checkpoints / "base"),
+        "--out",
+        str(out),
+        "--max-memory",
+        max_memory,
+        "--overwrite",
+        "--quiet",
+        *extra,
+    ]
     for i in range(experts):
         command += ["--expert", str(checkpoints / f"expert_{i}")]
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"merge failed: {result.stderr[-2000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
     report = json.loads((out / "report.json").read_text())
     shutil.rmtree(out)
-    return {"wall_s": wall, "peak_rss_bytes": rss_kb * 1024, "timings_s": report["timings_s"],
-            "engine_peak_bytes": report["memory"]["peak_accounted"],
-            "tiled_tensors": len(report.get("tiled_tensors", []))}
+    return {
+        "wall_s": wall,
+        "peak_rss_bytes": rss_kb * 1024,
+        "timings_s": report["timings_s"],
+        "engine_peak_bytes": report["memory"]["peak_accounted"],
+        "tiled_tensors": len(report.get("tiled_tensors", [])),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoints", type=Path, help="a directory from make_checkpoints.py")
     parser.add_argument("--max-memory", default="1GB")
     parser.add_argument("--methods", nargs="+", default=["average", "r2m"], choices=sorted(METHODS))
@@ -102,22 +140,42 @@ def main() -> None:
     input_bytes = sum(p.stat().st_size for p in inputs)
     output_bytes = info["bytes"]["base"]
     scratch = args.scratch or args.checkpoints / "_bench_out"
-    budget = int(float(re.match(r"[\d.]+", args.max_memory).group()) * 10**9) if args.max_memory.upper().endswith("GB") else None
+    budget = (
+        int(float(re.match(r"[\d.]+", args.max_memory).group()) * 10**9)
+        if args.max_memory.upper().endswith("GB")
+        else None
+    )
 
     io_floor(inputs, output_bytes, scratch)  # warm-up: inputs into the page cache
     floors = [io_floor(inputs, output_bytes, scratch) for _ in range(args.repeat)]
     floor = statistics.median(floors)
     rows = []
     for method in args.methods:
-        runs = [run_merge(args.checkpoints, experts, scratch / method, METHODS[method], args.max_memory)
-                for _ in range(args.repeat if method == "average" else 1)]
+        runs = [
+            run_merge(args.checkpoints, experts, scratch / method, METHODS[method], args.max_memory)
+            for _ in range(args.repeat if method == "average" else 1)
+        ]
         median = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
-        rows.append({"method": method, "runs": len(runs), **median,
-                     "floor_ratio": floor / median["wall_s"],
-                     "rss_over_budget_bytes": median["peak_rss_bytes"] - budget if budget else None})
-    result = {"benchmark": "streaming", "machine": machine_facts(), "checkpoints": info,
-              "input_bytes": input_bytes, "output_bytes": output_bytes, "max_memory": args.max_memory,
-              "io_floor_s": floor, "io_floor_runs_s": floors, "rows": rows}
+        rows.append(
+            {
+                "method": method,
+                "runs": len(runs),
+                **median,
+                "floor_ratio": floor / median["wall_s"],
+                "rss_over_budget_bytes": median["peak_rss_bytes"] - budget if budget else None,
+            }
+        )
+    result = {
+        "benchmark": "streaming",
+        "machine": machine_facts(),
+        "checkpoints": info,
+        "input_bytes": input_bytes,
+        "output_bytes": output_bytes,
+        "max_memory": args.max_memory,
+        "io_floor_s": floor,
+        "io_floor_runs_s": floors,
+        "rows": rows,
+    }
 
     lines = [
         f"# Streaming merge, {info['architecture']} x {experts} experts ({info['dtype']}), "
@@ -134,9 +192,15 @@ def main() -> None:
     ]
     for row in rows:
         passes = ", ".join(f"{k} {v:.1f}" for k, v in row["timings_s"].items() if k != "total")
-        over = f"{row['rss_over_budget_bytes'] / 1e6:+.0f} MB" if row["rss_over_budget_bytes"] is not None else "n/a"
-        lines.append(f"| {row['method']} | {row['wall_s']:.1f} | {row['floor_ratio']:.2f} | "
-                     f"{row['peak_rss_bytes'] / 1e9:.2f} GB | {over} | {row['tiled_tensors']} | {passes} |")
+        over = (
+            f"{row['rss_over_budget_bytes'] / 1e6:+.0f} MB"
+            if row["rss_over_budget_bytes"] is not None
+            else "n/a"
+        )
+        lines.append(
+            f"| {row['method']} | {row['wall_s']:.1f} | {row['floor_ratio']:.2f} | "
+            f"{row['peak_rss_bytes'] / 1e9:.2f} GB | {over} | {row['tiled_tensors']} | {passes} |"
+        )
     table = "\n".join(lines)
     print(table)
     args.results.mkdir(parents=True, exist_ok=True)

@@ -26,16 +26,30 @@ def vit(width: int, depth: int, patch: int, tokens: int, mlp: int) -> dict[str, 
     }
     for i in range(depth):
         p = f"blocks.{i}."
-        shapes.update({
-            p + "norm1.weight": (width,), p + "norm1.bias": (width,),
-            p + "attn.qkv.weight": (3 * width, width), p + "attn.qkv.bias": (3 * width,),
-            p + "attn.proj.weight": (width, width), p + "attn.proj.bias": (width,),
-            p + "norm2.weight": (width,), p + "norm2.bias": (width,),
-            p + "mlp.fc1.weight": (mlp, width), p + "mlp.fc1.bias": (mlp,),
-            p + "mlp.fc2.weight": (width, mlp), p + "mlp.fc2.bias": (width,),
-        })
-    shapes.update({"norm.weight": (width,), "norm.bias": (width,),
-                   "head.weight": (2, width), "head.bias": (2,)})
+        shapes.update(
+            {
+                p + "norm1.weight": (width,),
+                p + "norm1.bias": (width,),
+                p + "attn.qkv.weight": (3 * width, width),
+                p + "attn.qkv.bias": (3 * width,),
+                p + "attn.proj.weight": (width, width),
+                p + "attn.proj.bias": (width,),
+                p + "norm2.weight": (width,),
+                p + "norm2.bias": (width,),
+                p + "mlp.fc1.weight": (mlp, width),
+                p + "mlp.fc1.bias": (mlp,),
+                p + "mlp.fc2.weight": (width, mlp),
+                p + "mlp.fc2.bias": (width,),
+            }
+        )
+    shapes.update(
+        {
+            "norm.weight": (width,),
+            "norm.bias": (width,),
+            "head.weight": (2, width),
+            "head.bias": (2,),
+        }
+    )
     return shapes
 
 
@@ -43,17 +57,19 @@ def decoder(hidden: int, layers: int, intermediate: int, kv: int, vocab: int = 3
     shapes = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (hidden, hidden),
-            p + "self_attn.k_proj.weight": (kv, hidden),
-            p + "self_attn.v_proj.weight": (kv, hidden),
-            p + "self_attn.o_proj.weight": (hidden, hidden),
-            p + "post_attention_layernorm.weight": (hidden,),
-            p + "mlp.gate_proj.weight": (intermediate, hidden),
-            p + "mlp.up_proj.weight": (intermediate, hidden),
-            p + "mlp.down_proj.weight": (hidden, intermediate),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (hidden,),
+                p + "self_attn.q_proj.weight": (hidden, hidden),
+                p + "self_attn.k_proj.weight": (kv, hidden),
+                p + "self_attn.v_proj.weight": (kv, hidden),
+                p + "self_attn.o_proj.weight": (hidden, hidden),
+                p + "post_attention_layernorm.weight": (hidden,),
+                p + "mlp.gate_proj.weight": (intermediate, hidden),
+                p + "mlp.up_proj.weight": (intermediate, hidden),
+                p + "mlp.down_proj.weight": (hidden, intermediate),
+            }
+        )
     shapes.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
     return shapes
 
@@ -89,7 +105,9 @@ def task_vector(seed: int, expert: int, name: str, shape: tuple, rank: int = 8) 
     return update
 
 
-def write_model(directory: Path, tensors, shapes: dict, dtype: torch.dtype, shard_bytes: int) -> int:
+def write_model(
+    directory: Path, tensors, shapes: dict, dtype: torch.dtype, shard_bytes: int
+) -> int:
     """Writes tensors(name) for every name, in shards of at most shard_bytes, with an index."""
     directory.mkdir(parents=True, exist_ok=True)
     groups, filled = [[]], 0
@@ -113,25 +131,47 @@ def write_model(directory: Path, tensors, shapes: dict, dtype: torch.dtype, shar
     return total
 
 
-def make(architecture: str, experts: int, dtype: str, out: Path, seed: int = 0,
-         shard_size: int = 2 * 10**9) -> dict:
+def make(
+    architecture: str,
+    experts: int,
+    dtype: str,
+    out: Path,
+    seed: int = 0,
+    shard_size: int = 2 * 10**9,
+) -> dict:
     shapes = ARCHITECTURES[architecture]()
     torch_dtype = getattr(torch, dtype)
-    sizes = {"base": write_model(out / "base", lambda n: base_tensor(seed, n, shapes[n]), shapes,
-                                 torch_dtype, shard_size)}
+    sizes = {
+        "base": write_model(
+            out / "base", lambda n: base_tensor(seed, n, shapes[n]), shapes, torch_dtype, shard_size
+        )
+    }
     for expert in range(experts):
-        def tensor(name, expert=expert):
-            return base_tensor(seed, name, shapes[name]) + task_vector(seed, expert, name, shapes[name])
 
-        sizes[f"expert_{expert}"] = write_model(out / f"expert_{expert}", tensor, shapes, torch_dtype, shard_size)
-    info = {"architecture": architecture, "experts": experts, "dtype": dtype, "seed": seed,
-            "parameters": sum(torch.Size(s).numel() for s in shapes.values()), "bytes": sizes}
+        def tensor(name, expert=expert):
+            return base_tensor(seed, name, shapes[name]) + task_vector(
+                seed, expert, name, shapes[name]
+            )
+
+        sizes[f"expert_{expert}"] = write_model(
+            out / f"expert_{expert}", tensor, shapes, torch_dtype, shard_size
+        )
+    info = {
+        "architecture": architecture,
+        "experts": experts,
+        "dtype": dtype,
+        "seed": seed,
+        "parameters": sum(torch.Size(s).numel() for s in shapes.values()),
+        "bytes": sizes,
+    }
     (out / "checkpoints.json").write_text(json.dumps(info, indent=1))
     return info
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("architecture", choices=sorted(ARCHITECTURES))
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
@@ -140,8 +180,10 @@ def main() -> None:
     args = parser.parse_args()
     info = make(args.architecture, args.experts, args.dtype, args.out, args.seed)
     total = sum(info["bytes"].values())
-    print(f"{args.architecture}: {info['parameters'] / 1e6:.0f}M parameters, base + {args.experts} "
-          f"experts in {args.dtype}, {total / 1e9:.2f} GB in {args.out}")
+    print(
+        f"{args.architecture}: {info['parameters'] / 1e6:.0f}M parameters, base + {args.experts} "
+        f"experts in {args.dtype}, {total / 1e9:.2f} GB in {args.out}"
+    )
 
 
 if __name__ == "__main__":

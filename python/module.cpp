@@ -16,6 +16,10 @@ TORCH_LIBRARY(r2m_ext, m) {
   m.def(
       "randomized_svd(Tensor a, int rank, int oversample, int n_iter, int seed, int key) -> "
       "(Tensor, Tensor, Tensor)");
+  // base + sum_i weights[i] left[i] right[i]^T (left [N, m, r], right [N, n, r]) as one product.
+  m.def(
+      "lowrank_accumulate(Tensor base, Tensor left, Tensor right, Tensor weights, "
+      "ScalarType out_dtype) -> Tensor");
   // The sketch's Gaussian test matrix, rows x columns float32, a function of (seed, key) alone.
   m.def("sketch_matrix(int seed, int key, int rows, int columns) -> Tensor");
 }

@@ -30,6 +30,10 @@ if native_module() is not None:
             a.new_empty((*batch, n, kept), dtype=work),
         )
 
+    @torch.library.register_fake("r2m_ext::lowrank_accumulate")
+    def _lowrank_accumulate_fake(base, left, right, weights, out_dtype):
+        return base.new_empty(base.shape, dtype=out_dtype)
+
     @torch.library.register_fake("r2m_ext::combine")
     def _combine_fake(base, experts, weights, base_weight, compute_dtype, out_dtype):
         return base.new_empty((weights.shape[0], *base.shape), dtype=out_dtype)
@@ -81,6 +85,25 @@ def combine(
             base, list(experts), weights, float(base_weight), compute_dtype, out_dtype
         )
     return reference.combine(base, experts, weights, base_weight, compute_dtype, out_dtype)
+
+
+def lowrank_accumulate(
+    base: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    weights: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """base + sum_i weights[i] * left[i] @ right[i]^T for left [N, m, r] (e.g. U S) and right
+    [N, n, r] (V): one matrix product of inner dimension N * r with the base added in its
+    epilogue, computed in the factors' dtype (float32/float64), returned in `out_dtype`
+    (default: the factors' dtype)."""
+    out_dtype = left.dtype if out_dtype is None else out_dtype
+    if native_module() is not None and base.device.type == "cpu":
+        return torch.ops.r2m_ext.lowrank_accumulate.default(base, left, right, weights, out_dtype)
+    scaled = left * weights.to(left).view(-1, 1, 1)
+    total = base.to(left.dtype) + torch.einsum("imr,inr->mn", scaled, right.to(left.dtype))
+    return total.to(out_dtype)
 
 
 # Defaults of the ops (not of the merge, whose spec fixes oversample 8 and n_iter 2): chosen so

@@ -265,3 +265,36 @@ def test_combine_reference_matches_native_path_semantics():
         base, experts, torch.tensor([[0.5]]), 1.0, torch.float32, torch.bfloat16
     )
     assert got.dtype == torch.bfloat16 and got.tolist() == [[[2.0, 2.0]]]
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_lowrank_accumulate_matches_float64_oracle(out_dtype):
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(30, 20, generator=g)
+    left, right = torch.randn(4, 30, 3, generator=g), torch.randn(4, 20, 3, generator=g)
+    weights = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64)
+    got = ops.lowrank_accumulate(base, left, right, weights, out_dtype)
+    want = base.double() + sum(
+        w * left[i].double() @ right[i].double().T for i, w in enumerate(weights.tolist())
+    )
+    assert got.dtype == out_dtype
+    torch.testing.assert_close(
+        got.double(), want, rtol=1e-2 if out_dtype == torch.bfloat16 else 1e-5, atol=1e-5
+    )
+
+
+@needs_native
+def test_lowrank_accumulate_opcheck_and_errors():
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(6, 5, generator=g)
+    left, right = torch.randn(3, 6, 2, generator=g), torch.randn(3, 5, 2, generator=g)
+    weights = torch.ones(3, dtype=torch.float64)
+    torch.library.opcheck(
+        torch.ops.r2m_ext.lowrank_accumulate.default, (base, left, right, weights, torch.float32)
+    )
+    with pytest.raises(RuntimeError, match=r"do not fit base \[5, 6\]"):
+        torch.ops.r2m_ext.lowrank_accumulate.default(
+            base.T.contiguous(), left, right, weights, torch.float32
+        )
+    with pytest.raises(RuntimeError, match=r"weights must be \[3\], got \[2\]"):
+        torch.ops.r2m_ext.lowrank_accumulate.default(base, left, right, weights[:2], torch.float32)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 
+from r2m_ext import ops
 from r2m_ext.classify import TensorClass
 from r2m_ext.methods.common import (
     Merged,
@@ -193,5 +194,5 @@ def merge_cart(tensors: TaskTensors, options: MergeOptions, report: dict) -> Mer
         tau = experts - base
         mean = tau.mean(0)
         u, s, v = low_rank_factors(tau - mean, rank, options, entry.name)
-        low_rank_sum = torch.einsum("imr,inr->mn", u * s.unsqueeze(-2), v)
-        yield entry.name, None, base + mean + options.lam * low_rank_sum
+        lam = torch.full((tensors.n_experts,), options.lam, dtype=torch.float64)
+        yield entry.name, None, ops.lowrank_accumulate(base + mean, u * s.unsqueeze(-2), v, lam)

@@ -77,9 +77,10 @@ def kept_rank(shape: tuple[int, ...], rank_ratio: float) -> int:
 
 
 def svd_workspace_stacks(options: MergeOptions) -> float:
-    """[N, m, n] stacks an SVD adds beyond the matrices it factors: an exact SVD's full factors
-    and LAPACK workspace; a randomized one works in rank + oversample columns, plus products."""
-    return 3.0 if options.svd == "exact" else 0.5
+    """[N, m, n] stacks an SVD adds beyond the matrices it factors: an exact SVD (one matrix at
+    a time) its input copy and one matrix's factors and workspace; a randomized one works in
+    rank + oversample columns, plus products."""
+    return 1.5 if options.svd == "exact" else 0.5
 
 
 def low_rank_factors(

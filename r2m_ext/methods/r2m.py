@@ -197,9 +197,8 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
                 left, right = factor_cache.pop(entry.name)
             else:
                 left, right, _ = truncated_factors(entry, r_weights @ tau)
-            left = left * weights_out.to(left).view(n, 1, 1)
-            residual = torch.einsum("imr,inr->mn", left, right)
-            yield entry.name, None, base + (c_weights @ tau).reshape(entry.shape) + residual
+            with_core = base + (c_weights @ tau).reshape(entry.shape)
+            yield entry.name, None, ops.lowrank_accumulate(with_core, left, right, weights_out)
             continue
         # theta_0 + c . tau + w . (R tau) = theta_0 + (c + w R) . tau: one fused combination.
         c_weights, r_weights = weights_for(entry, weights_out)

@@ -1,0 +1,230 @@
+"""Native ops benchmark (issue 4), side by side in one run; reports ratios, never asserts.
+
+1. randomized_svd vs torch.svd_lowrank (same rank, oversample, iterations) vs a loop of
+   torch.linalg.svd, batched N = 8, per shape and input dtype: median time and error ratio to the
+   exact truncation.
+2. A whole in-memory R²M merge of N = 8 ViT-B/16-shaped experts: native randomized path vs the
+   pure-torch exact path vs a pure-torch path built on torch.svd_lowrank, and the fraction of the
+   compute floor reached (the truncation FLOPs of ../shared/PERFORMANCE.md over the matmul rate
+   measured in the same run).
+
+    python benchmarks/bench_svd.py --results benchmarks/results [--shapes 768x768 ...] [--depth 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_streaming  # noqa: E402
+import make_checkpoints  # noqa: E402
+
+import r2m_ext  # noqa: E402
+from r2m_ext import ops  # noqa: E402
+from r2m_ext.methods import common  # noqa: E402
+
+N = 8
+OVERSAMPLE, N_ITER = 8, 2  # the merge's defaults, given to both randomized methods
+
+
+def timed(function, repeat=3):
+    function()  # warm-up
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        result = function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), result
+
+
+def error_ratio(a, factors, rank):
+    u, s, v = factors
+    approximation = (u.double() * s.double().unsqueeze(-2)) @ v.double().mT
+    optimal = torch.linalg.svdvals(a.double())[..., rank:].norm(dim=-1)
+    return float((torch.linalg.norm(a.double() - approximation, dim=(-2, -1)) / optimal).max())
+
+
+def matmul_rate(dtype=torch.float32, size=2048) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    seconds, _ = timed(lambda: a @ b)
+    return 2 * size**3 / seconds
+
+
+def svd_rows(shapes, dtypes, exact_batch_limit):
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for m, n in shapes:
+        rank = max(1, min(m, n) // 10)
+        decaying = torch.arange(1, min(m, n) + 1, dtype=torch.float64) ** -1.0
+        batch = torch.stack([make_spectrum(m, n, decaying, g) for _ in range(N)]).float()
+        for dtype in dtypes:
+            a = batch.to(dtype)
+            ours_s, ours = timed(
+                lambda a=a, r=rank: ops.randomized_svd(a, r, OVERSAMPLE, N_ITER, 0, 1)
+            )
+            theirs_s, theirs = timed(
+                lambda a=a, r=rank: torch.svd_lowrank(a.float(), q=r + OVERSAMPLE, niter=N_ITER)
+            )
+            theirs = tuple(t[..., :rank] for t in theirs)
+            # A full SVD of a big square is slow on a CPU: time `exact_batch_limit` of the batch
+            # and scale to N (stated in the table).
+            count = N if m * n <= exact_batch_limit else 1
+            exact_s, _ = timed(
+                lambda a=a, c=count: [
+                    torch.linalg.svd(x.float(), full_matrices=False) for x in a[:c]
+                ],
+                repeat=1,
+            )
+            exact_s *= N / count
+            rows.append(
+                {
+                    "shape": f"{N}x{m}x{n}",
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "rank": rank,
+                    "ours_s": ours_s,
+                    "svd_lowrank_s": theirs_s,
+                    "linalg_svd_loop_s": exact_s,
+                    "exact_extrapolated_from": count,
+                    "ours_error_ratio": error_ratio(a.float(), ours, rank),
+                    "svd_lowrank_error_ratio": error_ratio(a.float(), theirs, rank),
+                }
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
+def make_spectrum(m, n, sigma, generator):
+    k = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, k, generator=generator, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n, k, generator=generator, dtype=torch.float64)).Q
+    return (u * sigma) @ v.T
+
+
+def svd_lowrank_factors(matrices, rank, options, key):
+    u, s, v = torch.svd_lowrank(
+        matrices, q=min(rank + options.oversample, *matrices.shape[-2:]), niter=options.n_iter
+    )
+    return u[..., :rank], s[..., :rank], v[..., :rank]
+
+
+def merge_rows(depth: int):
+    shapes = {k: v for k, v in make_checkpoints.vit(768, depth, 16, 197, 3072).items()}
+    base = {n: make_checkpoints.base_tensor(0, n, s) for n, s in shapes.items()}
+    experts = [
+        {n: base[n] + make_checkpoints.task_vector(0, i, n, s) for n, s in shapes.items()}
+        for i in range(N)
+    ]
+    native = common.low_rank_factors
+
+    def run(svd, factors=None):
+        if factors is not None:
+            common.low_rank_factors = factors
+        try:
+            return r2m_ext.merge(base, experts, "r2m", svd=svd)
+        finally:
+            common.low_rank_factors = native
+
+    native_s, ours = timed(lambda: run("randomized"), repeat=1)
+    lowrank_s, _ = timed(lambda: run("randomized", svd_lowrank_factors), repeat=1)
+    exact_s, exact = timed(lambda: run("exact"), repeat=1)
+    flops = 0
+    for shape in shapes.values():
+        if len(shape) == 2 and min(shape) >= 2:
+            m, n = shape
+            width = max(1, min(m, n) // 10) + OVERSAMPLE
+            flops += N * 2 * m * n * width * (2 * N_ITER + 2)  # truncation pass (PERFORMANCE.md §2)
+    rate = matmul_rate()
+    differences = [
+        float((ours[k].double() - exact[k].double()).norm() / exact[k].double().norm())
+        for k in exact
+        if exact[k].is_floating_point() and exact[k].dim() == 2
+    ]
+    return {
+        "model": f"ViT-B/16 shapes, {depth} blocks, N={N}, float32, in memory",
+        "native_randomized_s": native_s,
+        "torch_svd_lowrank_s": lowrank_s,
+        "torch_exact_s": exact_s,
+        "speedup_vs_exact": exact_s / native_s,
+        "speedup_vs_svd_lowrank": lowrank_s / native_s,
+        "truncation_flops": flops,
+        "matmul_rate_flops": rate,
+        "compute_floor_fraction": flops / rate / native_s,
+        "max_relative_difference_randomized_vs_exact": max(differences),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--shapes", nargs="+", default=["768x768", "768x3072", "3072x768", "4096x4096"]
+    )
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument(
+        "--depth", type=int, default=12, help="ViT-B/16 blocks in the merge benchmark"
+    )
+    parser.add_argument(
+        "--exact-batch-limit",
+        type=int,
+        default=3072 * 768,
+        help="largest m*n whose exact SVD is timed for all N",
+    )
+    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
+    dtypes = [getattr(torch, d) for d in args.dtypes]
+    result = {
+        "benchmark": "svd",
+        "machine": bench_streaming.machine_facts(),
+        "backend": r2m_ext.backend_info(),
+        "oversample": OVERSAMPLE,
+        "n_iter": N_ITER,
+        "svd": svd_rows(shapes, dtypes, args.exact_batch_limit),
+        "merge": merge_rows(args.depth),
+    }
+    m = result["machine"]
+    lines = [
+        f"# Native ops, {m['cpu']}, {m['cores']} cores, torch {m['torch']}, commit {m['commit']}, {m['date']}",
+        "",
+        f"randomized SVD, batch N={N}, rank 0.1 min(m, n), oversample {OVERSAMPLE}, {N_ITER} iterations, spectrum j^-1",
+        "",
+        "| shape | dtype | ours (s) | svd_lowrank (s) | linalg.svd loop (s) | vs svd_lowrank | vs svd loop | error ratio ours / svd_lowrank |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["svd"]:
+        note = "" if r["exact_extrapolated_from"] == N else f" (1 timed, x{N})"
+        lines.append(
+            f"| {r['shape']} | {r['dtype']} | {r['ours_s']:.3f} | {r['svd_lowrank_s']:.3f} | "
+            f"{r['linalg_svd_loop_s']:.2f}{note} | {r['svd_lowrank_s'] / r['ours_s']:.2f}x | "
+            f"{r['linalg_svd_loop_s'] / r['ours_s']:.0f}x | {r['ours_error_ratio']:.4f} / {r['svd_lowrank_error_ratio']:.4f} |"
+        )
+    g = result["merge"]
+    lines += [
+        "",
+        f"whole R²M merge: {g['model']}",
+        "",
+        "| native randomized (s) | pure-torch exact (s) | pure-torch svd_lowrank (s) | vs exact | vs svd_lowrank | compute floor reached |",
+        "|---|---|---|---|---|---|",
+        f"| {g['native_randomized_s']:.1f} | {g['torch_exact_s']:.1f} | {g['torch_svd_lowrank_s']:.1f} | "
+        f"{g['speedup_vs_exact']:.1f}x | {g['speedup_vs_svd_lowrank']:.2f}x | {100 * g['compute_floor_fraction']:.0f}% |",
+        "",
+        f"max relative difference of merged matrices, randomized vs exact: {g['max_relative_difference_randomized_vs_exact']:.2e}",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = f"svd_{m['date']}"
+    (args.results / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (args.results / f"{stem}.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
