@@ -20,27 +20,25 @@ at::Tensor sketch_matrix(int64_t seed, int64_t key, int64_t rows, int64_t column
   return omega;
 }
 
-// Orthonormal basis of the columns of y [..., m, l], l <= m. CholeskyQR2: two rounds of
-// Q <- Q R^-1 with R the Cholesky factor of Q^T Q formed in float64, which makes them
-// GEMM-bound and stable far beyond float32's kappa ~ 4e3 limit. Householder QR when the Gram
-// is not positive definite (a rank-deficient sketch) or the result is not orthonormal.
+// Orthonormal basis of the columns of y [..., m, l], l <= m, by CholeskyQR2: Q1 = Y R1^-1 with
+// R1 the Cholesky factor of Y^T Y formed in float64 (stable far beyond float32's kappa ~ 4e3),
+// then Q = Q1 R2^-1 in the working precision, where Q1 is already well conditioned. When either
+// Cholesky fails (a rank-deficient sketch) or R2 strays from the identity (Q1 lost
+// orthogonality), Householder QR instead. Measured on 8 x 768 x 84 (2-core CPU): 8.5 ms,
+// Householder 4.5 ms, CholeskyQR2 with both rounds in float64 and a Q^T Q check 12.6 ms; kept
+// for the GPU, where it is GEMM-bound, and so both devices run the same algorithm.
 at::Tensor orthonormal_basis(const at::Tensor& y) {
-  at::Tensor q = y;
-  bool factored = true;
-  for (int round = 0; round < 2 && factored; ++round) {
-    const at::Tensor q64 = q.to(at::kDouble);
-    auto [upper, info] = at::linalg_cholesky_ex(at::matmul(q64.mT(), q64), /*upper=*/true);
-    factored = info.eq(0).all().item<bool>();
-    if (factored) {
-      q = at::linalg_solve_triangular(upper, q64, /*upper=*/true, /*left=*/false)
-              .to(y.scalar_type());
+  const at::Tensor y64 = y.to(at::kDouble);
+  auto [r1, info1] = at::linalg_cholesky_ex(at::matmul(y64.mT(), y64), /*upper=*/true);
+  if (info1.eq(0).all().item<bool>()) {
+    const at::Tensor q1 =
+        at::linalg_solve_triangular(r1, y64, /*upper=*/true, /*left=*/false).to(y.scalar_type());
+    auto [r2, info2] = at::linalg_cholesky_ex(at::matmul(q1.mT(), q1), /*upper=*/true);
+    const bool near_identity = info2.eq(0).all().item<bool>() &&
+                               (r2.diagonal(0, -2, -1) - 1).abs().amax().item<double>() <= 1e-2;
+    if (near_identity) {
+      return at::linalg_solve_triangular(r2, q1, /*upper=*/true, /*left=*/false);
     }
-  }
-  if (factored) {
-    const at::Tensor identity = at::eye(y.size(-1), q.options());
-    const double loss = (at::matmul(q.mT(), q) - identity).abs().amax().item<double>();
-    const double tolerance = y.scalar_type() == at::kDouble ? 1e-12 : 1e-6;
-    if (loss <= tolerance) return q;
   }
   return std::get<0>(at::linalg_qr(y, "reduced"));
 }
