@@ -61,6 +61,15 @@ def machine_facts() -> dict:
     }
 
 
+def write_results(directory: Path, stem: str, result: dict, lines: list[str]) -> None:
+    """Prints the markdown table and writes it with the JSON as directory/stem.{md,json}."""
+    table = "\n".join(lines)
+    print(table)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (directory / f"{stem}.md").write_text(table + "\n")
+
+
 def io_floor(inputs: list[Path], output_bytes: int, scratch: Path) -> float:
     """Seconds to read every input file once and write output_bytes once with fsync."""
     buffer = bytearray(CHUNK)
@@ -201,12 +210,8 @@ def main() -> None:
             f"| {row['method']} | {row['wall_s']:.1f} | {row['floor_ratio']:.2f} | "
             f"{row['peak_rss_bytes'] / 1e9:.2f} GB | {over} | {row['tiled_tensors']} | {passes} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    args.results.mkdir(parents=True, exist_ok=True)
     stem = f"streaming_{info['architecture']}_{info['dtype']}_{result['machine']['date']}"
-    (args.results / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (args.results / f"{stem}.md").write_text(table + "\n")
+    write_results(args.results, stem, result, lines)
     shutil.rmtree(scratch, ignore_errors=True)
 
 

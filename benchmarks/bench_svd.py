@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -218,12 +217,7 @@ def main() -> None:
         "",
         f"max relative difference of merged matrices, randomized vs exact: {g['max_relative_difference_randomized_vs_exact']:.2e}",
     ]
-    table = "\n".join(lines)
-    print(table)
-    args.results.mkdir(parents=True, exist_ok=True)
-    stem = f"svd_{m['date']}"
-    (args.results / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (args.results / f"{stem}.md").write_text(table + "\n")
+    bench_streaming.write_results(args.results, f"svd_{m['date']}", result, lines)
 
 
 if __name__ == "__main__":
