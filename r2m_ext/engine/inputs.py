@@ -155,8 +155,8 @@ class MergeInputs:
         bits of the result, depend on --max-memory alone, never on --io-threads."""
         return self.budget.free - int(self.budget.limit * PREFETCH_SHARE)
 
-    def whole_need(self, entry: TensorPlan, extra_stacks: float = 0, fixed: int = 0) -> int:
-        return int(_numel(entry) * self.bytes_per_element(entry, extra_stacks)) + fixed
+    def whole_need(self, entry: TensorPlan, extra_stacks: float = 0) -> int:
+        return int(_numel(entry) * self.bytes_per_element(entry, extra_stacks))
 
     def fits_whole(self, entry: TensorPlan, extra_stacks: float = 0) -> bool:
         return self.whole_need(entry, extra_stacks) <= self.step_budget()
@@ -186,12 +186,12 @@ class MergeInputs:
         return base, experts
 
     def load(
-        self, name: str, extra_stacks: float = 0, fixed: int = 0, purpose: str = "merge"
+        self, name: str, extra_stacks: float = 0, purpose: str = "merge"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(base, experts [N, *shape]) of a whole tensor in the compute dtype. Raises when the
-        step (inputs, `extra_stacks` workspace stacks, `fixed` bytes more) exceeds the budget."""
+        step (inputs and `extra_stacks` workspace stacks) exceeds the budget."""
         entry = self._entries[name]
-        need = self.whole_need(entry, extra_stacks, fixed)
+        need = self.whole_need(entry, extra_stacks)
         if need > self.step_budget():
             raise R2MError(
                 f"tensor {name!r} {list(entry.shape)} needs {format_bytes(need)} to {purpose} "

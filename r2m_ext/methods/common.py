@@ -36,7 +36,7 @@ class TaskTensors(Protocol):
     def pass_over(self, items: Iterable[TensorPlan], description: str) -> Iterator[TensorPlan]: ...
 
     def load(
-        self, name: str, extra_stacks: float = 0, fixed: int = 0, purpose: str = "merge"
+        self, name: str, extra_stacks: float = 0, purpose: str = "merge"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(base [*shape], experts [N, *shape])."""
 
@@ -50,7 +50,7 @@ class TaskTensors(Protocol):
     ) -> Iterator[tuple[slice | None, torch.Tensor, list[torch.Tensor]]]:
         """(rows, base rows, [expert rows]) in the inputs' own dtype, for ops.combine."""
 
-    def whole_need(self, entry: TensorPlan, extra_stacks: float = 0, fixed: int = 0) -> int:
+    def whole_need(self, entry: TensorPlan, extra_stacks: float = 0) -> int:
         """Bytes a whole-tensor step with that workspace needs."""
 
     def fits_whole(self, entry: TensorPlan, extra_stacks: float = 0) -> bool:
