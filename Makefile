@@ -14,7 +14,7 @@ DEPS := torch:$(TORCH_PIN) numpy:numpy safetensors:safetensors yaml:pyyaml tqdm:
 NATIVE_SOURCES := $(shell find csrc python -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
 NATIVE_BUILD := build/native
 
-.PHONY: all install build demo test test-python test-native lint clean
+.PHONY: all install build demo test test-python test-native test-cuda-build lint clean
 
 all: build
 
@@ -38,7 +38,7 @@ build: .make-build
 demo: build
 	$(VPY) -m r2m_ext.demo
 
-test: lint build test-native test-python
+test: lint build test-native test-python test-cuda-build
 
 # Formatting is automatic (ruff format, clang-format); CI fails when a file is not formatted.
 lint: .make-deps
@@ -56,5 +56,33 @@ test-native:
 	cmake --build $(NATIVE_BUILD) -j 2
 	cd $(NATIVE_BUILD) && ctest --output-on-failure
 
+# The whole extension built with CUDA against the registry's CUDA 13.0 torch, in its own venv and
+# build directory (the CPU build is never touched): every CUDA source compiled and linked, the
+# result imported, and the op tests run with it. Wherever nvcc is installed, GPU or not; nvcc here
+# is a wrapper script, so CUDA_HOME is given rather than guessed from its location.
+CUDA_VENV := .venv-cuda
+CUDA_TORCH_PIN := torch==2.12.0
+CUDA_BUILD := build/cuda
+CUDA_HOME ?= /usr/local/cuda
+
+test-cuda-build: .make-deps
+	@if ! command -v nvcc >/dev/null; then echo "nvcc not found: no CUDA build"; exit 0; fi; \
+	set -e; \
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(CUDA_VENV); \
+	$(CUDA_VENV)/bin/python -c "import torch; assert torch.version.cuda" 2>/dev/null || \
+	  $(CUDA_VENV)/bin/python -m pip install -q $(CUDA_TORCH_PIN) safetensors tqdm ninja wheel; \
+	include=$$($(CUDA_VENV)/bin/python -c \
+	  "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'include'))"); \
+	CPATH=$$include CUDA_HOME=$(CUDA_HOME) R2M_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 \
+	  $(CUDA_VENV)/bin/python setup.py -q build_ext \
+	  --build-lib $(CUDA_BUILD)/lib --build-temp $(CUDA_BUILD)/temp; \
+	rm -rf $(CUDA_BUILD)/pkg; mkdir -p $(CUDA_BUILD)/pkg; cp -r r2m_ext $(CUDA_BUILD)/pkg/; \
+	cp $(CUDA_BUILD)/lib/r2m_ext/_C*.so $(CUDA_BUILD)/pkg/r2m_ext/; \
+	cd $(CUDA_BUILD)/pkg; \
+	$(CURDIR)/$(CUDA_VENV)/bin/python -c \
+	  "import r2m_ext._C as c; assert c.with_cuda; print('CUDA build imports, torch', c.torch_version)"; \
+	R2M_REQUIRE_NATIVE=1 $(CURDIR)/$(CUDA_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+	  $(CURDIR)/tests/test_ops.py $(CURDIR)/tests/test_svd.py
+
 clean:
-	rm -rf build $(VENV) .make-deps .make-build r2m_ext/_C*.so *.egg-info
+	rm -rf build $(VENV) $(CUDA_VENV) .make-deps .make-build r2m_ext/_C*.so *.egg-info
