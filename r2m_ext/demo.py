@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -103,7 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     merge_files(base_dir, expert_paths, out, "r2m", report=report, alpha=0.6)
     seconds = time.perf_counter() - started
-    command = f"r2m merge --base {base_dir} " + " ".join(f"--expert {p}" for p in expert_paths)
+    # The console script sits beside this interpreter (.venv/bin after `make`), maybe not on PATH.
+    r2m = Path(sys.executable).parent / "r2m"
+    r2m = r2m if r2m.exists() else "r2m"
+    command = f"{r2m} merge --base {base_dir} " + " ".join(f"--expert {p}" for p in expert_paths)
     print(f"\nmerged with R²M in {seconds:.2f} s, as: {command} --out {out}")
 
     base = load_file(str(base_dir / "model.safetensors"))
@@ -160,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     files = ", ".join(sorted(p.name for p in out.iterdir()))
     print(f"\nmerged model: {out}/ ({files})")
-    print(f"re-run it:    r2m merge --config {out}/r2m_recipe.yaml --out {args.dir}/again")
+    print(f"re-run it:    {r2m} merge --config {out}/r2m_recipe.yaml --out {args.dir}/again")
+    print(f"report:       {r2m} report {out}")
 
 
 if __name__ == "__main__":
