@@ -160,8 +160,10 @@ def merge_files(
     check_output_path(out, [base_path, *expert_paths], overwrite)
     if overwrite and not resume and partial_dir(out).exists():
         shutil.rmtree(partial_dir(out))
-    checkpoints = [Checkpoint(base_path), *(Checkpoint(p) for p in expert_paths)]
+    checkpoints: list[Checkpoint] = []
     try:
+        for path in [base_path, *expert_paths]:
+            checkpoints.append(Checkpoint(path))
         plan = plan_merge(
             checkpoints[0].metadata(),
             [c.metadata() for c in checkpoints[1:]],

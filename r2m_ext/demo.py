@@ -78,10 +78,6 @@ def _dot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], names) -> float
     return sum(float((a[n].double() * b[n].double()).sum()) for n in names)
 
 
-def cosine(a, b, names) -> float:
-    return _dot(a, b, names) / (_dot(a, a, names) * _dot(b, b, names)) ** 0.5
-
-
 def share_kept(update, part, names) -> float:
     """How much of `part` the update carries: the coefficient of `part` in it (1 = all of it)."""
     return _dot(update, part, names) / _dot(part, part, names)

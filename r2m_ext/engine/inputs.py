@@ -263,6 +263,9 @@ class MergeInputs:
             return False
         return self.budget.try_reserve(nbytes)
 
+    def release_kept(self, nbytes: int) -> None:
+        self.budget.release(nbytes)
+
     def _in_flight(self) -> int:
         return self._prefetcher.in_flight if self._prefetcher is not None else 0
 

@@ -60,6 +60,9 @@ class TaskTensors(Protocol):
         """Reserves `nbytes` for a cache held across passes, if `keep_free` bytes still remain
         for steps afterwards."""
 
+    def release_kept(self, nbytes: int) -> None:
+        """Returns bytes reserved by try_keep once the cache entry is used."""
+
 
 def exact_floor(ratio: float, count: int) -> int:
     """floor(ratio * count) with `ratio` read as the decimal the user wrote: 0.29 * 100 is 29,

@@ -53,6 +53,10 @@ def core_projection(gram: torch.Tensor, k: int, center: bool) -> torch.Tensor:
     return (a @ w).T
 
 
+def factor_bytes(left: torch.Tensor, right: torch.Tensor) -> int:
+    return (left.numel() + right.numel()) * left.element_size()
+
+
 def factor_gram(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """<L_i R_i^T, L_j R_j^T> for factors L [N, m, r], R [N, n, r], without forming the [N, m, n]
     products: the sum over (a, b) of (L_i^T L_j)[a, b] (R_i^T R_j)[a, b]. Float64 [N, N]."""
@@ -133,8 +137,7 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
                 energy_kept=torch.where(full_sq > 0, kept_sq / full_sq, 1.0).tolist(),
                 singular_values=singular.double().tolist(),
             )
-            cache_bytes = (left.numel() + right.numel()) * left.element_size()
-            if tensors.try_keep(cache_bytes, keep_free=largest_step):
+            if tensors.try_keep(factor_bytes(left, right), keep_free=largest_step):
                 factor_cache[entry.name] = (left, right)
         else:
             for _, base, experts in tensors.blocks(entry, extra_stacks=2):
@@ -195,6 +198,7 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
             c_weights, r_weights = weights_for(entry, tau)
             if entry.name in factor_cache:
                 left, right = factor_cache.pop(entry.name)
+                tensors.release_kept(factor_bytes(left, right))
             else:
                 left, right, _ = truncated_factors(entry, r_weights @ tau)
             with_core = base + (c_weights @ tau).reshape(entry.shape)
@@ -208,3 +212,6 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
                 base, experts, combined, 1.0, tensors.compute_dtype, entry.out_dtype
             )
             yield entry.name, rows, merged[0]
+    # Factors of tensors a resumed run had already written were never needed again.
+    for left, right in factor_cache.values():
+        tensors.release_kept(factor_bytes(left, right))
