@@ -19,7 +19,7 @@ from r2m_ext.io.checkpoint import PICKLE_SUFFIXES
 from r2m_ext.io.writer import partial_dir
 from r2m_ext.options import resolve_options
 from r2m_ext.plan import plan_merge
-from r2m_ext.recipe import RECIPE_FILE, Recipe
+from r2m_ext.recipe import RECIPE_FILE, Recipe, load_recipe
 from r2m_ext.report import REPORT_FILE
 
 DEFAULT_SHARD_SIZE = "5GB"
@@ -215,3 +215,39 @@ def merge_files(
         for checkpoint in checkpoints:
             checkpoint.close()
     return out
+
+
+def expand_files(
+    recipe: str | Path,
+    new_experts: Sequence[str | Path],
+    out: str | Path | None = None,
+    **merge_arguments: Any,
+) -> Path:
+    """Adds experts to a previous merge: the recipe's base, experts, method and options, plus
+    `new_experts`, merged again into `out` (default: the recipe's own output, which then needs
+    overwrite=True). `merge_arguments` go to `merge_files` (max_memory, overwrite, report, ...)."""
+    fields = load_recipe(recipe)
+    if not fields["base"] or not fields["experts"]:
+        raise R2MError(f"{recipe}: the recipe names no base or no experts to expand")
+    known = set(fields["experts"])
+    added = []
+    for expert in new_experts:
+        resolved = str(Path(expert).resolve())
+        if resolved in known:
+            raise R2MError(f"{expert}: already an expert of {recipe}")
+        known.add(resolved)
+        added.append(resolved)
+    if not added:
+        raise R2MError(f"{recipe}: name at least one new expert to add")
+    target = out if out is not None else fields["out"]
+    if target is None:
+        raise R2MError(f"{recipe}: the recipe has no output directory; give one")
+    return merge_files(
+        fields["base"],
+        [*fields["experts"], *added],
+        target,
+        fields["method"],
+        shard_size=fields["shard_size"] or DEFAULT_SHARD_SIZE,
+        **merge_arguments,
+        **fields["options"],
+    )

@@ -9,9 +9,21 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import torch
+
 from r2m_ext._backend import backend_info
-from r2m_ext.api import DEFAULT_IO_THREADS, DEFAULT_SHARD_SIZE, merge_files
+from r2m_ext.api import DEFAULT_IO_THREADS, DEFAULT_SHARD_SIZE, expand_files, merge_files
 from r2m_ext.classify import classify
+from r2m_ext.detect.evaluate import (
+    BUILTIN_SPEC,
+    evaluate_images,
+    find_images,
+    format_metrics,
+    load_detector,
+    save_metrics,
+)
+from r2m_ext.detect.evaluate import __doc__ as EVAL_DOC
+from r2m_ext.detect.layouts import detect_layout
 from r2m_ext.errors import R2MError
 from r2m_ext.io import Checkpoint, parse_size
 from r2m_ext.io.writer import partial_dir, tensor_nbytes
@@ -35,9 +47,12 @@ baseline. Every expert must be fine-tuned from the same base model.
   r2m merge ... --max-memory 2GB     # bound everything the merge holds
   r2m report merged/ --plot plots/   # what the merge did, with PNG plots
   r2m inspect base/                  # what is head, matrix, other, before merging
+  r2m expand merged/r2m_recipe.yaml --expert new_family/ --out merged2/   # add a specialist
+  r2m eval --checkpoint merged/ --data test_images/ --json auc.json      # AUC/AP/EER per subset
 """
 
 _OPTION_TYPES = {"int": int, "float": float, "str": str}
+EVAL_SPEC_HELP = EVAL_DOC.split("SPEC is one of\n", 1)[1].split("\n\n")[0].replace("%", "%%")
 
 
 def _size_text(count: int) -> str:
@@ -159,6 +174,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="also plot the kept singular-value spectrum of this matrix (repeatable)",
     )
 
+    expand = commands.add_parser(
+        "expand",
+        help="add experts to a previous merge and merge again",
+        description="Re-run the merge of RECIPE (its base, experts, method and options) with "
+        "the new experts appended: how a new forgery family joins a merged detector.",
+    )
+    expand.add_argument("recipe", metavar="RECIPE", help=f"the {RECIPE_FILE} of a merge")
+    expand.add_argument(
+        "--expert", metavar="PATH", action="append", required=True, help="a new expert (repeat)"
+    )
+    expand.add_argument(
+        "--out", metavar="DIR", help="output directory (default: the recipe's, with --overwrite)"
+    )
+    expand.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    expand.add_argument("--max-memory", metavar="SIZE", help="as for r2m merge")
+    expand.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="AUC, AP, EER and accuracy of a detector checkpoint per data subset",
+        description="Score labelled images with a detector and report AUC, AP, EER and accuracy "
+        "per subset. DATA is a folder tree SUBSET/real|fake/*.png|jpg or a CSV with columns "
+        "path,label,subset.\n\nSPEC is one of\n" + EVAL_SPEC_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument(
+        "--model",
+        metavar="SPEC",
+        default=BUILTIN_SPEC,
+        help=f"{BUILTIN_SPEC}, timm:NAME, transformers:TYPE or module:function "
+        f"(default: {BUILTIN_SPEC})",
+    )
+    evaluate.add_argument("--checkpoint", metavar="PATH", required=True)
+    evaluate.add_argument("--data", metavar="DIR_OR_CSV", required=True)
+    evaluate.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    evaluate.add_argument("--batch-size", type=int, default=64, metavar="N")
+    evaluate.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    evaluate.add_argument("--chart", metavar="PNG", help="also save an AUC bar chart")
+
     inspect = commands.add_parser(
         "inspect",
         help="list a checkpoint's tensors and how a merge would treat each",
@@ -233,6 +287,32 @@ def _run_report(args: argparse.Namespace) -> None:
         raise R2MError("--tensor chooses spectra to plot: add --plot DIR")
 
 
+def _run_expand(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    out = expand_files(
+        args.recipe, args.expert, args.out, overwrite=args.overwrite, max_memory=args.max_memory
+    )
+    if not args.quiet:
+        seconds = time.perf_counter() - started
+        print(f"added {len(args.expert)} expert(s) and merged again into {out} in {seconds:.1f} s")
+        print(f"  recipe: {out / RECIPE_FILE}   report: r2m report {out}")
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise R2MError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_detector(args.model, args.checkpoint)
+    subsets = find_images(args.data)
+    results = evaluate_images(model, subsets, args.batch_size, device, progress=sys.stderr.isatty())
+    print(f"{args.checkpoint} ({args.model}) on {args.data}, {device}:")
+    print(format_metrics(results))
+    save_metrics(results, args.json, args.chart)
+    for path in (args.json, args.chart):
+        if path:
+            print(f"saved {path}")
+
+
 def _run_inspect(args: argparse.Namespace) -> None:
     checkpoint = Checkpoint(args.path)
     metadata = checkpoint.metadata()
@@ -269,6 +349,8 @@ def _run_inspect(args: argparse.Namespace) -> None:
             f"{_size_text(sizes[tensor_class])}"
         )
     print(f"{'total':>9}: {len(metadata):5d} tensors, {_size_text(sum(sizes.values()))}")
+    layout = detect_layout(metadata)
+    print(f"   layout: {layout.description if layout else 'not a known detector layout'}")
 
 
 class _MergeInterrupted(Exception):
@@ -292,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
             _run_merge(args)
         elif args.command == "report":
             _run_report(args)
+        elif args.command == "expand":
+            _run_expand(args)
+        elif args.command == "eval":
+            _run_eval(args)
         else:
             _run_inspect(args)
     except R2MError as error:
