@@ -10,7 +10,7 @@ TORCH_PIN := torch==2.13.0
 # module:pip-requirement pairs; a module that imports is left alone.
 DEPS := torch:$(TORCH_PIN) numpy:numpy safetensors:safetensors yaml:pyyaml tqdm:tqdm \
         pytest:pytest pytest_benchmark:pytest-benchmark ninja:ninja ruff:ruff \
-        clang_format:clang-format wheel:wheel matplotlib:matplotlib
+        clang_format:clang-format wheel:wheel matplotlib:matplotlib PIL:pillow
 NATIVE_SOURCES := $(shell find csrc python -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
 NATIVE_BUILD := build/native
 

@@ -22,6 +22,9 @@ TORCH_LIBRARY(r2m_ext, m) {
       "ScalarType out_dtype) -> Tensor");
   // The sketch's Gaussian test matrix, rows x columns float32, a function of (seed, key) alone.
   m.def("sketch_matrix(int seed, int key, int rows, int columns) -> Tensor");
+  // Orthonormal basis of the columns of y [..., m, l] with no host synchronisation (the CUDA
+  // path of randomized_svd), in float32 (float64 for float64 y).
+  m.def("shifted_cholesky_qr3(Tensor y) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, module) {

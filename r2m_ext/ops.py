@@ -38,14 +38,23 @@ if native_module() is not None:
     def _combine_fake(base, experts, weights, base_weight, compute_dtype, out_dtype):
         return base.new_empty((weights.shape[0], *base.shape), dtype=out_dtype)
 
+    @torch.library.register_fake("r2m_ext::shifted_cholesky_qr3")
+    def _shifted_cholesky_qr3_fake(y):
+        return y.new_empty(
+            y.shape, dtype=torch.float64 if y.dtype == torch.float64 else torch.float32
+        )
+
+
+def _native_device(tensor: torch.Tensor) -> bool:
+    """Whether the built extension has kernels for the tensor's device (CUDA only if built so)."""
+    module = native_module()
+    if module is None:
+        return False
+    return tensor.device.type == "cpu" or (tensor.device.type == "cuda" and module.with_cuda)
+
 
 def _native_supports(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> bool:
-    return (
-        native_module() is not None
-        and base.device.type == "cpu"
-        and base.dtype in _NATIVE_DTYPES
-        and len(experts) > 0
-    )
+    return _native_device(base) and base.dtype in _NATIVE_DTYPES and len(experts) > 0
 
 
 def delta_gram(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -99,7 +108,7 @@ def lowrank_accumulate(
     epilogue, computed in the factors' dtype (float32/float64), returned in `out_dtype`
     (default: the factors' dtype)."""
     out_dtype = left.dtype if out_dtype is None else out_dtype
-    if native_module() is not None and base.device.type == "cpu":
+    if _native_device(base):
         return torch.ops.r2m_ext.lowrank_accumulate.default(base, left, right, weights, out_dtype)
     scaled = left * weights.to(left).view(-1, 1, 1)
     total = base.to(left.dtype) + torch.einsum("imr,inr->mn", scaled, right.to(left.dtype))
@@ -126,12 +135,13 @@ def randomized_svd(
     The Gaussian test matrix has rank + oversample columns and is a function of (seed, key)
     alone (r2m_ext uses key = reference.name_key(tensor name, shape)), the same on every device
     and memory budget. `n_iter` power iterations re-orthonormalise after every product
-    (CholeskyQR2, Householder when that loses orthogonality). float32, float64, bfloat16 and
-    float16 inputs; 16-bit inputs are factored in float32. Returns U [..., m, r],
+    (on the CPU CholeskyQR2, Householder when that loses orthogonality; on CUDA shifted
+    CholeskyQR3, which needs no check and so never waits for the device). float32, float64,
+    bfloat16 and float16 inputs; 16-bit inputs are factored in float32. Returns U [..., m, r],
     S [..., r] (descending), V [..., n, r] with r = min(rank, m, n), in float32 or float64.
     Deterministic: the same inputs give the same bits on the same device and thread count.
     """
-    if native_module() is not None and a.device.type == "cpu" and a.dtype in _NATIVE_DTYPES:
+    if _native_device(a) and a.dtype in _NATIVE_DTYPES:
         return torch.ops.r2m_ext.randomized_svd.default(a, rank, oversample, n_iter, seed, key)
     return reference.randomized_svd(a, rank, oversample, n_iter, seed, key)
 

@@ -34,4 +34,14 @@ inline int64_t combine_num_blocks(int64_t numel) {
 template <typename Acc>
 void combine_block_cpu(const CombineParams& params, int64_t block, Acc* out, Acc* scratch);
 
+#if defined(R2M_WITH_CUDA)
+// Writes every output in `out_kind` (n_outputs x numel, row-major, device memory), accumulating in
+// double or float. Here params.experts is a device array of device pointers and params.weights a
+// device array. Each element's sum runs in the CPU kernel's order with explicitly rounded
+// products and sums (no fused multiply-add), so CPU and CUDA give the same bits. Returns the
+// launch's cudaError_t (0: none).
+int combine_cuda(const CombineParams& params, bool accumulate_in_double, ScalarKind out_kind,
+                 void* out, void* stream);
+#endif
+
 }  // namespace r2m

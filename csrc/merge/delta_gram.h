@@ -36,10 +36,18 @@ void delta_gram_block_cpu(const DeltaGramParams& params, int64_t block, double* 
 void delta_gram_cpu(const DeltaGramParams& params, double* gram);
 
 #if defined(R2M_WITH_CUDA)
-// Adds the Gram of all elements into `gram` (device memory, n_experts^2 doubles).
-// `experts_device` is a device array of n_experts device pointers.
-void delta_gram_cuda(const DeltaGramParams& params, const void* const* experts_device, double* gram,
-                     void* stream);
+// Experts per tile of the CUDA reduction: a tile reads its two groups of experts once per element
+// and forms all their pair products in registers, so N <= kDeltaGramGroup experts cost one read of
+// every input (the traffic floor of ../shared/PERFORMANCE.md's Gram pass).
+constexpr int kDeltaGramGroup = 8;
+
+// Doubles of device workspace delta_gram_cuda needs (partial sums per thread block and pair).
+int64_t delta_gram_cuda_workspace(int64_t numel);
+
+// Adds the Gram of all elements into `gram` (device memory, n_experts^2 doubles, row-major).
+// Here params.experts is a device array of n_experts device pointers. Deterministic: fixed grid,
+// fixed reduction order, no floating-point atomics. Returns the launch's cudaError_t (0: none).
+int delta_gram_cuda(const DeltaGramParams& params, double* workspace, double* gram, void* stream);
 #endif
 
 }  // namespace r2m

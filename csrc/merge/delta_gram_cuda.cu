@@ -1,74 +1,127 @@
-// CUDA twin of delta_gram_cpu. Compiled by nvcc in every native build (CMakeLists.txt) so that
-// CI catches compile errors; it is not yet registered as a torch op (the CUDA issue does that and
-// measures it), so it has not run on a GPU.
+// CUDA twin of delta_gram_cpu: the fused subtract-and-reduce of the Gram pass, float64
+// accumulation, deterministic (fixed grid and reduction order, no floating-point atomics).
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
+#include "common/cuda_math.cuh"
 #include "merge/delta_gram.h"
 
 namespace r2m {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxChunksPerPair = 1024;
+constexpr int kWarps = kThreads / 32;
+constexpr int kTilePairs = kDeltaGramGroup * kDeltaGramGroup;
+// Enough blocks to fill an H200 several times over; fixed per numel so the sum order is too.
+constexpr int64_t kMaxBlocks = 1024;
 
-// blockIdx.y picks the pair (i, j), j <= i; blockIdx.x a strided share of the elements. Each
-// block writes one partial sum; a second kernel adds partials in a fixed order, so the result is
-// deterministic (no floating-point atomics).
-__global__ void delta_gram_partials_kernel(DeltaGramParams params, const void* const* experts,
-                                           double* partials) {
-  const int64_t pair = blockIdx.y;
-  int64_t i = 0;
-  while ((i + 1) * (i + 2) / 2 <= pair) ++i;
-  const int64_t j = pair - i * (i + 1) / 2;
-  double sum = 0.0;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < params.numel;
-       e += stride) {
-    const double b = load_as_double(params.base, params.kind, e);
-    const double di = load_as_double(experts[i], params.kind, e) - b;
-    const double dj = load_as_double(experts[j], params.kind, e) - b;
-    sum += di * dj;
-  }
-  __shared__ double shared[kThreads];
-  shared[threadIdx.x] = sum;
-  __syncthreads();
-  for (int width = kThreads / 2; width > 0; width /= 2) {
-    if (threadIdx.x < width) shared[threadIdx.x] += shared[threadIdx.x + width];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) partials[pair * gridDim.x + blockIdx.x] = shared[0];
+int64_t grid_blocks(int64_t numel) {
+  return std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (numel + kThreads - 1) / kThreads));
 }
 
-__global__ void delta_gram_finish_kernel(const double* partials, int64_t chunks, int64_t n,
-                                         double* gram) {
-  const int64_t pair = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (pair >= n * (n + 1) / 2) return;
-  int64_t i = 0;
-  while ((i + 1) * (i + 2) / 2 <= pair) ++i;
-  const int64_t j = pair - i * (i + 1) / 2;
+struct Tile {
+  int64_t a0, b0;  // first expert of each group
+  int na, nb;      // experts in each group (<= kDeltaGramGroup)
+  bool diagonal;   // a0 == b0: only pairs (i, j) with j <= i are needed
+};
+
+// Each thread reads base and the tile's experts once per element, forms the pair products in
+// registers, then the block reduces every pair (warp shuffles, then warps in order).
+__global__ void __launch_bounds__(kThreads)
+    delta_gram_tile_kernel(DeltaGramParams params, Tile tile, double* partials) {
+  const void* a_ptrs[kDeltaGramGroup];
+  const void* b_ptrs[kDeltaGramGroup];
+#pragma unroll
+  for (int i = 0; i < kDeltaGramGroup; ++i) {
+    a_ptrs[i] = i < tile.na ? params.experts[tile.a0 + i] : nullptr;
+    b_ptrs[i] = i < tile.nb ? params.experts[tile.b0 + i] : nullptr;
+  }
+  double acc[kDeltaGramGroup][kDeltaGramGroup];
+#pragma unroll
+  for (int i = 0; i < kDeltaGramGroup; ++i) {
+#pragma unroll
+    for (int j = 0; j < kDeltaGramGroup; ++j) acc[i][j] = 0.0;
+  }
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < params.numel;
+       e += stride) {
+    const double b = load_as_double(params.base, params.kind, e);
+    double da[kDeltaGramGroup];
+    double db[kDeltaGramGroup];
+#pragma unroll
+    for (int i = 0; i < kDeltaGramGroup; ++i) {
+      da[i] = i < tile.na ? load_as_double(a_ptrs[i], params.kind, e) - b : 0.0;
+    }
+#pragma unroll
+    for (int j = 0; j < kDeltaGramGroup; ++j) {
+      db[j] = tile.diagonal ? da[j]
+                            : (j < tile.nb ? load_as_double(b_ptrs[j], params.kind, e) - b : 0.0);
+    }
+#pragma unroll
+    for (int i = 0; i < kDeltaGramGroup; ++i) {
+#pragma unroll
+      for (int j = 0; j < kDeltaGramGroup; ++j) acc[i][j] += da[i] * db[j];
+    }
+  }
+  __shared__ double warp_sums[kWarps][kTilePairs];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int i = 0; i < kDeltaGramGroup; ++i) {
+#pragma unroll
+    for (int j = 0; j < kDeltaGramGroup; ++j) {
+      double value = acc[i][j];
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        value += __shfl_down_sync(0xffffffffu, value, offset);
+      }
+      if (lane == 0) warp_sums[warp][i * kDeltaGramGroup + j] = value;
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < kTilePairs) {
+    double sum = 0.0;
+    for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][threadIdx.x];
+    partials[static_cast<int64_t>(blockIdx.x) * kTilePairs + threadIdx.x] = sum;
+  }
+}
+
+// Sums the blocks' partials in block order and adds each pair into both halves of the Gram.
+__global__ void delta_gram_finish_kernel(const double* partials, int64_t blocks, Tile tile,
+                                         int64_t n, double* gram) {
+  const int pair = threadIdx.x;
+  const int i = pair / kDeltaGramGroup;
+  const int j = pair % kDeltaGramGroup;
+  if (pair >= kTilePairs || i >= tile.na || j >= tile.nb || (tile.diagonal && j > i)) return;
   double sum = 0.0;
-  for (int64_t c = 0; c < chunks; ++c) sum += partials[pair * chunks + c];
-  gram[i * n + j] += sum;
-  if (i != j) gram[j * n + i] += sum;
+  for (int64_t block = 0; block < blocks; ++block) sum += partials[block * kTilePairs + pair];
+  const int64_t row = tile.a0 + i;
+  const int64_t column = tile.b0 + j;
+  gram[row * n + column] += sum;
+  if (row != column) gram[column * n + row] += sum;
 }
 
 }  // namespace
 
-void delta_gram_cuda(const DeltaGramParams& params, const void* const* experts_device, double* gram,
-                     void* stream) {
-  if (params.numel == 0 || params.n_experts == 0) return;
+int64_t delta_gram_cuda_workspace(int64_t numel) { return grid_blocks(numel) * kTilePairs; }
+
+int delta_gram_cuda(const DeltaGramParams& params, double* workspace, double* gram, void* stream) {
+  if (params.numel == 0 || params.n_experts == 0) return 0;
   cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
-  const int64_t pairs = params.n_experts * (params.n_experts + 1) / 2;
-  int64_t chunks = (params.numel + kThreads - 1) / kThreads;
-  if (chunks > kMaxChunksPerPair) chunks = kMaxChunksPerPair;
-  double* partials = nullptr;
-  cudaMallocAsync(&partials, sizeof(double) * pairs * chunks, cuda_stream);
-  delta_gram_partials_kernel<<<dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(pairs)),
-                               kThreads, 0, cuda_stream>>>(params, experts_device, partials);
-  const int64_t finish_blocks = (pairs + kThreads - 1) / kThreads;
-  delta_gram_finish_kernel<<<static_cast<unsigned>(finish_blocks), kThreads, 0, cuda_stream>>>(
-      partials, chunks, params.n_experts, gram);
-  cudaFreeAsync(partials, cuda_stream);
+  const int64_t blocks = grid_blocks(params.numel);
+  // Tiles run one after another on the stream and so can share the workspace.
+  for (int64_t a0 = 0; a0 < params.n_experts; a0 += kDeltaGramGroup) {
+    for (int64_t b0 = 0; b0 <= a0; b0 += kDeltaGramGroup) {
+      const Tile tile{
+          a0, b0, static_cast<int>(std::min<int64_t>(kDeltaGramGroup, params.n_experts - a0)),
+          static_cast<int>(std::min<int64_t>(kDeltaGramGroup, params.n_experts - b0)), a0 == b0};
+      delta_gram_tile_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, cuda_stream>>>(
+          params, tile, workspace);
+      delta_gram_finish_kernel<<<1, kTilePairs, 0, cuda_stream>>>(workspace, blocks, tile,
+                                                                  params.n_experts, gram);
+    }
+  }
+  return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace r2m

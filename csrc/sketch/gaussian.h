@@ -44,4 +44,12 @@ R2M_HOST_DEVICE double sketch_gaussian(uint64_t stream, int64_t rows, int64_t ro
 // Fills out[row * columns + column] (row-major, float) for a rows x columns matrix.
 void sketch_matrix_cpu(uint64_t seed, uint64_t key, int64_t rows, int64_t columns, float* out);
 
+#if defined(R2M_WITH_CUDA)
+// The same matrix written by a CUDA kernel into device memory. Entries agree with the CPU's to
+// float rounding (the device's log and cos may differ from the host's in the last double bit).
+// Returns the launch's cudaError_t (0: none).
+int sketch_matrix_cuda(uint64_t seed, uint64_t key, int64_t rows, int64_t columns, float* out,
+                       void* stream);
+#endif
+
 }  // namespace r2m

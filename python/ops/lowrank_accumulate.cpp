@@ -26,7 +26,7 @@ at::Tensor lowrank_accumulate(const at::Tensor& base, const at::Tensor& left,
               "lowrank_accumulate: factors must be float32 or float64, got ", work);
   const int64_t tasks = left.size(0);
   const int64_t rank = left.size(2);
-  const at::Tensor scaled = left * weights.to(work).view({tasks, 1, 1});
+  const at::Tensor scaled = left * weights.to(left.options()).view({tasks, 1, 1});
   const at::Tensor side_by_side = scaled.permute({1, 0, 2}).reshape({base.size(0), tasks * rank});
   const at::Tensor stacked =
       right.to(work).permute({1, 0, 2}).reshape({base.size(1), tasks * rank});
@@ -37,5 +37,10 @@ at::Tensor lowrank_accumulate(const at::Tensor& base, const at::Tensor& left,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(r2m_ext, CPU, m) { m.impl("lowrank_accumulate", &lowrank_accumulate); }
+
+// Composed of ATen calls only (cuBLAS on the GPU), so the same body serves CUDA tensors.
+#if defined(R2M_WITH_CUDA)
+TORCH_LIBRARY_IMPL(r2m_ext, CUDA, m) { m.impl("lowrank_accumulate", &lowrank_accumulate); }
+#endif
 
 }  // namespace r2m

@@ -6,9 +6,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <tuple>
 
 #include "sketch/gaussian.h"
+
+#if defined(R2M_WITH_CUDA)
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#endif
 
 namespace r2m {
 namespace {
@@ -18,6 +25,51 @@ at::Tensor sketch_matrix(int64_t seed, int64_t key, int64_t rows, int64_t column
   sketch_matrix_cpu(static_cast<uint64_t>(seed), static_cast<uint64_t>(key), rows, columns,
                     omega.data_ptr<float>());
   return omega;
+}
+
+// The test matrix on the device of `like`: drawn there by the CUDA twin of the same generator.
+at::Tensor sketch_matrix_like(const at::Tensor& like, int64_t seed, int64_t key, int64_t rows,
+                              int64_t columns) {
+#if defined(R2M_WITH_CUDA)
+  if (like.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(like.device());
+    at::Tensor omega = at::empty({rows, columns}, like.options().dtype(at::kFloat));
+    const int error = sketch_matrix_cuda(
+        static_cast<uint64_t>(seed), static_cast<uint64_t>(key), rows, columns,
+        omega.data_ptr<float>(), at::cuda::getCurrentCUDAStream(like.device().index()).stream());
+    TORCH_CHECK(error == 0, "randomized_svd (CUDA): sketch kernel launch failed: ",
+                cudaGetErrorString(static_cast<cudaError_t>(error)));
+    return omega;
+  }
+#endif
+  TORCH_CHECK(like.is_cpu(), "randomized_svd: no sketch generator for device ", like.device());
+  return sketch_matrix(seed, key, rows, columns);
+}
+
+// Orthonormal basis of the columns of y [..., m, l] without any host synchronisation: shifted
+// CholeskyQR3 (Fukaya, Kannan, Nakatsukasa, Yamamoto and Yanagisawa 2020). The first Cholesky
+// factors Y^T Y + s I with s = 11 (m l + l (l + 1)) u ||Y||_F^2, which is positive definite for
+// any Y, so it never fails and needs no check; two CholeskyQR rounds then restore orthogonality.
+// All in float64. A floor of l * DBL_MIN on the shift keeps an all-zero Y finite (its Q is 0).
+// Used where the CPU path's failure checks would stall the device (CUDA), and tested on the CPU.
+at::Tensor shifted_cholesky_qr3(const at::Tensor& y) {
+  TORCH_CHECK(y.dim() >= 2 && y.size(-1) <= y.size(-2),
+              "shifted_cholesky_qr3: y must be [..., m, l] with l <= m, got ", y.sizes());
+  const int64_t m = y.size(-2);
+  const int64_t l = y.size(-1);
+  at::Tensor q = y.to(at::kDouble);
+  const at::Tensor identity = at::eye(l, q.options());
+  for (int round = 0; round < 3; ++round) {
+    const at::Tensor gram = at::matmul(q.mT(), q);
+    const double relative =
+        round == 0 ? 11.0 * static_cast<double>(m * l + l * (l + 1)) * DBL_EPSILON : 0.0;
+    const at::Tensor trace = gram.diagonal(0, -2, -1).sum(-1, /*keepdim=*/true).unsqueeze(-1);
+    const at::Tensor shift = trace * relative + static_cast<double>(l) * DBL_MIN;
+    const at::Tensor r =
+        std::get<0>(at::linalg_cholesky_ex(gram + shift * identity, /*upper=*/true));
+    q = at::linalg_solve_triangular(r, q, /*upper=*/true, /*left=*/false);
+  }
+  return q.to(y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
 }
 
 // Orthonormal basis of the columns of y [..., m, l], l <= m, by CholeskyQR2: Q1 = Y R1^-1 with
@@ -71,10 +123,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd(const at::Tensor& 
             at::zeros(shape({kept}), matrix.options()),
             at::zeros(shape({n, kept}), matrix.options())};
   }
-  const at::Tensor omega = sketch_matrix(seed, key, n, width).to(matrix.options());
-  at::Tensor q = orthonormal_basis(at::matmul(matrix, omega));
+  const at::Tensor omega = sketch_matrix_like(matrix, seed, key, n, width).to(matrix.options());
+  // The CPU checks CholeskyQR2 and falls back to Householder; a device must not wait for checks.
+  const auto basis = matrix.is_cpu() ? orthonormal_basis : shifted_cholesky_qr3;
+  at::Tensor q = basis(at::matmul(matrix, omega));
   for (int64_t i = 0; i < n_iter; ++i) {
-    q = orthonormal_basis(at::matmul(matrix, orthonormal_basis(at::matmul(matrix.mT(), q))));
+    q = basis(at::matmul(matrix, basis(at::matmul(matrix.mT(), q))));
   }
   auto [u_small, s, vh] = at::linalg_svd(at::matmul(q.mT(), matrix), /*full_matrices=*/false);
   return {at::matmul(q, u_small.narrow(-1, 0, kept)).contiguous(),
@@ -91,8 +145,13 @@ at::Tensor sketch_matrix_op(int64_t seed, int64_t key, int64_t rows, int64_t col
 
 TORCH_LIBRARY_IMPL(r2m_ext, CPU, m) { m.impl("randomized_svd", &randomized_svd); }
 
+#if defined(R2M_WITH_CUDA)
+TORCH_LIBRARY_IMPL(r2m_ext, CUDA, m) { m.impl("randomized_svd", &randomized_svd); }
+#endif
+
 TORCH_LIBRARY_IMPL(r2m_ext, CompositeExplicitAutograd, m) {
   m.impl("sketch_matrix", &sketch_matrix_op);
+  m.impl("shifted_cholesky_qr3", &shifted_cholesky_qr3);
 }
 
 }  // namespace r2m

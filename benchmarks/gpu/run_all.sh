@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The one script for a GPU machine (../../shared/PERFORMANCE.md): builds the extension with CUDA
+# against the machine's own torch (no internet there), runs the CUDA tests (CUDA vs CPU vs the
+# float64 reference) and the op tests, then the GPU benchmarks. Everything lands in RESULTS_DIR:
+# build.log, tests.log, gpu_ops.json, gpu_ops.md, environment.txt.
+#   benchmarks/gpu/run_all.sh [RESULTS_DIR]      (R2M_COMMIT=<sha> names the commit measured)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+RESULTS="${1:-benchmarks/results/gpu_$(date +%Y-%m-%d)}"
+mkdir -p "$RESULTS"
+PY="${PYTHON:-python3}"
+COMMIT="${R2M_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+status=0
+
+{
+  echo "commit: $COMMIT"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+  nvcc --version 2>&1 | tail -2
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+} > "$RESULTS/environment.txt" 2>&1
+cat "$RESULTS/environment.txt"
+
+echo "== build (sm_90) =="
+if ! R2M_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+    "$PY" -m pip install --no-build-isolation --no-deps -e . > "$RESULTS/build.log" 2>&1; then
+  tail -40 "$RESULTS/build.log"
+  echo "build failed: see $RESULTS/build.log"
+  exit 1
+fi
+"$PY" -c "import r2m_ext; from r2m_ext._backend import backend_info; print(backend_info())"
+
+echo "== tests =="
+R2M_REQUIRE_NATIVE=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_ops.py \
+  tests/test_svd.py > "$RESULTS/tests.log" 2>&1 || status=1
+tail -5 "$RESULTS/tests.log"
+
+echo "== benchmarks =="
+"$PY" benchmarks/gpu/bench_gpu.py --out "$RESULTS" --commit "$COMMIT" > "$RESULTS/bench.log" 2>&1 || status=1
+tail -30 "$RESULTS/bench.log"
+exit $status

@@ -1,0 +1,122 @@
+// Torch-facing CUDA entries of delta_gram and combine (kernels in csrc/merge/*_cuda.cu): checks
+// with values, device guard, allocation, early return on empty, current stream, dtype mapping,
+// launch, launch check. Device pointer arrays are staged through pinned host memory and copied on
+// the op's stream, so nothing here waits for the device.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "merge/combine.h"
+#include "merge/delta_gram.h"
+#include "ops/scalar_kind.h"
+
+namespace r2m {
+namespace {
+
+// Checks every expert against the base; returns them contiguous (kept alive by the caller).
+std::vector<at::Tensor> checked_experts(const char* op, const at::Tensor& base,
+                                        at::TensorList experts) {
+  TORCH_CHECK(!experts.empty(), op, ": needs at least one expert, got none");
+  TORCH_CHECK(base.is_cuda(), op, " (CUDA): base is on ", base.device());
+  std::vector<at::Tensor> contiguous;
+  contiguous.reserve(experts.size());
+  for (size_t i = 0; i < experts.size(); ++i) {
+    const at::Tensor& expert = experts[i];
+    TORCH_CHECK(expert.sizes() == base.sizes(), op, ": expert ", i, " has shape ", expert.sizes(),
+                " but base has shape ", base.sizes());
+    TORCH_CHECK(expert.scalar_type() == base.scalar_type(), op, ": expert ", i, " has dtype ",
+                expert.scalar_type(), " but base has dtype ", base.scalar_type());
+    TORCH_CHECK(expert.device() == base.device(), op, ": expert ", i, " is on ", expert.device(),
+                " but base is on ", base.device());
+    contiguous.push_back(expert.contiguous());
+  }
+  return contiguous;
+}
+
+// A device array of the experts' data pointers, copied from pinned memory on the current stream.
+at::Tensor device_pointer_array(const std::vector<at::Tensor>& experts, const at::Device& device) {
+  at::Tensor host = at::empty({static_cast<int64_t>(experts.size())},
+                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* data = host.data_ptr<int64_t>();
+  for (size_t i = 0; i < experts.size(); ++i) {
+    data[i] = reinterpret_cast<int64_t>(experts[i].const_data_ptr());
+  }
+  return host.to(device, /*non_blocking=*/true);
+}
+
+void check_launch(const char* op, int error) {
+  TORCH_CHECK(error == 0, op, " (CUDA): kernel launch failed: ",
+              cudaGetErrorString(static_cast<cudaError_t>(error)));
+}
+
+at::Tensor delta_gram_cuda_entry(const at::Tensor& base, at::TensorList experts) {
+  const std::vector<at::Tensor> contiguous = checked_experts("delta_gram", base, experts);
+  const ScalarKind kind = scalar_kind_of(base, "delta_gram", "base");
+  const c10::cuda::CUDAGuard guard(base.device());
+  const int64_t n = static_cast<int64_t>(experts.size());
+  at::Tensor gram = at::zeros({n, n}, base.options().dtype(at::kDouble));
+  const int64_t numel = base.numel();
+  if (numel == 0) return gram;
+  const at::Tensor base_contiguous = base.contiguous();
+  const at::Tensor pointers = device_pointer_array(contiguous, base.device());
+  at::Tensor workspace =
+      at::empty({delta_gram_cuda_workspace(numel)}, base.options().dtype(at::kDouble));
+  const DeltaGramParams params{base_contiguous.const_data_ptr(),
+                               reinterpret_cast<const void* const*>(pointers.const_data_ptr()), n,
+                               numel, kind};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(base.device().index()).stream();
+  check_launch("delta_gram", delta_gram_cuda(params, workspace.data_ptr<double>(),
+                                             gram.data_ptr<double>(), stream));
+  return gram;
+}
+
+at::Tensor combine_cuda_entry(const at::Tensor& base, at::TensorList experts,
+                              const at::Tensor& weights, double base_weight,
+                              at::ScalarType compute_dtype, at::ScalarType out_dtype) {
+  const std::vector<at::Tensor> contiguous = checked_experts("combine", base, experts);
+  const int64_t n = static_cast<int64_t>(experts.size());
+  TORCH_CHECK(weights.dim() == 2 && weights.size(1) == n, "combine: weights must be [K, ", n,
+              "] for ", n, " experts, got ", weights.sizes());
+  TORCH_CHECK(compute_dtype == at::kFloat || compute_dtype == at::kDouble,
+              "combine: compute_dtype must be float32 or float64, got ", compute_dtype);
+  TORCH_CHECK(at::isFloatingType(out_dtype), "combine: out_dtype must be floating, got ",
+              out_dtype);
+  const ScalarKind kind = scalar_kind_of(base, "combine", "base");
+  const c10::cuda::CUDAGuard guard(base.device());
+  const int64_t outputs = weights.size(0);
+  std::vector<int64_t> out_shape{outputs};
+  out_shape.insert(out_shape.end(), base.sizes().begin(), base.sizes().end());
+  at::Tensor out = at::empty(out_shape, base.options().dtype(out_dtype));
+  const ScalarKind out_kind = scalar_kind_of(out, "combine", "out_dtype");
+  const int64_t numel = base.numel();
+  if (numel == 0 || outputs == 0) return out;
+  const at::Tensor base_contiguous = base.contiguous();
+  const at::Tensor pointers = device_pointer_array(contiguous, base.device());
+  const at::Tensor weights64 =
+      weights.to(base.device(), at::kDouble, /*non_blocking=*/true).contiguous();
+  const CombineParams params{base_contiguous.const_data_ptr(),
+                             reinterpret_cast<const void* const*>(pointers.const_data_ptr()),
+                             n,
+                             numel,
+                             kind,
+                             weights64.const_data_ptr<double>(),
+                             outputs,
+                             base_weight};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(base.device().index()).stream();
+  check_launch("combine", combine_cuda(params, compute_dtype == at::kDouble, out_kind,
+                                       out.data_ptr(), stream));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(r2m_ext, CUDA, m) {
+  m.impl("delta_gram", &delta_gram_cuda_entry);
+  m.impl("combine", &combine_cuda_entry);
+}
+
+}  // namespace r2m

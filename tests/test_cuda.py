@@ -1,0 +1,137 @@
+"""CUDA twins of the native ops against the CPU kernels and the float64 reference, and the
+sync-free orthonormalisation the CUDA path uses (tested on the CPU too). CUDA cases skip where
+there is no GPU; `benchmarks/gpu/run_all.sh` runs them on one."""
+
+import pytest
+import torch
+
+from r2m_ext import ops, reference
+from r2m_ext._backend import native_module
+from r2m_ext.reference import name_key
+
+NATIVE = native_module() is not None
+CUDA = NATIVE and native_module().with_cuda and torch.cuda.is_available()
+needs_native = pytest.mark.skipif(not NATIVE, reason="r2m_ext._C is not built")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA build or no GPU")
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def _inputs(shape, n, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g, dtype=torch.float64)
+    experts = [
+        (base + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+        for _ in range(n)
+    ]
+    return base.to(dtype), experts
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "y",
+    [
+        torch.randn(300, 20, dtype=torch.float64),
+        # Condition number ~1e12: beyond plain CholeskyQR in float64's reach without the shift.
+        torch.randn(300, 20, dtype=torch.float64)
+        @ torch.diag(torch.logspace(0, -12, 20, dtype=torch.float64)),
+        # Rank 3 of 20, and all zeros.
+        torch.randn(300, 3, dtype=torch.float64) @ torch.randn(3, 20, dtype=torch.float64),
+        torch.zeros(50, 10, dtype=torch.float64),
+        torch.randn(4, 100, 12, dtype=torch.float32),
+    ],
+    ids=["gaussian", "ill-conditioned", "rank-deficient", "zero", "batched-float32"],
+)
+def test_shifted_cholesky_qr3_spans_y_orthonormally(y):
+    q = torch.ops.r2m_ext.shifted_cholesky_qr3(y)
+    assert q.shape == y.shape and torch.isfinite(q).all()
+    q64, y64 = q.double(), y.double()
+    if not y.any():
+        assert not q.any()
+        return
+    tolerance = 1e-5 if y.dtype == torch.float32 else 1e-10
+    gram = q64.mT @ q64
+    # Exactly orthonormal columns where y has rank; columns of a rank-deficient y beyond its rank
+    # are normalised rounding noise, orthogonal to the rest.
+    eye = torch.eye(y.shape[-1], dtype=torch.float64)
+    assert (gram - eye).abs().max() < tolerance
+    # Q spans y: projecting y onto Q leaves nothing.
+    residual = y64 - q64 @ (q64.mT @ y64)
+    assert residual.norm() <= 1e-5 * y64.norm()
+
+
+@needs_native
+def test_shifted_cholesky_qr3_opcheck():
+    torch.library.opcheck(torch.ops.r2m_ext.shifted_cholesky_qr3.default, (torch.randn(30, 5),))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 3, 8, 11, 17])
+@pytest.mark.parametrize("shape", [(1,), (7, 5), (3, 40000), (0,)])
+def test_delta_gram_cuda_matches_cpu_and_reference(dtype, n, shape):
+    base, experts = _inputs(shape, n, dtype)
+    cpu = ops.delta_gram(base, experts)
+    cuda = ops.delta_gram(base.cuda(), [e.cuda() for e in experts])
+    assert cuda.device.type == "cuda" and cuda.dtype == torch.float64
+    want = reference.delta_gram(base.double(), [e.double() for e in experts])
+    assert torch.allclose(cuda.cpu(), want, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(cuda.cpu(), cpu, rtol=1e-12, atol=1e-12)
+    again = ops.delta_gram(base.cuda(), [e.cuda() for e in experts])
+    assert torch.equal(cuda, again), "not deterministic"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("compute", [torch.float32, torch.float64])
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_combine_cuda_is_bitwise_the_cpu_kernel(dtype, compute, out_dtype):
+    base, experts = _inputs((37, 1000), 5, dtype)
+    weights = torch.randn(20, 5, dtype=torch.float64)  # 20 outputs: two sweeps of the kernel
+    weights[3, 2] = 0.0
+    cpu = ops.combine(base, experts, weights, 0.5, compute, out_dtype)
+    cuda = ops.combine(base.cuda(), [e.cuda() for e in experts], weights, 0.5, compute, out_dtype)
+    assert cuda.dtype == out_dtype and cuda.device.type == "cuda"
+    assert torch.equal(cuda.cpu(), cpu)
+
+
+@needs_cuda
+def test_sketch_and_randomized_svd_agree_across_devices():
+    key = name_key("blocks.0.attn.qkv.weight", (768, 768))
+    a = torch.randn(4, 300, 200, dtype=torch.float64).float()
+    u_cpu, s_cpu, v_cpu = ops.randomized_svd(a, 20, seed=3, key=key)
+    u, s, v = ops.randomized_svd(a.cuda(), 20, seed=3, key=key)
+    assert torch.allclose(s.cpu(), s_cpu, rtol=1e-4)
+    low_cpu = u_cpu @ torch.diag_embed(s_cpu) @ v_cpu.mT
+    low = (u @ torch.diag_embed(s) @ v.mT).cpu()
+    assert (low - low_cpu).norm() <= 1e-4 * low_cpu.norm()
+    eye = torch.eye(20, device="cuda")
+    assert (u.mT @ u - eye).abs().max() < 1e-5 and (v.mT @ v - eye).abs().max() < 1e-5
+
+
+@needs_cuda
+def test_lowrank_accumulate_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 48, generator=g)
+    left, right = torch.randn(3, 64, 5, generator=g), torch.randn(3, 48, 5, generator=g)
+    weights = torch.tensor([0.5, -1.0, 2.0])
+    cpu = ops.lowrank_accumulate(base, left, right, weights, torch.bfloat16)
+    cuda = ops.lowrank_accumulate(base.cuda(), left.cuda(), right.cuda(), weights, torch.bfloat16)
+    assert torch.allclose(cuda.cpu().float(), cpu.float(), rtol=1e-2, atol=1e-2)
+
+
+@needs_cuda
+def test_cuda_ops_opcheck():
+    base, experts = _inputs((33, 17), 3, torch.float32)
+    base, experts = base.cuda(), [e.cuda() for e in experts]
+    torch.library.opcheck(torch.ops.r2m_ext.delta_gram.default, (base, experts))
+    torch.library.opcheck(
+        torch.ops.r2m_ext.combine.default,
+        (base, experts, torch.ones(2, 3, dtype=torch.float64), 1.0, torch.float32, torch.bfloat16),
+    )
+
+
+@needs_cuda
+def test_cuda_errors_name_the_argument():
+    base, experts = _inputs((4, 4), 2, torch.float32)
+    with pytest.raises(RuntimeError, match=r"expert 1 is on cpu"):
+        ops.delta_gram(base.cuda(), [experts[0].cuda(), experts[1]])
