@@ -11,7 +11,7 @@ TORCH_PIN := torch==2.13.0
 DEPS := torch:$(TORCH_PIN) numpy:numpy safetensors:safetensors yaml:pyyaml tqdm:tqdm \
         pytest:pytest pytest_benchmark:pytest-benchmark ninja:ninja ruff:ruff \
         clang_format:clang-format wheel:wheel matplotlib:matplotlib PIL:pillow
-NATIVE_SOURCES := $(shell find csrc python -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
+NATIVE_SOURCES := $(shell find csrc python -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 NATIVE_BUILD := build/native
 
 .PHONY: all install build demo test test-python test-native test-cuda-build lint clean
@@ -44,7 +44,7 @@ test: lint build test-native test-python test-cuda-build
 lint: .make-deps
 	$(VENV)/bin/ruff check r2m_ext tests benchmarks setup.py
 	$(VENV)/bin/ruff format --check r2m_ext tests benchmarks setup.py
-	$(VENV)/bin/clang-format --dry-run -Werror $(filter %.cpp %.h %.cu,$(NATIVE_SOURCES))
+	$(VENV)/bin/clang-format --dry-run -Werror $(filter %.cpp %.h %.cu %.cuh,$(NATIVE_SOURCES))
 
 test-python: build
 	R2M_REQUIRE_NATIVE=1 $(VPY) -m pytest -q tests
@@ -82,7 +82,7 @@ test-cuda-build: .make-deps
 	$(CURDIR)/$(CUDA_VENV)/bin/python -c \
 	  "import r2m_ext._C as c; assert c.with_cuda; print('CUDA build imports, torch', c.torch_version)"; \
 	R2M_REQUIRE_NATIVE=1 $(CURDIR)/$(CUDA_VENV)/bin/python -m pytest -q -p no:cacheprovider \
-	  $(CURDIR)/tests/test_ops.py $(CURDIR)/tests/test_svd.py
+	  $(CURDIR)/tests/test_ops.py $(CURDIR)/tests/test_svd.py $(CURDIR)/tests/test_cuda.py
 
 clean:
 	rm -rf build $(VENV) $(CUDA_VENV) .make-deps .make-build r2m_ext/_C*.so *.egg-info

@@ -70,6 +70,7 @@ def merge(
     )
     sources = [base, *experts]
     names = ["base", *labels]
+    first = next((t for t in base.values() if isinstance(t, torch.Tensor)), None)
     inputs = MergeInputs(
         plan,
         read=lambda source, name, rows: (
@@ -79,6 +80,7 @@ def merge(
         options=resolved,
         budget=MemoryBudget(_IN_MEMORY_BUDGET),
         show_progress=progress,
+        device=first.device if first is not None else "cpu",
     )
     blocks: dict[str, list[torch.Tensor]] = {}
     for name, _, values in run_merge(plan, inputs, resolved, {} if report is None else report):
@@ -86,6 +88,20 @@ def merge(
     return {
         name: parts[0] if len(parts) == 1 else torch.cat(parts) for name, parts in blocks.items()
     }
+
+
+def _compute_device(device: str | torch.device) -> torch.device:
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise R2MError(
+            f"device {device!r} is not a device torch knows (cpu, cuda, cuda:1)"
+        ) from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise R2MError(f"device {device!r}: this torch sees no CUDA GPU")
+    if chosen.type not in ("cpu", "cuda"):
+        raise R2MError(f"device {device!r}: merges run on cpu or cuda")
+    return chosen
 
 
 def check_output_path(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
@@ -134,6 +150,7 @@ def merge_files(
     resume: bool = False,
     progress: bool = False,
     report: dict | None = None,
+    device: str = "cpu",
     **options: Any,
 ) -> Path:
     """Merges checkpoints on disk into the directory `out` (Hugging Face layout), streaming.
@@ -146,7 +163,10 @@ def merge_files(
     model.safetensors.index.json) as the merge produces it, copies config.json and other small
     non-weight files of a base directory, and writes r2m_recipe.yaml and report.json.
     All or nothing: on an error no output is left behind; after an interruption the complete
-    shards are kept beside `out`, and `resume=True` with the same recipe continues. Returns `out`.
+    shards are kept beside `out`, and `resume=True` with the same recipe continues.
+    `device="cuda"` computes on the GPU: tensors are read into page-locked buffers and copied on a
+    side stream while the previous one computes, and `max_memory` (default: half the GPU's free
+    memory) bounds GPU memory. Returns `out`.
     """
     started = time.perf_counter()
     return_large_frees_to_os()
@@ -154,7 +174,8 @@ def merge_files(
     out = Path(out)
     base_path, expert_paths = Path(base), [Path(e) for e in experts]
     shard_bytes = parse_size(shard_size)
-    budget = MemoryBudget(max_memory)
+    compute_device = _compute_device(device)
+    budget = MemoryBudget(max_memory, compute_device)
     if io_threads < 0:
         raise R2MError(f"io_threads must be >= 0, got {io_threads}")
     check_output_path(out, [base_path, *expert_paths], overwrite)
@@ -183,17 +204,20 @@ def merge_files(
         with ShardWriter(out, layout, shard_bytes, recipe.identity(), resume) as writer:
             inputs = MergeInputs(
                 plan,
-                read=lambda source, name, rows: checkpoints[source].load(name, rows),
+                read=lambda source, name, rows: checkpoints[source].load(
+                    name, rows, pinned=compute_device.type == "cuda"
+                ),
                 where=lambda source, name: checkpoints[source].file_of(name),
                 options=resolved,
                 budget=budget,
                 io_threads=io_threads,
                 show_progress=progress,
                 done=writer.done_names,
+                device=compute_device,
             )
             try:
                 for name, _, values in run_merge(plan, inputs, resolved, report, writer.done_names):
-                    writer.write(name, values)
+                    writer.write(name, values.cpu())
             finally:
                 inputs.close()
             for path in _copied_files(checkpoints[0]):

@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"threads reading the next tensors ahead (default: {DEFAULT_IO_THREADS}, 0: none)",
     )
+    merge.add_argument(
+        "--device",
+        default="cpu",
+        help="where to compute: cpu (default) or cuda; on cuda --max-memory bounds GPU memory",
+    )
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     merge.add_argument(
         "--resume",
@@ -256,6 +261,7 @@ def _run_merge(args: argparse.Namespace) -> None:
             resume=args.resume,
             progress=not args.quiet and sys.stderr.isatty(),
             report=report,
+            device=args.device,
             **options,
         )
     except KeyboardInterrupt:

@@ -26,37 +26,54 @@ def _inputs(shape, n, dtype, seed=0):
     return base.to(dtype), experts
 
 
+def _matrix(kind: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    if kind == "gaussian":
+        return randn(300, 20)
+    if kind == "ill-conditioned":
+        # Condition number 1e12: far beyond plain CholeskyQR's reach in float64 without the shift.
+        return randn(300, 20) @ torch.diag(torch.logspace(0, -12, 20, dtype=torch.float64))
+    if kind == "batched-float32":
+        return randn(4, 100, 12).float()
+    if kind == "rank-deficient":
+        return randn(300, 3) @ randn(3, 20)
+    return torch.zeros(50, 10, dtype=torch.float64)
+
+
 @needs_native
-@pytest.mark.parametrize(
-    "y",
-    [
-        torch.randn(300, 20, dtype=torch.float64),
-        # Condition number ~1e12: beyond plain CholeskyQR in float64's reach without the shift.
-        torch.randn(300, 20, dtype=torch.float64)
-        @ torch.diag(torch.logspace(0, -12, 20, dtype=torch.float64)),
-        # Rank 3 of 20, and all zeros.
-        torch.randn(300, 3, dtype=torch.float64) @ torch.randn(3, 20, dtype=torch.float64),
-        torch.zeros(50, 10, dtype=torch.float64),
-        torch.randn(4, 100, 12, dtype=torch.float32),
-    ],
-    ids=["gaussian", "ill-conditioned", "rank-deficient", "zero", "batched-float32"],
-)
-def test_shifted_cholesky_qr3_spans_y_orthonormally(y):
+@pytest.mark.parametrize("kind", ["gaussian", "ill-conditioned", "batched-float32"])
+def test_shifted_cholesky_qr3_is_an_orthonormal_basis(kind):
+    y = _matrix(kind)
     q = torch.ops.r2m_ext.shifted_cholesky_qr3(y)
-    assert q.shape == y.shape and torch.isfinite(q).all()
-    q64, y64 = q.double(), y.double()
+    assert q.shape == y.shape and q.dtype == y.dtype
+    tolerance = 1e-5 if y.dtype == torch.float32 else 1e-10
+    eye = torch.eye(y.shape[-1], dtype=torch.float64)
+    assert (q.double().mT @ q.double() - eye).abs().max() < tolerance
+    # Q spans y: projecting y onto Q leaves nothing.
+    residual = y.double() - q.double() @ (q.double().mT @ y.double())
+    assert residual.norm() <= 1e-5 * y.double().norm()
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["rank-deficient", "zero"])
+def test_shifted_cholesky_qr3_degenerate_inputs_stay_finite(kind):
+    # Columns beyond y's rank carry no direction of y; without a host-side check they need not
+    # come out orthonormal (the CPU path falls back to Householder there). They stay finite,
+    # and Q still spans y.
+    y = _matrix(kind)
+    q = torch.ops.r2m_ext.shifted_cholesky_qr3(y)
+    assert torch.isfinite(q).all()
     if not y.any():
         assert not q.any()
         return
-    tolerance = 1e-5 if y.dtype == torch.float32 else 1e-10
-    gram = q64.mT @ q64
-    # Exactly orthonormal columns where y has rank; columns of a rank-deficient y beyond its rank
-    # are normalised rounding noise, orthogonal to the rest.
-    eye = torch.eye(y.shape[-1], dtype=torch.float64)
-    assert (gram - eye).abs().max() < tolerance
-    # Q spans y: projecting y onto Q leaves nothing.
-    residual = y64 - q64 @ (q64.mT @ y64)
-    assert residual.norm() <= 1e-5 * y64.norm()
+    # Project y onto the column space of Q, from an SVD that drops Q's negligible directions.
+    u, s, _ = torch.linalg.svd(q, full_matrices=False)
+    space = u[:, s > 1e-8 * s.max()]
+    assert (y - space @ (space.mT @ y)).norm() <= 1e-8 * y.norm()
 
 
 @needs_native
@@ -135,3 +152,56 @@ def test_cuda_errors_name_the_argument():
     base, experts = _inputs((4, 4), 2, torch.float32)
     with pytest.raises(RuntimeError, match=r"expert 1 is on cpu"):
         ops.delta_gram(base.cuda(), [experts[0].cuda(), experts[1]])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    from conftest import random_model, run_cli
+    from safetensors.torch import save_file
+
+    base = {k: v for k, v in random_model().items() if v.is_floating_point()}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(base, str(tmp_path / "e.safetensors"))
+    for device, message in (("cuda", "sees no CUDA GPU"), ("tpu", "not a device torch knows")):
+        result = run_cli(
+            "merge",
+            "--base",
+            tmp_path / "base.safetensors",
+            "--expert",
+            tmp_path / "e.safetensors",
+            "--out",
+            tmp_path / device,
+            "--device",
+            device,
+        )
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert not (tmp_path / device).exists()
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", ["r2m", "average", "ties", "dare", "tsv", "cart"])
+@pytest.mark.parametrize("max_memory", [None, "40kB"])
+def test_gpu_streaming_equals_the_cpu_merge(tmp_path, method, max_memory):
+    from conftest import make_experts, random_model, relative_error
+    from safetensors.torch import load_file, save_file
+
+    from r2m_ext.api import merge_files
+
+    base = random_model()
+    paths = []
+    for index, state in enumerate([base, *make_experts(base, 3)]):
+        paths.append(tmp_path / f"m{index}.safetensors")
+        save_file(state, str(paths[-1]))
+    results = {}
+    for device in ("cpu", "cuda"):
+        out = merge_files(
+            paths[0], paths[1:], tmp_path / device, method, max_memory=max_memory, device=device
+        )
+        results[device] = load_file(str(out / "model.safetensors"))
+    for name, want in results["cpu"].items():
+        got = results["cuda"][name]
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        if want.is_floating_point():
+            assert relative_error(got, want) <= 1e-5, name
+        else:
+            assert torch.equal(got, want), name

@@ -51,7 +51,10 @@ at::Tensor sketch_matrix_like(const at::Tensor& like, int64_t seed, int64_t key,
 // factors Y^T Y + s I with s = 11 (m l + l (l + 1)) u ||Y||_F^2, which is positive definite for
 // any Y, so it never fails and needs no check; two CholeskyQR rounds then restore orthogonality.
 // All in float64. A floor of l * DBL_MIN on the shift keeps an all-zero Y finite (its Q is 0).
-// Used where the CPU path's failure checks would stall the device (CUDA), and tested on the CPU.
+// Where Y is exactly rank deficient, the columns beyond its rank span rounding noise and need
+// not come out orthonormal (no check can say so without a host synchronisation); they carry no
+// direction of Y, so U S V^T is unaffected. Used on CUDA, where the CPU path's failure checks
+// would stall the device, and tested on the CPU.
 at::Tensor shifted_cholesky_qr3(const at::Tensor& y) {
   TORCH_CHECK(y.dim() >= 2 && y.size(-1) <= y.size(-2),
               "shifted_cholesky_qr3: y must be [..., m, l] with l <= m, got ", y.sizes());

@@ -1,12 +1,15 @@
 """The memory budget (`--max-memory`): every buffer the engine holds is counted against it before
 it is allocated: input tensors (raw and in the compute dtype), method workspace, cached factors,
-prefetched tensors and output blocks."""
+prefetched tensors and output blocks. On `--device cuda` it bounds GPU memory, where all of those
+live; the host then holds only tensors read ahead and one step's raw inputs."""
 
 from __future__ import annotations
 
 import ctypes
 import resource
 import threading
+
+import torch
 
 from r2m_ext.errors import R2MError
 from r2m_ext.io.writer import parse_size
@@ -26,7 +29,11 @@ def available_memory() -> int:
     raise R2MError("cannot read available memory from /proc/meminfo; pass --max-memory")
 
 
-def default_budget() -> int:
+def default_budget(device: torch.device | None = None) -> int:
+    """Half the available host memory, or on a CUDA device half its free memory."""
+    if device is not None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * DEFAULT_FRACTION_OF_AVAILABLE)
     return int(available_memory() * DEFAULT_FRACTION_OF_AVAILABLE)
 
 
@@ -64,8 +71,8 @@ class MemoryBudget:
     """Bytes reserved by long-lived holders (caches, prefetch) and the peak of reservations plus
     the largest step. Thread-safe: the prefetcher reserves from its own threads."""
 
-    def __init__(self, limit: int | str | None):
-        self.limit = default_budget() if limit is None else parse_size(limit)
+    def __init__(self, limit: int | str | None, device: torch.device | None = None):
+        self.limit = default_budget(device) if limit is None else parse_size(limit)
         self._reserved = 0
         self.peak = 0
         self._lock = threading.Lock()

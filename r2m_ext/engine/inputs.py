@@ -1,6 +1,7 @@
 """MergeInputs: the TaskTensors source every method reads from, whole tensors or row blocks, within
 the memory budget, with a background reader that loads the next tensors of a pass while the
-current one computes."""
+current one computes. On a CUDA device the reader reads into page-locked host buffers and copies
+them to the GPU on a side stream; the compute stream waits for each copy's event."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from r2m_ext.plan import MergePlan, TensorPlan
 
 # read(source, name, rows): source 0 is the base, source i >= 1 is expert i - 1; rows None = all.
 ReadFn = Callable[[int, str, "slice | None"], torch.Tensor]
+# Tensors on their way to the compute device, and the event that marks their copies done (None
+# where nothing was copied).
+Uploaded = tuple[list[torch.Tensor], "torch.cuda.Event | None"]
 WhereFn = Callable[[int, str], str]
 
 # Share of the budget the background reader may fill with tensors loaded ahead.
@@ -54,7 +58,7 @@ class _Prefetcher:
     """Loads the raw inputs of upcoming tensors on worker threads, holding at most `allowance`
     bytes that have not been taken yet."""
 
-    def __init__(self, read_all: Callable[[str], list[torch.Tensor]], threads: int, allowance: int):
+    def __init__(self, read_all: Callable[[str], Uploaded], threads: int, allowance: int):
         self._read_all = read_all
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="r2m-read")
         self._threads = threads
@@ -77,7 +81,7 @@ class _Prefetcher:
             self.in_flight += nbytes
             self._pending[name] = (self._pool.submit(self._read_all, name), nbytes)
 
-    def take(self, name: str) -> list[torch.Tensor] | None:
+    def take(self, name: str) -> Uploaded | None:
         if name not in self._pending:
             return None
         future, nbytes = self._pending.pop(name)
@@ -112,12 +116,15 @@ class MergeInputs:
         io_threads: int = 0,
         show_progress: bool = False,
         done: set[str] | frozenset[str] = frozenset(),
+        device: torch.device | str = "cpu",
     ):
         self.body = plan.body
         self.outputs = tuple(t for t in plan.body if t.name not in done)
         self.n_experts = plan.n_experts
         self.compute_dtype = COMPUTE_DTYPES[options.compute_dtype]
         self.budget = budget
+        self.device = torch.device(device)
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.timings: dict[str, float] = {}
         self.tiled: set[str] = set()  # tensors that did not fit whole and came in row blocks
         self._entries = {t.name: t for t in plan.tensors}
@@ -162,8 +169,33 @@ class MergeInputs:
         return self.whole_need(entry, extra_stacks) <= self.step_budget()
 
     # -- reading -----------------------------------------------------------------------------
-    def _read_all(self, name: str) -> list[torch.Tensor]:
-        return [self._read(source, name, None) for source in range(self.n_experts + 1)]
+    def _read_all(self, name: str) -> Uploaded:
+        return self._upload(
+            [self._read(source, name, None) for source in range(self.n_experts + 1)]
+        )
+
+    def _upload(self, tensors: list[torch.Tensor]) -> Uploaded:
+        """Starts copying host tensors to the compute device, on the side stream so that a
+        tensor loads while the one before it computes. Tensors already there stay."""
+        if self._copy_stream is None or all(t.device == self.device for t in tensors):
+            return tensors, None
+        with torch.cuda.stream(self._copy_stream):
+            moved = [t.to(self.device, non_blocking=True) for t in tensors]
+            copied = torch.cuda.Event()
+            copied.record(self._copy_stream)
+        return moved, copied
+
+    def _ready(self, uploaded: Uploaded) -> list[torch.Tensor]:
+        """The uploaded tensors, usable on the compute stream: it waits for the copies' event
+        (the host does not), and the caching allocator learns that memory allocated on the copy
+        stream is used on the compute stream, so it is not reused before that work is done."""
+        tensors, copied = uploaded
+        if copied is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(copied)
+            for tensor in tensors:
+                tensor.record_stream(compute)
+        return tensors
 
     def _checked_raw(self, source: int, name: str, tensor: torch.Tensor, rows) -> torch.Tensor:
         key = (source, name, None if rows is None else (rows.start, rows.stop))
@@ -178,7 +210,8 @@ class MergeInputs:
         return tensor
 
     def raw(self, source: int, name: str, rows: slice | None = None) -> torch.Tensor:
-        return self._checked_raw(source, name, self._read(source, name, rows), rows)
+        (tensor,) = self._ready(self._upload([self._read(source, name, rows)]))
+        return self._checked_raw(source, name, tensor, rows)
 
     def _stack(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         base = tensors[0].to(self.compute_dtype)
@@ -203,7 +236,8 @@ class MergeInputs:
         prefetched = self._prefetcher.take(name) if self._prefetcher is not None else None
         if prefetched is None:
             prefetched = self._read_all(name)
-        checked = [self._checked_raw(s, name, t, None) for s, t in enumerate(prefetched)]
+        tensors = self._ready(prefetched)
+        checked = [self._checked_raw(s, name, t, None) for s, t in enumerate(tensors)]
         return self._stack(checked)
 
     def raw_blocks(
@@ -222,8 +256,9 @@ class MergeInputs:
             if rows is None and self._prefetcher is not None:
                 prefetched = self._prefetcher.take(entry.name)
             if prefetched is None:
-                prefetched = [self._read(s, entry.name, rows) for s in range(n + 1)]
-            checked = [self._checked_raw(s, entry.name, t, rows) for s, t in enumerate(prefetched)]
+                prefetched = self._upload([self._read(s, entry.name, rows) for s in range(n + 1)])
+            tensors = self._ready(prefetched)
+            checked = [self._checked_raw(s, entry.name, t, rows) for s, t in enumerate(tensors)]
             yield rows, checked[0], checked[1:]
 
     def _row_blocks(self, entry: TensorPlan, per_element: float) -> Iterator[slice | None]:
@@ -272,7 +307,7 @@ class MergeInputs:
     def head(self, entry: TensorPlan) -> torch.Tensor:
         if entry.head_only_in_base:
             # Spec §4: a head tensor no expert has counts as 0.
-            return torch.zeros(entry.shape, dtype=self.compute_dtype)
+            return torch.zeros(entry.shape, dtype=self.compute_dtype, device=self.device)
         total = self.raw(1, entry.name).to(self.compute_dtype).clone()
         for i in range(2, self.n_experts + 1):
             total += self.raw(i, entry.name).to(self.compute_dtype)

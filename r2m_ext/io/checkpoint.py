@@ -138,13 +138,15 @@ class Checkpoint:
     def files(self) -> list[Path]:
         return list(dict.fromkeys(self._file_of.values()))
 
-    def load(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """Tensor `name`, or rows [start, stop) of its first dimension."""
+    def load(self, name: str, rows: slice | None = None, pinned: bool = False) -> torch.Tensor:
+        """Tensor `name`, or rows [start, stop) of its first dimension (in page-locked memory
+        when `pinned`)."""
         file = self._file_of[name]
         if file in self._pickled:
             tensor = self._pickled[file][name]
-            return tensor if rows is None else tensor[rows]
-        return self._handles[file].read(name, rows)
+            tensor = tensor if rows is None else tensor[rows]
+            return tensor.pin_memory() if pinned else tensor
+        return self._handles[file].read(name, rows, pinned)
 
     def close(self) -> None:
         for handle in self._handles.values():

@@ -106,14 +106,15 @@ class SafetensorsFile:
             )
         return entries
 
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """Tensor `name`, or rows [start, stop) of its first dimension, in a buffer of its own."""
+    def read(self, name: str, rows: slice | None = None, pinned: bool = False) -> torch.Tensor:
+        """Tensor `name`, or rows [start, stop) of its first dimension, in a buffer of its own
+        (page-locked when `pinned`, so that a copy to a GPU can run asynchronously)."""
         dtype, shape, begin, end = self.entries[name]
         if rows is not None:
             row_bytes = _numel(shape[1:]) * dtype.itemsize
             begin, end = begin + rows.start * row_bytes, begin + rows.stop * row_bytes
             shape = (rows.stop - rows.start, *shape[1:])
-        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        buffer = torch.empty(end - begin, dtype=torch.uint8, pin_memory=pinned)
         view = memoryview(buffer.numpy())
         done = 0
         while done < len(view):

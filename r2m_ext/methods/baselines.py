@@ -43,7 +43,8 @@ def merge_task_arithmetic(tensors: TaskTensors, options: MergeOptions, report: d
 def ties_combine(tau: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """TIES trim / elect / disjoint mean of tau [N, ...] with per-task thresholds [N]."""
     view = (-1,) + (1,) * (tau.dim() - 1)
-    trimmed = torch.where(tau.abs() >= thresholds.view(view), tau, torch.zeros_like(tau))
+    thresholds = thresholds.to(tau.device).view(view)
+    trimmed = torch.where(tau.abs() >= thresholds, tau, torch.zeros_like(tau))
     elected = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0).to(tau)
     agrees = torch.sign(trimmed) == elected  # zeros (trimmed entries) never agree
     count = agrees.sum(0).clamp_min(1)

@@ -75,6 +75,8 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
     def rank_of(entry):
         return kept_rank(entry.shape, options.rank_ratio) if len(entry.shape) == 2 else 0
 
+    # N x N and N-sized statistics live on the host in float64, where the core, the norm matching
+    # and the report use them; on a GPU that copies a few numbers per tensor.
     gram = torch.zeros(n, n, dtype=torch.float64)
     for entry in tensors.pass_over([t for t in body if t.in_core_set], "R²M gram pass"):
         for _, base, experts in tensors.raw_blocks(entry, outputs=0):
@@ -124,13 +126,13 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
             tau = (experts - base).reshape(n, -1)
             c_weights, r_weights = weights_for(entry, tau)
             core_norm_sq += float((c_weights @ tau).double().square().sum())
-            task_sq += tau.square().sum(1).double()
+            task_sq += tau.square().sum(1).double().cpu()
             rows = r_weights @ tau
             del tau
             left, right, singular = truncated_factors(entry, rows)
-            full_sq = rows.square().sum(1).double()
+            full_sq = rows.square().sum(1).double().cpu()
             del rows
-            grams += factor_gram(left, right)
+            grams += factor_gram(left, right).cpu()
             kept_sq = grams.diagonal()
             entry_report.update(
                 rank=rank_of(entry),
@@ -145,8 +147,8 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
                 c_weights, r_weights = weights_for(entry, tau)
                 core_norm_sq += float((c_weights @ tau).double().square().sum())
                 rows = r_weights @ tau
-                grams += (rows @ rows.T).double()
-                task_sq += tau.square().sum(1).double()
+                grams += (rows @ rows.T).double().cpu()
+                task_sq += tau.square().sum(1).double().cpu()
         # Residuals at the rounding level of their task vector are noise: count them as zero.
         floor = RESIDUAL_ROUNDING_EPS * torch.finfo(tensors.compute_dtype).eps * task_sq.sqrt()
         signal = grams.diagonal().clamp_min(0).sqrt() > floor
