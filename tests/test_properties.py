@@ -183,6 +183,31 @@ def test_nonfinite_inputs_refused_unless_allowed(toy):
 
 
 @pytest.mark.parametrize(
+    "method, options",
+    [
+        ("average", {}),
+        ("task_arithmetic", {}),
+        ("task_arithmetic", {"lam": 0.0}),  # zero weights: the inputs are checked one by one
+        ("r2m", {}),
+        ("r2m", {"residual_scale": "fixed", "alpha": 0.0}),
+    ],
+)
+@pytest.mark.parametrize("source", [0, 1, 2])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("name", ["blocks.0.norm1.weight", "blocks.0.mlp.fc1.weight"])
+def test_every_nonfinite_input_is_found_and_named(toy, method, options, source, bad, name):
+    # The check of fused passes runs on what they computed (NaN and Inf propagate through it):
+    # whichever input, value, tensor class and weight, the error names the input.
+    base, experts = toy
+    inputs = [dict(base), *(dict(e) for e in experts[:2])]
+    inputs[source][name] = inputs[source][name].clone()
+    inputs[source][name].view(-1)[5] = bad
+    label = "base" if source == 0 else f"expert {source - 1}"
+    with pytest.raises(r2m_ext.R2MError, match=rf"'{name}' in {label} contains NaN or Inf"):
+        r2m_ext.merge(inputs[0], inputs[1:], method, **options)
+
+
+@pytest.mark.parametrize(
     "change,message",
     [
         (

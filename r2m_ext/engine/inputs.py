@@ -258,8 +258,28 @@ class MergeInputs:
             if prefetched is None:
                 prefetched = self._upload([self._read(s, entry.name, rows) for s in range(n + 1)])
             tensors = self._ready(prefetched)
-            checked = [self._checked_raw(s, entry.name, t, rows) for s, t in enumerate(tensors)]
-            yield rows, checked[0], checked[1:]
+            yield rows, tensors[0], tensors[1:]
+
+    def check_finite(
+        self,
+        entry: TensorPlan,
+        rows: slice | None,
+        result: torch.Tensor,
+        zero_weight_sources: Iterable[int] = (),
+    ) -> None:
+        """The NaN/Inf check of a raw block, from what was computed of it. A NaN or Inf input
+        that enters a sum, difference or product with a nonzero weight makes the result NaN or
+        Inf (Inf - Inf is NaN), and the kernels never simplify x - b algebraically; so a finite
+        result proves those inputs finite, and one reduction over the result replaces N + 1 over
+        the inputs. Sources with zero weight, and a non-finite result, are checked input by input
+        (the latter re-reads the block to name the file)."""
+        if self._allow_nonfinite:
+            return
+        suspects = list(zero_weight_sources)
+        if not all_finite(result):
+            suspects = range(self.n_experts + 1)
+        for source in suspects:
+            self.raw(source, entry.name, rows)
 
     def _row_blocks(self, entry: TensorPlan, per_element: float) -> Iterator[slice | None]:
         """None (the whole tensor) when it fits the step budget, else slices of rows that do."""

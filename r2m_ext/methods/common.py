@@ -48,7 +48,20 @@ class TaskTensors(Protocol):
     def raw_blocks(
         self, entry: TensorPlan, outputs: int = 1
     ) -> Iterator[tuple[slice | None, torch.Tensor, list[torch.Tensor]]]:
-        """(rows, base rows, [expert rows]) in the inputs' own dtype, for ops.combine."""
+        """(rows, base rows, [expert rows]) in the inputs' own dtype, for ops.combine and
+        ops.delta_gram. Not yet checked for NaN/Inf: the caller passes what it computed from
+        each block to `check_finite`."""
+
+    def check_finite(
+        self,
+        entry: TensorPlan,
+        rows: slice | None,
+        result: torch.Tensor,
+        zero_weight_sources: Iterable[int] = (),
+    ) -> None:
+        """Raises, naming the file, if an input of this raw block holds NaN or Inf. `result` is
+        what the caller computed from the block with every input (source 0 the base, i the
+        expert i - 1) entering with a nonzero weight except `zero_weight_sources`."""
 
     def whole_need(self, entry: TensorPlan, extra_stacks: float = 0) -> int:
         """Bytes a whole-tensor step with that workspace needs."""
@@ -107,8 +120,10 @@ def mean_update(tensors: TaskTensors, entry: TensorPlan, scale: float = 1.0) -> 
     """theta_0 + scale * sum_i tau_i / N, elementwise, fused (average; means of other methods)."""
     n = tensors.n_experts
     weights = torch.full((1, n), scale / n, dtype=torch.float64)
+    zero_weight = range(1, n + 1) if scale == 0 else ()
     for rows, base, experts in tensors.raw_blocks(entry):
         merged = ops.combine(base, experts, weights, 1.0, tensors.compute_dtype, entry.out_dtype)
+        tensors.check_finite(entry, rows, merged, zero_weight)
         yield entry.name, rows, merged[0]
 
 

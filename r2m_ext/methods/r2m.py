@@ -79,8 +79,10 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
     # and the report use them; on a GPU that copies a few numbers per tensor.
     gram = torch.zeros(n, n, dtype=torch.float64)
     for entry in tensors.pass_over([t for t in body if t.in_core_set], "R²M gram pass"):
-        for _, base, experts in tensors.raw_blocks(entry, outputs=0):
-            gram += ops.delta_gram(base, experts).cpu()
+        for rows, base, experts in tensors.raw_blocks(entry, outputs=0):
+            block_gram = ops.delta_gram(base, experts).cpu()
+            tensors.check_finite(entry, rows, block_gram.diagonal())
+            gram += block_gram
     projection = core_projection(gram, options.k, options.center)
     identity = torch.eye(n, dtype=torch.float64)
     mean_weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
@@ -209,10 +211,12 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
         # theta_0 + c . tau + w . (R tau) = theta_0 + (c + w R) . tau: one fused combination.
         c_weights, r_weights = weights_for(entry, weights_out)
         combined = (c_weights + weights_out @ r_weights).reshape(1, n)
+        zero_weight = [j + 1 for j in range(n) if combined[0, j] == 0]
         for rows, base, experts in tensors.raw_blocks(entry):
             merged = ops.combine(
                 base, experts, combined, 1.0, tensors.compute_dtype, entry.out_dtype
             )
+            tensors.check_finite(entry, rows, merged, zero_weight)
             yield entry.name, rows, merged[0]
     # Factors of tensors a resumed run had already written were never needed again.
     for left, right in factor_cache.values():
