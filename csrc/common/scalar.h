@@ -61,6 +61,21 @@ R2M_HOST_DEVICE float fp16_bits_to_float(uint16_t bits) {
   return out;
 }
 
+// 16-bit elements as stored, so that templates can tell the kinds apart by type.
+struct BFloat16Bits {
+  uint16_t bits;
+};
+struct Float16Bits {
+  uint16_t bits;
+};
+
+// Exact widening of one element to double, by its storage type (for loops templated on the
+// kind, where a switch per element would keep the compiler from vectorising).
+R2M_HOST_DEVICE double widen(float value) { return value; }
+R2M_HOST_DEVICE double widen(double value) { return value; }
+R2M_HOST_DEVICE double widen(BFloat16Bits value) { return bf16_bits_to_float(value.bits); }
+R2M_HOST_DEVICE double widen(Float16Bits value) { return fp16_bits_to_float(value.bits); }
+
 // Loads element `i` of a buffer of the given kind as a double.
 R2M_HOST_DEVICE double load_as_double(const void* data, ScalarKind kind, int64_t i) {
   switch (kind) {

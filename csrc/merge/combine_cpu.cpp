@@ -6,32 +6,6 @@
 namespace r2m {
 namespace {
 
-template <typename In>
-struct Widen;
-
-template <>
-struct Widen<float> {
-  static double load(const float* p, int64_t i) { return p[i]; }
-};
-template <>
-struct Widen<double> {
-  static double load(const double* p, int64_t i) { return p[i]; }
-};
-struct BFloat16Bits {
-  uint16_t bits;
-};
-struct Float16Bits {
-  uint16_t bits;
-};
-template <>
-struct Widen<BFloat16Bits> {
-  static double load(const BFloat16Bits* p, int64_t i) { return bf16_bits_to_float(p[i].bits); }
-};
-template <>
-struct Widen<Float16Bits> {
-  static double load(const Float16Bits* p, int64_t i) { return fp16_bits_to_float(p[i].bits); }
-};
-
 // One pass per expert over the block: the difference is formed once and added into every
 // output, in expert order, so each element's sum has a fixed order.
 template <typename In, typename Acc>
@@ -42,13 +16,12 @@ void combine_typed(const CombineParams& params, int64_t block, Acc* out, Acc* di
   for (int64_t k = 0; k < params.n_outputs; ++k) {
     Acc* row = out + k * params.numel + begin;
     const Acc scale = static_cast<Acc>(params.base_weight);
-    for (int64_t e = 0; e < count; ++e) row[e] = scale * static_cast<Acc>(Widen<In>::load(base, e));
+    for (int64_t e = 0; e < count; ++e) row[e] = scale * static_cast<Acc>(widen(base[e]));
   }
   for (int64_t j = 0; j < params.n_experts; ++j) {
     const In* expert = static_cast<const In*>(params.experts[j]) + begin;
     for (int64_t e = 0; e < count; ++e) {
-      diff[e] =
-          static_cast<Acc>(Widen<In>::load(expert, e)) - static_cast<Acc>(Widen<In>::load(base, e));
+      diff[e] = static_cast<Acc>(widen(expert[e])) - static_cast<Acc>(widen(base[e]));
     }
     for (int64_t k = 0; k < params.n_outputs; ++k) {
       const Acc weight = static_cast<Acc>(params.weights[k * params.n_experts + j]);

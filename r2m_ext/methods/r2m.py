@@ -57,6 +57,12 @@ def factor_bytes(left: torch.Tensor, right: torch.Tensor) -> int:
     return (left.numel() + right.numel()) * left.element_size()
 
 
+def squared_norms(rows: torch.Tensor) -> torch.Tensor:
+    """Squared norm of each row of [K, count] as float64, by one fused reduction in the rows'
+    dtype (no squared or widened copy of the rows)."""
+    return torch.linalg.vector_norm(rows, dim=-1).double().square()
+
+
 def factor_gram(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """<L_i R_i^T, L_j R_j^T> for factors L [N, m, r], R [N, n, r], without forming the [N, m, n]
     products: the sum over (a, b) of (L_i^T L_j)[a, b] (R_i^T R_j)[a, b]. Float64 [N, N]."""
@@ -127,12 +133,12 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
             base, experts = tensors.load(entry.name, whole_stacks, purpose="truncate its residuals")
             tau = (experts - base).reshape(n, -1)
             c_weights, r_weights = weights_for(entry, tau)
-            core_norm_sq += float((c_weights @ tau).double().square().sum())
-            task_sq += tau.square().sum(1).double().cpu()
+            core_norm_sq += float(squared_norms(c_weights @ tau).sum())
+            task_sq += squared_norms(tau).cpu()
             rows = r_weights @ tau
             del tau
             left, right, singular = truncated_factors(entry, rows)
-            full_sq = rows.square().sum(1).double().cpu()
+            full_sq = squared_norms(rows).cpu()
             del rows
             grams += factor_gram(left, right).cpu()
             kept_sq = grams.diagonal()
@@ -147,10 +153,10 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
             for _, base, experts in tensors.blocks(entry, extra_stacks=2):
                 tau = (experts - base).reshape(n, -1)
                 c_weights, r_weights = weights_for(entry, tau)
-                core_norm_sq += float((c_weights @ tau).double().square().sum())
+                core_norm_sq += float(squared_norms(c_weights @ tau).sum())
                 rows = r_weights @ tau
                 grams += (rows @ rows.T).double().cpu()
-                task_sq += tau.square().sum(1).double().cpu()
+                task_sq += squared_norms(tau).cpu()
         # Residuals at the rounding level of their task vector are noise: count them as zero.
         floor = RESIDUAL_ROUNDING_EPS * torch.finfo(tensors.compute_dtype).eps * task_sq.sqrt()
         signal = grams.diagonal().clamp_min(0).sqrt() > floor
