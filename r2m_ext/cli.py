@@ -199,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "eval",
         help="AUC, AP, EER and accuracy of a detector checkpoint per data subset",
-        description="Score labelled images with a detector and report AUC, AP, EER and accuracy "
-        "per subset. DATA is a folder tree SUBSET/real|fake/*.png|jpg or a CSV with columns "
+        description="Score labelled images with a detector and report AUC, AP, EER and accuracy\n"
+        "per subset. DATA is a folder tree SUBSET/real|fake/*.png|jpg or a CSV with columns\n"
         "path,label,subset.\n\nSPEC is one of\n" + EVAL_SPEC_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
