@@ -52,14 +52,27 @@ def _user_module(spec: str) -> nn.Module:
             timm = importlib.import_module("timm")
         except ImportError:
             raise R2MError(f"model {spec!r} needs timm: pip install timm") from None
-        return timm.create_model(spec.removeprefix("timm:"), pretrained=False, num_classes=2)
+        model = timm.create_model(spec.removeprefix("timm:"), pretrained=False, num_classes=2)
+        # timm records the input size and normalisation each architecture expects.
+        config = getattr(model, "pretrained_cfg", None) or {}
+        if "input_size" in config:
+            model.input_size = config["input_size"][-1]
+        if "mean" in config and "std" in config:
+            model.mean, model.std = config["mean"], config["std"]
+        return model
     if spec.startswith("transformers:"):
         try:
             transformers = importlib.import_module("transformers")
         except ImportError:
             raise R2MError(f"model {spec!r} needs transformers: pip install transformers") from None
         config = transformers.AutoConfig.for_model(spec.removeprefix("transformers:"), num_labels=2)
-        return transformers.AutoModelForImageClassification.from_config(config)
+        model = transformers.AutoModelForImageClassification.from_config(config)
+        size = getattr(config, "image_size", None) or getattr(
+            getattr(config, "vision_config", None), "image_size", None
+        )
+        if size:
+            model.input_size = size
+        return model
     module_name, _, function_name = spec.partition(":")
     if not function_name:
         raise R2MError(
@@ -130,7 +143,9 @@ def score(
     model = model.to(device)
     scores = []
     for images in batches:
-        logits = model(_prepare(model, images).to(device))
+        output = model(_prepare(model, images).to(device))
+        # transformers' models return an output object that carries the logits.
+        logits = getattr(output, "logits", output)
         scores.append(fake_probability(logits).cpu())
         if progress is not None:
             progress.update(len(images))
