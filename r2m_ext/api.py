@@ -15,6 +15,7 @@ from r2m_ext.engine import MemoryBudget, MergeInputs, run_merge
 from r2m_ext.engine.budget import peak_rss_bytes, return_large_frees_to_os
 from r2m_ext.errors import R2MError
 from r2m_ext.io import Checkpoint, ShardWriter, parse_size
+from r2m_ext.io.buffers import ReadBuffers
 from r2m_ext.io.checkpoint import PICKLE_SUFFIXES
 from r2m_ext.io.writer import partial_dir
 from r2m_ext.options import resolve_options
@@ -26,6 +27,9 @@ DEFAULT_SHARD_SIZE = "5GB"
 DEFAULT_IO_THREADS = 2
 # In memory the inputs are already resident: the budget only bounds the engine's own workspace.
 _IN_MEMORY_BUDGET = 1 << 62
+# Free read buffers kept for reuse, as a share of --max-memory: enough for one step's inputs of a
+# typical layer, and the only memory beyond the budget the engine holds on purpose.
+_RETAINED_READ_BUFFERS_SHARE = 0.125
 # Non-weight files of a base directory that are copied next to the merged weights.
 _MAX_COPIED_FILE_BYTES = 50 * 10**6
 _NOT_COPIED_SUFFIXES = (".safetensors", ".msgpack", ".h5", ".ckpt", ".onnx", *PICKLE_SUFFIXES)
@@ -182,9 +186,10 @@ def merge_files(
     if overwrite and not resume and partial_dir(out).exists():
         shutil.rmtree(partial_dir(out))
     checkpoints: list[Checkpoint] = []
+    buffers = ReadBuffers(int(budget.limit * _RETAINED_READ_BUFFERS_SHARE))
     try:
         for path in [base_path, *expert_paths]:
-            checkpoints.append(Checkpoint(path))
+            checkpoints.append(Checkpoint(path, buffers))
         plan = plan_merge(
             checkpoints[0].metadata(),
             [c.metadata() for c in checkpoints[1:]],

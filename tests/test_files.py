@@ -175,3 +175,29 @@ def test_sharded_pickle_directory(tmp_path):
     checkpoint = Checkpoint(directory)
     assert set(checkpoint.metadata()) == set(base)
     assert all(torch.equal(checkpoint.load(n), base[n]) for n in base)
+
+
+def test_read_buffers_are_reused_only_once_no_tensor_views_them():
+    import gc
+
+    from r2m_ext.io.buffers import ReadBuffers
+
+    pool = ReadBuffers(retain_bytes=1500)
+    first = pool.take(1000)
+    address = first.data_ptr()
+    alias = first.view(torch.float32)[:10]  # a view shares the buffer
+    del first
+    gc.collect()
+    second = pool.take(1000)
+    assert second.data_ptr() != address and pool.free_bytes == 0
+    del alias
+    gc.collect()
+    assert pool.free_bytes == 1000
+    # A free buffer serves reads of at least half its size, never larger ones.
+    assert pool.take(1200).data_ptr() != address
+    reused = pool.take(600)
+    assert reused.data_ptr() == address and reused.numel() == 600
+    # No more than retain_bytes of free buffers are kept.
+    del second, reused
+    gc.collect()
+    assert pool.free_bytes == 1000

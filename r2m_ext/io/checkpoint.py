@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from r2m_ext.errors import R2MError
+from r2m_ext.io.buffers import ReadBuffers
 from r2m_ext.io.safetensors_format import SafetensorsFile
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -25,8 +26,10 @@ class Checkpoint:
     """One model on disk. `metadata()` reads headers only; `load(name)` reads one tensor (or a
     block of its rows) from disk each time it is called."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, buffers: ReadBuffers | None = None):
+        """`buffers`: where tensor reads get their memory (default: a new allocation each)."""
         self.path = Path(path)
+        self._buffers = buffers
         self.label = str(path)
         if not self.path.exists():
             raise R2MError(f"{self.label}: no such file or directory")
@@ -79,7 +82,7 @@ class Checkpoint:
 
     def _index_file(self, file: Path) -> None:
         if file.suffix == ".safetensors":
-            handle = SafetensorsFile(file)
+            handle = SafetensorsFile(file, self._buffers)
             metas = {name: (shape, dtype) for name, (dtype, shape, _, _) in handle.entries.items()}
             self._handles[file] = handle
         else:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from r2m_ext.errors import R2MError
+from r2m_ext.io.buffers import ReadBuffers
 
 DTYPES = {
     "F64": torch.float64,
@@ -48,8 +49,9 @@ def _numel(shape: Sequence[int]) -> int:
 class SafetensorsFile:
     """One .safetensors file: header validated at open, tensors read on demand."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, buffers: ReadBuffers | None = None):
         self.path = Path(path)
+        self._buffers = buffers
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except OSError as error:
@@ -114,7 +116,10 @@ class SafetensorsFile:
             row_bytes = _numel(shape[1:]) * dtype.itemsize
             begin, end = begin + rows.start * row_bytes, begin + rows.stop * row_bytes
             shape = (rows.stop - rows.start, *shape[1:])
-        buffer = torch.empty(end - begin, dtype=torch.uint8, pin_memory=pinned)
+        if pinned or self._buffers is None:
+            buffer = torch.empty(end - begin, dtype=torch.uint8, pin_memory=pinned)
+        else:
+            buffer = self._buffers.take(end - begin)
         view = memoryview(buffer.numpy())
         done = 0
         while done < len(view):
