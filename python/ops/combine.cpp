@@ -9,6 +9,7 @@
 
 #include <vector>
 
+#include "ops/checks.h"
 #include "ops/scalar_kind.h"
 
 namespace r2m {
@@ -16,30 +17,13 @@ namespace r2m {
 at::Tensor combine_cpu_entry(const at::Tensor& base, at::TensorList experts,
                              const at::Tensor& weights, double base_weight,
                              at::ScalarType compute_dtype, at::ScalarType out_dtype) {
+  const std::vector<at::Tensor> contiguous = checked_experts("combine", base, experts);
   const int64_t n = static_cast<int64_t>(experts.size());
-  TORCH_CHECK(n > 0, "combine: needs at least one expert, got none");
   TORCH_CHECK(base.device().is_cpu(), "combine (CPU): base is on ", base.device());
-  TORCH_CHECK(weights.dim() == 2 && weights.size(1) == n, "combine: weights must be [K, ", n,
-              "] for ", n, " experts, got ", weights.sizes());
-  TORCH_CHECK(compute_dtype == at::kFloat || compute_dtype == at::kDouble,
-              "combine: compute_dtype must be float32 or float64, got ", compute_dtype);
-  TORCH_CHECK(at::isFloatingType(out_dtype), "combine: out_dtype must be floating, got ",
-              out_dtype);
+  check_combine_arguments(weights, n, compute_dtype, out_dtype);
   const ScalarKind kind = scalar_kind_of(base, "combine", "base");
-  std::vector<at::Tensor> contiguous;
   std::vector<const void*> pointers;
-  contiguous.reserve(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const at::Tensor& expert = experts[i];
-    TORCH_CHECK(expert.sizes() == base.sizes(), "combine: expert ", i, " has shape ",
-                expert.sizes(), " but base has shape ", base.sizes());
-    TORCH_CHECK(expert.scalar_type() == base.scalar_type(), "combine: expert ", i, " has dtype ",
-                expert.scalar_type(), " but base has dtype ", base.scalar_type());
-    TORCH_CHECK(expert.device() == base.device(), "combine: expert ", i, " is on ", expert.device(),
-                " but base is on ", base.device());
-    contiguous.push_back(expert.contiguous());
-    pointers.push_back(contiguous.back().const_data_ptr());
-  }
+  for (const at::Tensor& expert : contiguous) pointers.push_back(expert.const_data_ptr());
   const at::Tensor base_contiguous = base.contiguous();
   const at::Tensor weights64 = weights.to(at::kDouble).contiguous();
   const int64_t outputs = weights.size(0);

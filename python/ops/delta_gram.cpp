@@ -8,28 +8,17 @@
 
 #include <vector>
 
+#include "ops/checks.h"
 #include "ops/scalar_kind.h"
 
 namespace r2m {
 
 at::Tensor delta_gram_cpu_entry(const at::Tensor& base, at::TensorList experts) {
-  TORCH_CHECK(!experts.empty(), "delta_gram: needs at least one expert, got none");
+  const std::vector<at::Tensor> contiguous = checked_experts("delta_gram", base, experts);
   TORCH_CHECK(base.device().is_cpu(), "delta_gram (CPU): base is on ", base.device());
   const ScalarKind kind = scalar_kind_of(base, "delta_gram", "base");
-  std::vector<at::Tensor> contiguous;
-  contiguous.reserve(experts.size());
   std::vector<const void*> pointers;
-  for (size_t i = 0; i < experts.size(); ++i) {
-    const at::Tensor& expert = experts[i];
-    TORCH_CHECK(expert.sizes() == base.sizes(), "delta_gram: expert ", i, " has shape ",
-                expert.sizes(), " but base has shape ", base.sizes());
-    TORCH_CHECK(expert.scalar_type() == base.scalar_type(), "delta_gram: expert ", i, " has dtype ",
-                expert.scalar_type(), " but base has dtype ", base.scalar_type());
-    TORCH_CHECK(expert.device() == base.device(), "delta_gram: expert ", i, " is on ",
-                expert.device(), " but base is on ", base.device());
-    contiguous.push_back(expert.contiguous());
-    pointers.push_back(contiguous.back().const_data_ptr());
-  }
+  for (const at::Tensor& expert : contiguous) pointers.push_back(expert.const_data_ptr());
   const at::Tensor base_contiguous = base.contiguous();
   const int64_t n = static_cast<int64_t>(experts.size());
   at::Tensor gram = at::zeros({n, n}, base.options().dtype(at::kDouble));

@@ -12,30 +12,11 @@
 
 #include "merge/combine.h"
 #include "merge/delta_gram.h"
+#include "ops/checks.h"
 #include "ops/scalar_kind.h"
 
 namespace r2m {
 namespace {
-
-// Checks every expert against the base; returns them contiguous (kept alive by the caller).
-std::vector<at::Tensor> checked_experts(const char* op, const at::Tensor& base,
-                                        at::TensorList experts) {
-  TORCH_CHECK(!experts.empty(), op, ": needs at least one expert, got none");
-  TORCH_CHECK(base.is_cuda(), op, " (CUDA): base is on ", base.device());
-  std::vector<at::Tensor> contiguous;
-  contiguous.reserve(experts.size());
-  for (size_t i = 0; i < experts.size(); ++i) {
-    const at::Tensor& expert = experts[i];
-    TORCH_CHECK(expert.sizes() == base.sizes(), op, ": expert ", i, " has shape ", expert.sizes(),
-                " but base has shape ", base.sizes());
-    TORCH_CHECK(expert.scalar_type() == base.scalar_type(), op, ": expert ", i, " has dtype ",
-                expert.scalar_type(), " but base has dtype ", base.scalar_type());
-    TORCH_CHECK(expert.device() == base.device(), op, ": expert ", i, " is on ", expert.device(),
-                " but base is on ", base.device());
-    contiguous.push_back(expert.contiguous());
-  }
-  return contiguous;
-}
 
 // A device array of the experts' data pointers, copied from pinned memory on the current stream.
 at::Tensor device_pointer_array(const std::vector<at::Tensor>& experts, const at::Device& device) {
@@ -55,6 +36,7 @@ void check_launch(const char* op, int error) {
 
 at::Tensor delta_gram_cuda_entry(const at::Tensor& base, at::TensorList experts) {
   const std::vector<at::Tensor> contiguous = checked_experts("delta_gram", base, experts);
+  TORCH_CHECK(base.is_cuda(), "delta_gram (CUDA): base is on ", base.device());
   const ScalarKind kind = scalar_kind_of(base, "delta_gram", "base");
   const c10::cuda::CUDAGuard guard(base.device());
   const int64_t n = static_cast<int64_t>(experts.size());
@@ -79,12 +61,8 @@ at::Tensor combine_cuda_entry(const at::Tensor& base, at::TensorList experts,
                               at::ScalarType compute_dtype, at::ScalarType out_dtype) {
   const std::vector<at::Tensor> contiguous = checked_experts("combine", base, experts);
   const int64_t n = static_cast<int64_t>(experts.size());
-  TORCH_CHECK(weights.dim() == 2 && weights.size(1) == n, "combine: weights must be [K, ", n,
-              "] for ", n, " experts, got ", weights.sizes());
-  TORCH_CHECK(compute_dtype == at::kFloat || compute_dtype == at::kDouble,
-              "combine: compute_dtype must be float32 or float64, got ", compute_dtype);
-  TORCH_CHECK(at::isFloatingType(out_dtype), "combine: out_dtype must be floating, got ",
-              out_dtype);
+  TORCH_CHECK(base.is_cuda(), "combine (CUDA): base is on ", base.device());
+  check_combine_arguments(weights, n, compute_dtype, out_dtype);
   const ScalarKind kind = scalar_kind_of(base, "combine", "base");
   const c10::cuda::CUDAGuard guard(base.device());
   const int64_t outputs = weights.size(0);

@@ -1,0 +1,42 @@
+// Argument checks shared by the CPU and CUDA entries of the merge ops, so that both devices refuse
+// the same inputs with the same messages.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <vector>
+
+namespace r2m {
+
+// Every expert against the base (shape, dtype, device). Returns them contiguous; the caller keeps
+// the vector alive while kernels use their pointers.
+inline std::vector<at::Tensor> checked_experts(const char* op, const at::Tensor& base,
+                                               at::TensorList experts) {
+  TORCH_CHECK(!experts.empty(), op, ": needs at least one expert, got none");
+  std::vector<at::Tensor> contiguous;
+  contiguous.reserve(experts.size());
+  for (size_t i = 0; i < experts.size(); ++i) {
+    const at::Tensor& expert = experts[i];
+    TORCH_CHECK(expert.sizes() == base.sizes(), op, ": expert ", i, " has shape ", expert.sizes(),
+                " but base has shape ", base.sizes());
+    TORCH_CHECK(expert.scalar_type() == base.scalar_type(), op, ": expert ", i, " has dtype ",
+                expert.scalar_type(), " but base has dtype ", base.scalar_type());
+    TORCH_CHECK(expert.device() == base.device(), op, ": expert ", i, " is on ", expert.device(),
+                " but base is on ", base.device());
+    contiguous.push_back(expert.contiguous());
+  }
+  return contiguous;
+}
+
+inline void check_combine_arguments(const at::Tensor& weights, int64_t n_experts,
+                                    at::ScalarType compute_dtype, at::ScalarType out_dtype) {
+  TORCH_CHECK(weights.dim() == 2 && weights.size(1) == n_experts, "combine: weights must be [K, ",
+              n_experts, "] for ", n_experts, " experts, got ", weights.sizes());
+  TORCH_CHECK(compute_dtype == at::kFloat || compute_dtype == at::kDouble,
+              "combine: compute_dtype must be float32 or float64, got ", compute_dtype);
+  TORCH_CHECK(at::isFloatingType(out_dtype), "combine: out_dtype must be floating, got ",
+              out_dtype);
+}
+
+}  // namespace r2m
