@@ -228,3 +228,19 @@ def test_generators_are_deterministic_and_distinct():
             outputs.append(fakes)
         # The two generators of a family leave different artifacts on the same sources.
         assert (outputs[0] - outputs[1]).abs().mean() > 1e-3, family.name
+
+
+def test_eval_and_expand_errors_name_the_file(tmp_path):
+    canonical = _state(0)
+    save_file(to_layout(canonical, "timm"), str(tmp_path / "det.safetensors"))
+    _png(tmp_path / "data" / "real" / "a.png", 10)
+    (tmp_path / "data" / "fake").mkdir(parents=True)
+    (tmp_path / "data" / "fake" / "b.png").write_bytes(b"not a png")
+    broken = run_cli(
+        "eval", "--checkpoint", tmp_path / "det.safetensors", "--data", tmp_path / "data"
+    )
+    assert broken.returncode == 1
+    assert "b.png: cannot read image" in broken.stderr and "Traceback" not in broken.stderr
+
+    missing = run_cli("expand", tmp_path / "nowhere.yaml", "--expert", tmp_path / "det.safetensors")
+    assert missing.returncode == 1 and "nowhere.yaml: cannot read recipe" in missing.stderr
