@@ -107,7 +107,7 @@ def truncated_svd(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     return u.reshape(*batch, -1, kept), s.reshape(*batch, kept), v.reshape(*batch, -1, kept)
 
 
-def _orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
+def orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(y, mode="reduced").Q
 
 
@@ -129,9 +129,9 @@ def randomized_svd(
     m, n = a.shape[-2:]
     width = min(rank + oversample, m, n)
     omega = gaussian_test_matrix(seed, key, n, width, work, a.device)
-    q = _orthonormal_basis(a @ omega)
+    q = orthonormal_basis(a @ omega)
     for _ in range(n_iter):
-        q = _orthonormal_basis(a @ _orthonormal_basis(a.mT @ q))
+        q = orthonormal_basis(a @ orthonormal_basis(a.mT @ q))
     u_small, s, vh = torch.linalg.svd(q.mT @ a, full_matrices=False)
     kept = min(rank, width)
     return (q @ u_small)[..., :kept], s[..., :kept], vh[..., :kept, :].mT

@@ -103,14 +103,41 @@ def test_background_reader_and_budget_do_not_change_the_bytes(files, method):
 
 
 def test_tensor_too_large_for_the_budget_says_how_much_it_needs(files):
+    # The exact SVD needs the whole matrix; the randomized one can work in row blocks (below).
+    # qkv: 768 elements x 66 B = 50,688 B (N = 3, float32, 2 + 1.5 workspace stacks for the
+    # exact SVD: (3 + 1 + 10.5 + 1) x 4 + 4).
     tmp, base, experts, base_path, paths = files
     with pytest.raises(
         r2m_ext.R2MError,
-        match=r"'blocks.0.attn.qkv.weight' \[48, 16\] needs 41.47 kB to truncate its residuals"
+        match=r"'blocks.0.attn.qkv.weight' \[48, 16\] needs 50.69 kB to truncate its residuals"
         r" with 3 experts.*raise --max-memory",
     ):
-        r2m_ext.merge_files(base_path, paths, tmp / "too-small", max_memory="40kB", io_threads=0)
+        r2m_ext.merge_files(
+            base_path, paths, tmp / "too-small", max_memory="40kB", io_threads=0, svd="exact"
+        )
     assert not (tmp / "too-small").exists() and not partial_dir(tmp / "too-small").exists()
+
+
+def test_r2m_factors_matrices_too_large_to_hold_whole_in_row_blocks(files):
+    # At 40 kB qkv's whole truncation step (41,472 B) does not fit: its randomized SVD runs over
+    # row blocks of its residuals, with the same sketch, and agrees with the whole-matrix merge.
+    tmp, base, experts, base_path, paths = files
+    report = {}
+    out = r2m_ext.merge_files(
+        base_path, paths, tmp / "streamed-svd", max_memory="40kB", io_threads=0, report=report
+    )
+    assert report["tensors"]["blocks.0.attn.qkv.weight"].get("streamed") is True
+    assert report["memory"]["peak_accounted"] <= 40_000
+    want = r2m_ext.merge(base, experts, "r2m")
+    got = read_dir(out)
+    for name in want:
+        assert relative_error(got[name], want[name]) <= 1e-5, name
+    # Too small even for the thin factors and one row: a sized error, nothing written.
+    with pytest.raises(
+        r2m_ext.R2MError, match=r"needs [0-9.]+ MB to factor its residuals in row blocks"
+    ):
+        r2m_ext.merge_files(base_path, paths, tmp / "tiny", max_memory="12kB", io_threads=0)
+    assert not (tmp / "tiny").exists() and not partial_dir(tmp / "tiny").exists()
 
 
 def test_r2m_recomputes_factors_it_cannot_cache(files):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from typing import Protocol
 
@@ -130,3 +130,65 @@ def mean_update(tensors: TaskTensors, entry: TensorPlan, scale: float = 1.0) -> 
 def truncates(entry: TensorPlan, rank: int) -> bool:
     """Whether a rank-`rank` truncation changes this tensor (matrices below full rank only)."""
     return entry.tensor_class is TensorClass.MATRIX and rank < min(entry.shape)
+
+
+# [N, ...] row blocks yield their rows and the matrices' values there: [N, rows, n].
+RowBlocks = Callable[[], Iterator[tuple["slice | None", torch.Tensor]]]
+
+
+def streamed_workspace_bytes(
+    n_tasks: int, shape: tuple[int, int], rank: int, options: MergeOptions, itemsize: int
+) -> int:
+    """What `streamed_low_rank_factors` holds besides one row block: the range basis and its
+    product [N, m, l] (twice), the co-range [N, n, l] and the projected matrix [N, l, n]."""
+    m, n = shape
+    width = min(rank + options.oversample, m, n)
+    return n_tasks * itemsize * width * (2 * m + 2 * n)
+
+
+def streamed_low_rank_factors(
+    row_blocks: RowBlocks, shape: tuple[int, int], rank: int, options: MergeOptions, key: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The randomized SVD of `low_rank_factors`, for matrices too large to hold whole: each
+    product with the matrices is a pass over their row blocks (`row_blocks()` starts one), so
+    only the thin factors [N, m, l] and [N, n, l] stay in memory. The same sketch (seed and key
+    as the whole-matrix path) and the same iterations, so the result agrees with it to rounding;
+    2 n_iter + 2 passes."""
+    m, n = shape
+    width = min(rank + options.oversample, m, n)
+    omega = None
+
+    def range_of(right: torch.Tensor | None) -> torch.Tensor:
+        """Orthonormal basis of A @ right ([N, m, l]), one pass (right None: the sketch)."""
+        nonlocal omega
+        parts = []
+        for _, block in row_blocks():
+            if omega is None:
+                omega = reference.gaussian_test_matrix(
+                    options.seed,
+                    reference.name_key(key, shape),
+                    n,
+                    width,
+                    block.dtype,
+                    block.device,
+                )
+            parts.append(block @ (omega if right is None else right))
+        return reference.orthonormal_basis(torch.cat(parts, dim=1))
+
+    def accumulate(q: torch.Tensor, product) -> torch.Tensor:
+        """sum over blocks of product(q rows, block): one pass."""
+        total, start = None, 0
+        for _, block in row_blocks():
+            stop = start + block.shape[1]
+            term = product(q[:, start:stop], block)
+            total = term if total is None else total + term
+            start = stop
+        return total
+
+    q = range_of(None)
+    for _ in range(options.n_iter):
+        co_range = reference.orthonormal_basis(accumulate(q, lambda qb, b: b.mT @ qb))
+        q = range_of(co_range)
+    u_small, s, vh = torch.linalg.svd(accumulate(q, lambda qb, b: qb.mT @ b), full_matrices=False)
+    kept = min(rank, width)
+    return (q @ u_small)[..., :kept], s[..., :kept], vh[..., :kept, :].mT

@@ -12,11 +12,14 @@ from __future__ import annotations
 import torch
 
 from r2m_ext import ops
+from r2m_ext.errors import R2MError
 from r2m_ext.methods.common import (
     Merged,
     TaskTensors,
     kept_rank,
     low_rank_factors,
+    streamed_low_rank_factors,
+    streamed_workspace_bytes,
     svd_workspace_stacks,
     truncates,
 )
@@ -113,6 +116,43 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
         )
         return u * s.unsqueeze(-2), v, s
 
+    def streams(entry) -> bool:
+        """Whether a truncated matrix is factored over row blocks: it does not fit whole, and the
+        randomized SVD (the exact one needs the whole matrix) can work in passes."""
+        return options.svd == "randomized" and not tensors.fits_whole(entry, whole_stacks)
+
+    def streamed_factors(entry, on_block=None):
+        """truncated_factors of a matrix too large to hold whole, from its residuals' row blocks
+        (2 n_iter + 2 passes over its rows); `on_block(tau, c_weights, residuals)` sees each
+        block of the first pass. Its thin factors are reserved in the budget meanwhile."""
+        rank = rank_of(entry)
+        itemsize = tensors.compute_dtype.itemsize
+        need = streamed_workspace_bytes(n, entry.shape, rank, options, itemsize)
+        one_row = tensors.whole_need(entry, 2) // entry.shape[0] + 1
+        if not tensors.try_keep(need, keep_free=one_row):
+            raise R2MError(
+                f"tensor {entry.name!r} {list(entry.shape)} needs {(need + one_row) / 1e6:.2f} MB "
+                f"to factor its residuals in row blocks with {n} experts, more than --max-memory "
+                "leaves; raise --max-memory"
+            )
+        first_pass = [on_block]
+
+        def row_blocks():
+            hook, first_pass[0] = first_pass[0], None
+            for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
+                tau = (experts - base).reshape(n, -1)
+                c_weights, r_weights = weights_for(entry, tau)
+                residuals = r_weights @ tau
+                if hook is not None:
+                    hook(tau, c_weights, residuals)
+                yield rows, residuals.reshape(n, -1, entry.shape[1])
+
+        try:
+            u, s, v = streamed_low_rank_factors(row_blocks, entry.shape, rank, options, entry.name)
+        finally:
+            tensors.release_kept(need)
+        return u * s.unsqueeze(-2), v, s
+
     # Truncation pass: per tensor, the N x N Gram of its truncated residuals (every norm follows
     # from those) and, where the budget allows, the factors (rho (m + n) numbers per task);
     # factors not cached are recomputed in the write pass from the same seed, to the same bits.
@@ -129,7 +169,29 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
         grams = torch.zeros(n, n, dtype=torch.float64)
         task_sq = torch.zeros(n, dtype=torch.float64)
         entry_report = {"class": entry.tensor_class.value}
-        if entry.name in truncating:
+        if entry.name in truncating and streams(entry):
+            sums = {"core": 0.0, "task": torch.zeros(n, dtype=torch.float64), "full": 0.0}
+
+            def gather(tau, c_weights, residuals, sums=sums):
+                sums["core"] += float(squared_norms(c_weights @ tau).sum())
+                sums["task"] += squared_norms(tau).cpu()
+                sums["full"] += squared_norms(residuals).cpu()
+
+            left, right, singular = streamed_factors(entry, gather)
+            core_norm_sq += sums["core"]
+            task_sq += sums["task"]
+            full_sq = sums["full"]
+            grams += factor_gram(left, right).cpu()
+            kept_sq = grams.diagonal()
+            entry_report.update(
+                rank=rank_of(entry),
+                energy_kept=torch.where(full_sq > 0, kept_sq / full_sq, 1.0).tolist(),
+                singular_values=singular.double().tolist(),
+                streamed=True,
+            )
+            if tensors.try_keep(factor_bytes(left, right), keep_free=largest_step):
+                factor_cache[entry.name] = (left, right)
+        elif entry.name in truncating:
             base, experts = tensors.load(entry.name, whole_stacks, purpose="truncate its residuals")
             tau = (experts - base).reshape(n, -1)
             c_weights, r_weights = weights_for(entry, tau)
@@ -202,6 +264,23 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
 
     for entry in tensors.pass_over(tensors.outputs, "R²M write pass"):
         weights_out = (eta / n) * scales[entry.name]
+        if entry.name in truncating and streams(entry):
+            if entry.name in factor_cache:
+                left, right = factor_cache.pop(entry.name)
+                tensors.release_kept(factor_bytes(left, right))
+            else:
+                left, right, _ = streamed_factors(entry)
+            for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
+                tau = (experts - base).reshape(n, -1)
+                c_weights, _ = weights_for(entry, tau)
+                with_core = base + (c_weights @ tau).reshape(base.shape)
+                block_left = left if rows is None else left[:, rows]
+                yield (
+                    entry.name,
+                    rows,
+                    ops.lowrank_accumulate(with_core, block_left, right, weights_out),
+                )
+            continue
         if entry.name in truncating:
             base, experts = tensors.load(entry.name, whole_stacks, purpose="write its merge")
             tau = (experts - base).reshape(n, -1)
