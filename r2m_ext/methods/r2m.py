@@ -118,7 +118,9 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
 
     def streams(entry) -> bool:
         """Whether a truncated matrix is factored over row blocks: it does not fit whole, and the
-        randomized SVD (the exact one needs the whole matrix) can work in passes."""
+        randomized SVD (the exact one needs the whole matrix) can work in passes. Asked in the
+        truncation pass only, which records the answer in `streamed`: a recomputation in the
+        write pass then takes the same path (the same bits) whatever the budget holds by then."""
         return options.svd == "randomized" and not tensors.fits_whole(entry, whole_stacks)
 
     def streamed_factors(entry, on_block=None):
@@ -162,6 +164,7 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
         (tensors.whole_need(t, whole_stacks) for t in truncating.values()), default=0
     )
     factor_cache = {}
+    streamed = set()
     residual_grams = {}
     core_norm_sq = 0.0
     tensor_reports = report.setdefault("tensors", {})
@@ -170,6 +173,7 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
         task_sq = torch.zeros(n, dtype=torch.float64)
         entry_report = {"class": entry.tensor_class.value}
         if entry.name in truncating and streams(entry):
+            streamed.add(entry.name)
             sums = {"core": 0.0, "task": torch.zeros(n, dtype=torch.float64), "full": 0.0}
 
             def gather(tau, c_weights, residuals, sums=sums):
@@ -264,7 +268,7 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
 
     for entry in tensors.pass_over(tensors.outputs, "R²M write pass"):
         weights_out = (eta / n) * scales[entry.name]
-        if entry.name in truncating and streams(entry):
+        if entry.name in streamed:
             if entry.name in factor_cache:
                 left, right = factor_cache.pop(entry.name)
                 tensors.release_kept(factor_bytes(left, right))
