@@ -254,7 +254,8 @@ def expand_files(
 ) -> Path:
     """Adds experts to a previous merge: the recipe's base, experts, method and options, plus
     `new_experts`, merged again into `out` (default: the recipe's own output, which then needs
-    overwrite=True). `merge_arguments` go to `merge_files` (max_memory, overwrite, report, ...)."""
+    overwrite=True). `merge_arguments` go to `merge_files` (max_memory, overwrite, report, ...)
+    and override the recipe's options and shard size where they name them."""
     fields = load_recipe(recipe)
     if not fields["base"] or not fields["experts"]:
         raise R2MError(f"{recipe}: the recipe names no base or no experts to expand")
@@ -271,12 +272,12 @@ def expand_files(
     target = out if out is not None else fields["out"]
     if target is None:
         raise R2MError(f"{recipe}: the recipe has no output directory; give one")
-    return merge_files(
-        fields["base"],
-        [*fields["experts"], *added],
-        target,
-        fields["method"],
-        shard_size=fields["shard_size"] or DEFAULT_SHARD_SIZE,
-        **merge_arguments,
+    # Arguments given here override the recipe's (an option, or the shard size).
+    arguments = {
+        "shard_size": fields["shard_size"] or DEFAULT_SHARD_SIZE,
         **fields["options"],
+        **merge_arguments,
+    }
+    return merge_files(
+        fields["base"], [*fields["experts"], *added], target, fields["method"], **arguments
     )
