@@ -197,6 +197,12 @@ def test_expand_equals_merging_all_at_once(tmp_path):
     recipe = (tmp_path / "three" / "r2m_recipe.yaml").read_text()
     assert str(paths[2]) in recipe and "alpha: 0.5" in recipe
 
+    # An option given to expand_files overrides the recipe's.
+    overridden = expand_files(
+        tmp_path / "two" / "r2m_recipe.yaml", [paths[2]], tmp_path / "alpha", alpha=0.9
+    )
+    assert "alpha: 0.9" in (overridden / "r2m_recipe.yaml").read_text()
+
     with pytest.raises(R2MError, match="already an expert"):
         expand_files(tmp_path / "two" / "r2m_recipe.yaml", [paths[0]], tmp_path / "again")
     # Into the recipe's own output: refused unless --overwrite, then replaced.
