@@ -197,15 +197,19 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
                 factor_cache[entry.name] = (left, right)
         elif entry.name in truncating:
             base, experts = tensors.load(entry.name, whole_stacks, purpose="truncate its residuals")
-            tau = (experts - base).reshape(n, -1)
+            # load() gave this step its own stack: the task vectors overwrite it in place.
+            tau = experts.sub_(base).reshape(n, -1)
+            del experts
             c_weights, r_weights = weights_for(entry, tau)
-            core_norm_sq += float(squared_norms(c_weights @ tau).sum())
             task_sq += squared_norms(tau).cpu()
-            rows = r_weights @ tau
+            # The residual rows and the core update in one product (one read of tau).
+            products = torch.cat([r_weights, c_weights.reshape(1, n)]) @ tau
             del tau
+            rows = products[:n]
+            core_norm_sq += float(squared_norms(products[n:]).sum())
             left, right, singular = truncated_factors(entry, rows)
             full_sq = squared_norms(rows).cpu()
-            del rows
+            del rows, products
             grams += factor_gram(left, right).cpu()
             kept_sq = grams.diagonal()
             entry_report.update(
@@ -287,7 +291,8 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
             continue
         if entry.name in truncating:
             base, experts = tensors.load(entry.name, whole_stacks, purpose="write its merge")
-            tau = (experts - base).reshape(n, -1)
+            tau = experts.sub_(base).reshape(n, -1)
+            del experts
             c_weights, r_weights = weights_for(entry, tau)
             if entry.name in factor_cache:
                 left, right = factor_cache.pop(entry.name)
