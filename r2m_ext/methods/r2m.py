@@ -172,44 +172,38 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
         grams = torch.zeros(n, n, dtype=torch.float64)
         task_sq = torch.zeros(n, dtype=torch.float64)
         entry_report = {"class": entry.tensor_class.value}
-        if entry.name in truncating and streams(entry):
-            streamed.add(entry.name)
-            sums = {"core": 0.0, "task": torch.zeros(n, dtype=torch.float64), "full": 0.0}
+        if entry.name in truncating:
+            if streams(entry):
+                streamed.add(entry.name)
+                sums = {"core": 0.0, "task": torch.zeros(n, dtype=torch.float64), "full": 0.0}
 
-            def gather(tau, c_weights, residuals, sums=sums):
-                sums["core"] += float(squared_norms(c_weights @ tau).sum())
-                sums["task"] += squared_norms(tau).cpu()
-                sums["full"] += squared_norms(residuals).cpu()
+                def gather(tau, c_weights, residuals, sums=sums):
+                    sums["core"] += float(squared_norms(c_weights @ tau).sum())
+                    sums["task"] += squared_norms(tau).cpu()
+                    sums["full"] += squared_norms(residuals).cpu()
 
-            left, right, singular = streamed_factors(entry, gather)
-            core_norm_sq += sums["core"]
-            task_sq += sums["task"]
-            full_sq = sums["full"]
-            grams += factor_gram(left, right).cpu()
-            kept_sq = grams.diagonal()
-            entry_report.update(
-                rank=rank_of(entry),
-                energy_kept=torch.where(full_sq > 0, kept_sq / full_sq, 1.0).tolist(),
-                singular_values=singular.double().tolist(),
-                streamed=True,
-            )
-            if tensors.try_keep(factor_bytes(left, right), keep_free=largest_step):
-                factor_cache[entry.name] = (left, right)
-        elif entry.name in truncating:
-            base, experts = tensors.load(entry.name, whole_stacks, purpose="truncate its residuals")
-            # load() gave this step its own stack: the task vectors overwrite it in place.
-            tau = experts.sub_(base).reshape(n, -1)
-            del experts
-            c_weights, r_weights = weights_for(entry, tau)
-            task_sq += squared_norms(tau).cpu()
-            # The residual rows and the core update in one product (one read of tau).
-            products = torch.cat([r_weights, c_weights.reshape(1, n)]) @ tau
-            del tau
-            rows = products[:n]
-            core_norm_sq += float(squared_norms(products[n:]).sum())
-            left, right, singular = truncated_factors(entry, rows)
-            full_sq = squared_norms(rows).cpu()
-            del rows, products
+                left, right, singular = streamed_factors(entry, gather)
+                core_norm_sq += sums["core"]
+                task_sq += sums["task"]
+                full_sq = sums["full"]
+                entry_report["streamed"] = True
+            else:
+                base, experts = tensors.load(
+                    entry.name, whole_stacks, purpose="truncate its residuals"
+                )
+                # load() gave this step its own stack: the task vectors overwrite it in place.
+                tau = experts.sub_(base).reshape(n, -1)
+                del experts
+                c_weights, r_weights = weights_for(entry, tau)
+                task_sq += squared_norms(tau).cpu()
+                # The residual rows and the core update in one product (one read of tau).
+                products = torch.cat([r_weights, c_weights.reshape(1, n)]) @ tau
+                del tau
+                rows = products[:n]
+                core_norm_sq += float(squared_norms(products[n:]).sum())
+                left, right, singular = truncated_factors(entry, rows)
+                full_sq = squared_norms(rows).cpu()
+                del rows, products
             grams += factor_gram(left, right).cpu()
             kept_sq = grams.diagonal()
             entry_report.update(
