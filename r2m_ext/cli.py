@@ -24,6 +24,7 @@ from r2m_ext.detect.evaluate import (
 )
 from r2m_ext.detect.evaluate import __doc__ as EVAL_DOC
 from r2m_ext.detect.layouts import detect_layout
+from r2m_ext.engine.budget import format_bytes
 from r2m_ext.errors import R2MError
 from r2m_ext.io import Checkpoint, parse_size
 from r2m_ext.io.writer import partial_dir, tensor_nbytes
@@ -53,13 +54,6 @@ baseline. Every expert must be fine-tuned from the same base model.
 
 _OPTION_TYPES = {"int": int, "float": float, "str": str}
 EVAL_SPEC_HELP = EVAL_DOC.split("SPEC is one of\n", 1)[1].split("\n\n")[0].replace("%", "%%")
-
-
-def _size_text(count: int) -> str:
-    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if count >= size:
-            return f"{count / size:.2f} {unit}"
-    return f"{count} B"
 
 
 def _default_text(name: str) -> str:
@@ -275,7 +269,7 @@ def _run_merge(args: argparse.Namespace) -> None:
     print(backend_info())
     print(
         f"merged {len(experts)} experts with {method} into {out_path} "
-        f"({_size_text(written)}) in {seconds:.1f} s"
+        f"({format_bytes(written)}) in {seconds:.1f} s"
     )
     if "eta" in report:
         coefficients = ", ".join(f"{c:.3f}" for c in report["core_coefficients"])
@@ -337,7 +331,7 @@ def _run_inspect(args: argparse.Namespace) -> None:
                 tensor_class.value,
                 shape_text,
                 str(dtype).replace("torch.", ""),
-                _size_text(size),
+                format_bytes(size),
             )
         )
     headers = ("tensor", "class", "shape", "dtype", "size")
@@ -352,9 +346,9 @@ def _run_inspect(args: argparse.Namespace) -> None:
     for tensor_class in ("head", "matrix", "other", "non-float"):
         print(
             f"{tensor_class:>9}: {counts[tensor_class]:5d} tensors, "
-            f"{_size_text(sizes[tensor_class])}"
+            f"{format_bytes(sizes[tensor_class])}"
         )
-    print(f"{'total':>9}: {len(metadata):5d} tensors, {_size_text(sum(sizes.values()))}")
+    print(f"{'total':>9}: {len(metadata):5d} tensors, {format_bytes(sum(sizes.values()))}")
     layout = detect_layout(metadata)
     print(f"   layout: {layout.description if layout else 'not a known detector layout'}")
 
