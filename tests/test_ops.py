@@ -167,6 +167,57 @@ def test_import_works_without_the_extension_and_says_so():
     assert float(total) == 12.0  # mean task vector 2 on six entries
 
 
+def run_python(code: str, *arguments: str, **environment: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code, *arguments],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **environment},
+    )
+
+
+@needs_native
+def test_backend_variable_forces_the_pure_torch_ops_with_the_same_merge(tmp_path):
+    code = (
+        "import sys, torch, r2m_ext\n"
+        "print(r2m_ext.backend_info())\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "base = {'w': torch.randn(40, 30, generator=g), 'b': torch.randn(30, generator=g)}\n"
+        "experts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}\n"
+        "           for _ in range(3)]\n"
+        "merged = r2m_ext.merge(base, experts, 'r2m', rank_ratio=0.2)\n"
+        f"torch.save(merged, {str(tmp_path)!r} + '/' + sys.argv[1] + '.pt')\n"
+        "print('r2m_ext._C' in sys.modules)\n"
+    )
+    outputs = {}
+    for choice in ("torch", "native"):
+        result = run_python(code, choice, R2M_EXT_BACKEND=choice)
+        assert result.returncode == 0, result.stderr
+        info, loaded = result.stdout.strip().splitlines()
+        outputs[choice] = torch.load(tmp_path / f"{choice}.pt", weights_only=True)
+        if choice == "torch":
+            assert "pure-torch backend (R2M_EXT_BACKEND=torch)" in info
+            assert loaded == "False"  # the kernels were never even loaded
+        else:
+            assert "native backend" in info and loaded == "True"
+    for name, native in outputs["native"].items():
+        difference = (outputs["torch"][name] - native).norm() / native.norm()
+        assert difference < 1e-5, (name, float(difference))
+
+
+def test_backend_variable_rejects_a_missing_extension_and_unknown_values():
+    missing = run_python(
+        "import sys; sys.modules['r2m_ext._C'] = None\nimport r2m_ext\nr2m_ext.backend_info()\n",
+        R2M_EXT_BACKEND="native",
+    )
+    assert missing.returncode != 0
+    assert "R2M_EXT_BACKEND=native, but the extension r2m_ext._C cannot be loaded" in missing.stderr
+    unknown = run_python("import r2m_ext; r2m_ext.backend_info()", R2M_EXT_BACKEND="cuda")
+    assert unknown.returncode != 0
+    assert "R2M_EXT_BACKEND='cuda': expected one of auto, native, torch" in unknown.stderr
+
+
 def test_combine_by_hand():
     # base (1, 1, 1); tau_1 = (1, 0, 3), tau_2 = (0, 2, 0).
     base = torch.tensor([1.0, 1.0, 1.0])
