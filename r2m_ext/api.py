@@ -27,8 +27,9 @@ DEFAULT_SHARD_SIZE = "5GB"
 DEFAULT_IO_THREADS = 2
 # In memory the inputs are already resident: the budget only bounds the engine's own workspace.
 _IN_MEMORY_BUDGET = 1 << 62
-# Free read buffers kept for reuse, as a share of --max-memory: enough for one step's inputs of a
-# typical layer, and the only memory beyond the budget the engine holds on purpose.
+# Free read buffers (for reads that cannot be mapped) kept for reuse, as a share of --max-memory:
+# enough for one step's inputs of a typical layer, and the only memory beyond the budget the
+# engine holds on purpose.
 _RETAINED_READ_BUFFERS_SHARE = 0.125
 # Non-weight files of a base directory that are copied next to the merged weights.
 _MAX_COPIED_FILE_BYTES = 50 * 10**6

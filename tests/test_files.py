@@ -1,6 +1,8 @@
 """merge_files on real checkpoint files: every input layout, sharded output, recipe, copies."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +203,73 @@ def test_read_buffers_are_reused_only_once_no_tensor_views_them():
     del second, reused
     gc.collect()
     assert pool.free_bytes == 1000
+
+
+def mapped_files() -> list[str]:
+    with open("/proc/self/maps") as maps:
+        return [line.split()[-1] for line in maps if len(line.split()) >= 6]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_reads_map_only_the_tensor_and_unmap_it_with_the_last_view(tmp_path):
+    import gc
+
+    from safetensors.torch import save_file
+
+    from r2m_ext.io.safetensors_format import SafetensorsFile
+
+    path = tmp_path / "m.safetensors"
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.arange(40000.0).reshape(200, 200)}
+    save_file(tensors, str(path))
+    original = path.read_bytes()
+    reader = SafetensorsFile(path)
+    b = reader.read("b")
+    rows = reader.read("b", slice(10, 20))
+    assert torch.equal(b, tensors["b"]) and torch.equal(rows, tensors["b"][10:20])
+    assert torch.equal(reader.read("a"), tensors["a"])
+    assert str(path) in mapped_files()
+    # Copy-on-write: a merge may work in place on what it read; the file never changes.
+    b.mul_(-1)
+    assert torch.equal(reader.read("b"), tensors["b"]) and path.read_bytes() == original
+    column = b[:, 0]  # a view keeps the mapping
+    del b, rows
+    gc.collect()
+    assert str(path) in mapped_files()
+    del column
+    gc.collect()
+    assert str(path) not in mapped_files()
+    reader.close()
+
+
+def test_data_at_an_offset_its_dtype_cannot_map_aligned_is_read_instead(tmp_path):
+    # A header of 8k + 4 bytes puts float64 data off its 8-byte alignment: the reader falls back
+    # to a positioned read into an aligned buffer, with the same values.
+    from r2m_ext.io.safetensors_format import SafetensorsFile
+
+    values = torch.arange(5.0, dtype=torch.float64)
+    header = json.dumps(
+        {"x": {"dtype": "F64", "shape": [5], "data_offsets": [0, 40]}}, separators=(",", ":")
+    ).encode()
+    header += b" " * ((-len(header) + 4) % 8)
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + values.numpy().tobytes())
+    assert (8 + len(header)) % 8 == 4
+    reader = SafetensorsFile(path)
+    got = reader.read("x")
+    assert torch.equal(got, values) and got.data_ptr() % 8 == 0
+    reader.close()
+
+
+def test_a_file_cut_short_after_opening_gives_an_error_not_a_crash(tmp_path):
+    from safetensors.torch import save_file
+
+    from r2m_ext.errors import R2MError
+    from r2m_ext.io.safetensors_format import SafetensorsFile
+
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(64, 64)}, str(path))
+    reader = SafetensorsFile(path)
+    os.truncate(path, path.stat().st_size - 4096)
+    with pytest.raises(R2MError, match=r"m\.safetensors: file shrank while reading tensor 'w'"):
+        reader.read("w")
+    reader.close()

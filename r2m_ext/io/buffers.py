@@ -1,4 +1,5 @@
-"""Reusable host buffers for tensor reads.
+"""Reusable host buffers for positioned tensor reads (most reads map the file instead, see
+io/safetensors_format.py; these serve data whose offset does not suit its dtype's alignment).
 
 A fresh buffer for every read is a fresh mapping (the engine returns large frees to the OS, see
 engine/budget.py), and the kernel then faults in and zero-fills every 4 KB page before the read
