@@ -266,35 +266,39 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
 
     for entry in tensors.pass_over(tensors.outputs, "R²M write pass"):
         weights_out = (eta / n) * scales[entry.name]
-        if entry.name in streamed:
+        if entry.name in truncating:
             if entry.name in factor_cache:
                 left, right = factor_cache.pop(entry.name)
                 tensors.release_kept(factor_bytes(left, right))
-            else:
+            elif entry.name in streamed:
                 left, right, _ = streamed_factors(entry)
-            for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
-                tau = (experts - base).reshape(n, -1)
-                c_weights, _ = weights_for(entry, tau)
-                with_core = base + (c_weights @ tau).reshape(base.shape)
+            else:
+                # Factors the budget could not cache: recomputed from the whole residuals, with
+                # the core update from the same task vectors.
+                base, experts = tensors.load(entry.name, whole_stacks, purpose="write its merge")
+                tau = experts.sub_(base).reshape(n, -1)
+                del experts
+                c_weights, r_weights = weights_for(entry, tau)
+                left, right, _ = truncated_factors(entry, r_weights @ tau)
+                with_core = base + (c_weights @ tau).reshape(entry.shape)
+                yield entry.name, None, ops.lowrank_accumulate(with_core, left, right, weights_out)
+                continue
+            # theta_0 + tau_core in one fused pass over the raw inputs (no stack of task
+            # vectors), then the truncated residuals' low-rank update on top.
+            c_weights, _ = weights_for(entry, weights_out)
+            core_row = c_weights.reshape(1, n)
+            zero_weight = [j + 1 for j in range(n) if core_row[0, j] == 0]
+            for rows, base, experts in tensors.raw_blocks(entry):
+                with_core = ops.combine(
+                    base, experts, core_row, 1.0, tensors.compute_dtype, tensors.compute_dtype
+                )[0]
+                tensors.check_finite(entry, rows, with_core, zero_weight)
                 block_left = left if rows is None else left[:, rows]
                 yield (
                     entry.name,
                     rows,
                     ops.lowrank_accumulate(with_core, block_left, right, weights_out),
                 )
-            continue
-        if entry.name in truncating:
-            base, experts = tensors.load(entry.name, whole_stacks, purpose="write its merge")
-            tau = experts.sub_(base).reshape(n, -1)
-            del experts
-            c_weights, r_weights = weights_for(entry, tau)
-            if entry.name in factor_cache:
-                left, right = factor_cache.pop(entry.name)
-                tensors.release_kept(factor_bytes(left, right))
-            else:
-                left, right, _ = truncated_factors(entry, r_weights @ tau)
-            with_core = base + (c_weights @ tau).reshape(entry.shape)
-            yield entry.name, None, ops.lowrank_accumulate(with_core, left, right, weights_out)
             continue
         # theta_0 + c . tau + w . (R tau) = theta_0 + (c + w R) . tau: one fused combination.
         c_weights, r_weights = weights_for(entry, weights_out)
