@@ -110,6 +110,11 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
         )
         return c.to(like), r.to(like)
 
+    def subtracts_one_core(entry) -> bool:
+        """Whether every residual is its task vector less one shared update, r_i = tau_i - core
+        (R = I - 1 c^T): the core residual on S, the mean residual off it."""
+        return options.residual == "core" or not entry.in_core_set
+
     def truncated_factors(entry, residual_rows):
         u, s, v = low_rank_factors(
             residual_rows.reshape(n, *entry.shape), rank_of(entry), options, entry.name
@@ -196,14 +201,17 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
                 del experts
                 c_weights, r_weights = weights_for(entry, tau)
                 task_sq += squared_norms(tau).cpu()
-                # The residual rows and the core update in one product (one read of tau).
-                products = torch.cat([r_weights, c_weights.reshape(1, n)]) @ tau
-                del tau
-                rows = products[:n]
-                core_norm_sq += float(squared_norms(products[n:]).sum())
+                core = c_weights.reshape(1, n) @ tau
+                core_norm_sq += float(squared_norms(core).sum())
+                if subtracts_one_core(entry):
+                    # r_i = tau_i - core, in place: no second [N, m, n] buffer to fault in.
+                    rows = tau.sub_(core)
+                else:
+                    rows = r_weights @ tau
+                del tau, core
                 left, right, singular = truncated_factors(entry, rows)
                 full_sq = squared_norms(rows).cpu()
-                del rows, products
+                del rows
             grams += factor_gram(left, right).cpu()
             kept_sq = grams.diagonal()
             entry_report.update(
