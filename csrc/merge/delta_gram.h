@@ -27,8 +27,19 @@ inline int64_t delta_gram_num_blocks(int64_t numel) {
   return (numel + kDeltaGramBlock - 1) / kDeltaGramBlock;
 }
 
+// Partial sums per pair of experts in the CPU reduction, and elements per chunk of a block whose
+// differences are formed at once and stay in the L1 cache while every pair uses them (measured on
+// 8 experts of 3072 x 768: 19.1 ms at 128, 20.4 at 64, 25.4 at 512; 23.1 for whole-block rows).
+constexpr int kDeltaGramLanes = 8;
+constexpr int64_t kDeltaGramChunk = 128;
+static_assert(kDeltaGramChunk % kDeltaGramLanes == 0 && kDeltaGramBlock % kDeltaGramChunk == 0,
+              "chunks must hold whole lane groups, blocks whole chunks");
+
+// Doubles of scratch delta_gram_block_cpu needs per calling thread.
+int64_t delta_gram_scratch_doubles(int64_t n_experts);
+
 // Accumulates block `block` into `partial` (n_experts^2 doubles, row-major, overwritten).
-// `scratch` holds n_experts * kDeltaGramBlock doubles owned by the calling thread.
+// `scratch` holds delta_gram_scratch_doubles(n_experts) doubles owned by the calling thread.
 void delta_gram_block_cpu(const DeltaGramParams& params, int64_t block, double* partial,
                           double* scratch);
 

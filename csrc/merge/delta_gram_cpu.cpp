@@ -7,60 +7,82 @@ namespace r2m {
 
 namespace {
 
-// Task-vector entries of one block in double, one row per expert: the only place a difference is
-// stored, and only kDeltaGramBlock of it at a time. Templated on the storage type so the loop
-// has no per-element switch and vectorises.
+// Task-vector entries of `count` elements in double, one row of `stride` per expert: the only
+// place a difference is stored. Templated on the storage type so the loop has no per-element
+// switch and vectorises.
 template <typename In>
-void task_rows(const DeltaGramParams& params, int64_t begin, int64_t count, double* scratch) {
+void task_rows(const DeltaGramParams& params, int64_t begin, int64_t count, int64_t stride,
+               double* rows) {
   const In* base = static_cast<const In*>(params.base) + begin;
   for (int64_t i = 0; i < params.n_experts; ++i) {
     const In* expert = static_cast<const In*>(params.experts[i]) + begin;
-    double* row = scratch + i * kDeltaGramBlock;
+    double* row = rows + i * stride;
     for (int64_t e = 0; e < count; ++e) row[e] = widen(expert[e]) - widen(base[e]);
   }
 }
 
-// Independent partial sums of a dot product. One running sum serialises every add on the
-// previous one; kLanes of them, added in a fixed order at the end, keep the result the same
-// for any thread count and let the compiler use vector registers.
-constexpr int kLanes = 8;
-
-double dot(const double* a, const double* b, int64_t count) {
-  double lanes[kLanes] = {};
-  int64_t e = 0;
-  for (; e + kLanes <= count; e += kLanes) {
-    for (int k = 0; k < kLanes; ++k) lanes[k] += a[e + k] * b[e + k];
+void task_rows_of(const DeltaGramParams& params, int64_t begin, int64_t count, int64_t stride,
+                  double* rows) {
+  switch (params.kind) {
+    case ScalarKind::kFloat32:
+      return task_rows<float>(params, begin, count, stride, rows);
+    case ScalarKind::kFloat64:
+      return task_rows<double>(params, begin, count, stride, rows);
+    case ScalarKind::kBFloat16:
+      return task_rows<BFloat16Bits>(params, begin, count, stride, rows);
+    case ScalarKind::kFloat16:
+      return task_rows<Float16Bits>(params, begin, count, stride, rows);
   }
-  double sum = 0.0;
-  for (int k = 0; k < kLanes; ++k) sum += lanes[k];
-  for (; e < count; ++e) sum += a[e] * b[e];
-  return sum;
 }
 
 }  // namespace
 
+int64_t delta_gram_scratch_doubles(int64_t n_experts) {
+  return n_experts * kDeltaGramChunk + n_experts * (n_experts + 1) / 2 * kDeltaGramLanes;
+}
+
+// Each pair's dot product runs in kDeltaGramLanes independent partial sums over the block's
+// elements in order, the lanes added in a fixed order at the end and then the last count %
+// kDeltaGramLanes products: the same bits for any thread count. The block is walked in chunks
+// whose differences for every expert stay in the L1 cache while all pairs use them, instead of
+// streaming two block-long rows per pair; the order of every sum is unchanged by the chunking.
 void delta_gram_block_cpu(const DeltaGramParams& params, int64_t block, double* partial,
                           double* scratch) {
   const int64_t n = params.n_experts;
   const int64_t begin = block * kDeltaGramBlock;
   const int64_t count = std::min(kDeltaGramBlock, params.numel - begin);
-  switch (params.kind) {
-    case ScalarKind::kFloat32:
-      task_rows<float>(params, begin, count, scratch);
-      break;
-    case ScalarKind::kFloat64:
-      task_rows<double>(params, begin, count, scratch);
-      break;
-    case ScalarKind::kBFloat16:
-      task_rows<BFloat16Bits>(params, begin, count, scratch);
-      break;
-    case ScalarKind::kFloat16:
-      task_rows<Float16Bits>(params, begin, count, scratch);
-      break;
+  const int64_t laned = count - count % kDeltaGramLanes;
+  double* rows = scratch;
+  double* lanes = scratch + n * kDeltaGramChunk;
+  std::fill(lanes, lanes + n * (n + 1) / 2 * kDeltaGramLanes, 0.0);
+  for (int64_t chunk = 0; chunk < laned; chunk += kDeltaGramChunk) {
+    const int64_t length = std::min(kDeltaGramChunk, laned - chunk);
+    task_rows_of(params, begin + chunk, length, kDeltaGramChunk, rows);
+    double* pair_lanes = lanes;
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j <= i; ++j, pair_lanes += kDeltaGramLanes) {
+        const double* a = rows + i * kDeltaGramChunk;
+        const double* b = rows + j * kDeltaGramChunk;
+        // Local sums: the compiler cannot keep pair_lanes in registers, as it may alias a or b.
+        double sums[kDeltaGramLanes];
+        std::copy(pair_lanes, pair_lanes + kDeltaGramLanes, sums);
+        for (int64_t e = 0; e < length; e += kDeltaGramLanes) {
+          for (int k = 0; k < kDeltaGramLanes; ++k) sums[k] += a[e + k] * b[e + k];
+        }
+        std::copy(sums, sums + kDeltaGramLanes, pair_lanes);
+      }
+    }
   }
+  const int64_t tail = count - laned;
+  task_rows_of(params, begin + laned, tail, kDeltaGramChunk, rows);
+  const double* pair_lanes = lanes;
   for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = 0; j <= i; ++j) {
-      const double sum = dot(scratch + i * kDeltaGramBlock, scratch + j * kDeltaGramBlock, count);
+    for (int64_t j = 0; j <= i; ++j, pair_lanes += kDeltaGramLanes) {
+      double sum = 0.0;
+      for (int k = 0; k < kDeltaGramLanes; ++k) sum += pair_lanes[k];
+      for (int64_t e = 0; e < tail; ++e) {
+        sum += rows[i * kDeltaGramChunk + e] * rows[j * kDeltaGramChunk + e];
+      }
       partial[i * n + j] = sum;
       partial[j * n + i] = sum;
     }
@@ -69,7 +91,7 @@ void delta_gram_block_cpu(const DeltaGramParams& params, int64_t block, double* 
 
 void delta_gram_cpu(const DeltaGramParams& params, double* gram) {
   const int64_t n = params.n_experts;
-  std::vector<double> scratch(static_cast<size_t>(n * kDeltaGramBlock));
+  std::vector<double> scratch(static_cast<size_t>(delta_gram_scratch_doubles(n)));
   std::vector<double> partial(static_cast<size_t>(n * n));
   for (int64_t block = 0; block < delta_gram_num_blocks(params.numel); ++block) {
     delta_gram_block_cpu(params, block, partial.data(), scratch.data());

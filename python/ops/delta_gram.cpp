@@ -30,7 +30,7 @@ at::Tensor delta_gram_cpu_entry(const at::Tensor& base, at::TensorList experts) 
   // One partial Gram per block, summed below in block order: the same bits for any thread count.
   std::vector<double> partials(static_cast<size_t>(blocks * n * n));
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> scratch(static_cast<size_t>(n * kDeltaGramBlock));
+    std::vector<double> scratch(static_cast<size_t>(delta_gram_scratch_doubles(n)));
     for (int64_t block = begin; block < end; ++block) {
       delta_gram_block_cpu(params, block, partials.data() + block * n * n, scratch.data());
     }
