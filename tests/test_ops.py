@@ -290,6 +290,24 @@ def test_combine_is_the_same_for_any_block_split_and_thread_count():
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("compute", [torch.float32, torch.float64])
+def test_one_output_path_gives_the_bits_of_the_general_one(dtype, compute):
+    # One output runs its own register-blocked kernel; asked among others, the same row runs the
+    # general one. Same operations in the same order: equal bits, tails, NaN and zero weights too.
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(3 * 4096 + 21, generator=g).to(dtype)
+    experts = [(base.float() + torch.randn(base.shape, generator=g)).to(dtype) for _ in range(4)]
+    experts[2][5] = float("nan")
+    row = torch.tensor([[0.3, 0.0, -1.25, 0.5]], dtype=torch.float64)
+    alone = ops.combine(base, experts, row, 0.7, compute)
+    among = ops.combine(base, experts, torch.cat([row, 2 * row]), 0.7, compute)
+    bits = torch.int64 if compute == torch.float64 else torch.int32
+    assert alone.isnan().sum() == 1
+    assert torch.equal(alone[0].view(bits), among[0].view(bits))
+
+
+@needs_native
 def test_combine_opcheck_and_errors():
     g = torch.Generator().manual_seed(7)
     base = torch.randn(6, 5, generator=g)
