@@ -110,10 +110,17 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
         )
         return c.to(like), r.to(like)
 
-    def subtracts_one_core(entry) -> bool:
-        """Whether every residual is its task vector less one shared update, r_i = tau_i - core
-        (R = I - 1 c^T): the core residual on S, the mean residual off it."""
-        return options.residual == "core" or not entry.in_core_set
+    def core_and_residuals(entry, tau):
+        """The core update [1, numel] and the residual rows [N, numel] of task vectors tau
+        [N, numel], which this consumes. Both passes form them here, so a write-pass
+        recomputation gives the truncation pass's bits. Where every residual is its task vector
+        less one shared update (R = I - 1 c^T: the core residual on S, the mean residual off
+        it), in place: no second [N, m, n] buffer to fault in."""
+        c_weights, r_weights = weights_for(entry, tau)
+        core = c_weights.reshape(1, n) @ tau
+        if options.residual == "core" or not entry.in_core_set:
+            return core, tau.sub_(core)
+        return core, r_weights @ tau
 
     def truncated_factors(entry, residual_rows):
         u, s, v = low_rank_factors(
@@ -199,15 +206,9 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
                 # load() gave this step its own stack: the task vectors overwrite it in place.
                 tau = experts.sub_(base).reshape(n, -1)
                 del experts
-                c_weights, r_weights = weights_for(entry, tau)
                 task_sq += squared_norms(tau).cpu()
-                core = c_weights.reshape(1, n) @ tau
+                core, rows = core_and_residuals(entry, tau)
                 core_norm_sq += float(squared_norms(core).sum())
-                if subtracts_one_core(entry):
-                    # r_i = tau_i - core, in place: no second [N, m, n] buffer to fault in.
-                    rows = tau.sub_(core)
-                else:
-                    rows = r_weights @ tau
                 del tau, core
                 left, right, singular = truncated_factors(entry, rows)
                 full_sq = squared_norms(rows).cpu()
@@ -286,9 +287,10 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
                 base, experts = tensors.load(entry.name, whole_stacks, purpose="write its merge")
                 tau = experts.sub_(base).reshape(n, -1)
                 del experts
-                c_weights, r_weights = weights_for(entry, tau)
-                left, right, _ = truncated_factors(entry, r_weights @ tau)
-                with_core = base + (c_weights @ tau).reshape(entry.shape)
+                core, rows = core_and_residuals(entry, tau)
+                del tau
+                left, right, _ = truncated_factors(entry, rows)
+                with_core = base + core.reshape(entry.shape)
                 yield entry.name, None, ops.lowrank_accumulate(with_core, left, right, weights_out)
                 continue
             # theta_0 + tau_core in one fused pass over the raw inputs (no stack of task
