@@ -13,6 +13,7 @@ import torch
 
 from r2m_ext.engine import MemoryBudget, MergeInputs, run_merge
 from r2m_ext.engine.budget import peak_rss_bytes, return_large_frees_to_os
+from r2m_ext.engine.inputs import WRITE_BEHIND_SHARE
 from r2m_ext.errors import R2MError
 from r2m_ext.io import Checkpoint, ShardWriter, parse_size
 from r2m_ext.io.buffers import ReadBuffers
@@ -163,7 +164,8 @@ def merge_files(
     Inputs: .safetensors files, Hugging Face directories (sharded with an index, or one file), or
     .bin/.pt/.pth (loaded with weights_only=True). Tensors are read one at a time, or in row
     blocks, so that everything the merge holds stays within `max_memory` (default: half the
-    available memory); `io_threads` background readers load the next tensors meanwhile.
+    available memory); `io_threads` background readers load the next tensors meanwhile, and
+    with any, a writer thread writes merged tensors while the next ones compute.
     Writes model.safetensors (or shards of at most `shard_size` plus
     model.safetensors.index.json) as the merge produces it, copies config.json and other small
     non-weight files of a base directory, and writes r2m_recipe.yaml and report.json.
@@ -207,7 +209,11 @@ def merge_files(
         )
         layout = [(t.name, t.shape, t.out_dtype) for t in plan.tensors]
         report = {} if report is None else report
-        with ShardWriter(out, layout, shard_bytes, recipe.identity(), resume) as writer:
+        # With I/O threads, a writer thread writes and fsyncs while the next tensors compute.
+        write_behind = int(budget.limit * WRITE_BEHIND_SHARE) if io_threads > 0 else 0
+        with ShardWriter(
+            out, layout, shard_bytes, recipe.identity(), resume, write_behind
+        ) as writer:
             inputs = MergeInputs(
                 plan,
                 read=lambda source, name, rows: checkpoints[source].load(
@@ -220,6 +226,7 @@ def merge_files(
                 show_progress=progress,
                 done=writer.done_names,
                 device=compute_device,
+                written_behind=lambda: writer.queued_bytes,
             )
             try:
                 for name, _, values in run_merge(plan, inputs, resolved, report, writer.done_names):

@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--io-threads",
         type=int,
         metavar="N",
-        help=f"threads reading the next tensors ahead (default: {DEFAULT_IO_THREADS}, 0: none)",
+        help=f"threads reading the next tensors ahead (default: {DEFAULT_IO_THREADS}); with any, "
+        "a writer thread also writes behind (0: all I/O on the calling thread)",
     )
     merge.add_argument(
         "--device",

@@ -2,9 +2,12 @@
 method, tiling really happens, the background reader changes nothing, over-budget tensors give a
 sized error, interrupted runs resume to identical bytes, and report.json says what happened."""
 
+import errno
 import json
 import math
+import os
 import random
+import threading
 
 import pytest
 import torch
@@ -13,7 +16,10 @@ from conftest import make_experts, random_model, relative_error, run_cli
 from safetensors.torch import load_file
 
 import r2m_ext
-from r2m_ext.io.writer import INTERRUPT_AFTER_SHARDS_ENV, partial_dir
+from r2m_ext.engine.inputs import _Prefetcher
+from r2m_ext.errors import R2MError
+from r2m_ext.io import writer as writer_module
+from r2m_ext.io.writer import INTERRUPT_AFTER_SHARDS_ENV, ShardWriter, partial_dir
 from r2m_ext.methods.select import KthLargestMagnitude
 from r2m_ext.reference import splitmix64_uniform
 
@@ -320,3 +326,58 @@ def test_all_finite_shortcut_is_exact():
     assert all_finite(torch.full((4,), 60000.0, dtype=torch.float16))
     assert all_finite(torch.full((4,), 3e38))
     assert not all_finite(torch.tensor([3e38, 3e38, float("nan")]))
+
+
+def _layout(sizes):
+    return [(f"t{i}", (rows, 4), torch.float32) for i, rows in enumerate(sizes)]
+
+
+def test_write_behind_holds_at_most_its_allowance_and_writes_the_same_bytes(tmp_path):
+    layout = _layout([2, 8, 1, 3])  # 32, 128, 16 and 48 bytes
+    tensors = {name: torch.randn(shape) for name, shape, _ in layout}
+    outputs = []
+    for behind in (0, 64):
+        out = tmp_path / f"behind-{behind}"
+        with ShardWriter(out, layout, 100, {"run": 1}, write_behind=behind) as writer:
+            for name, tensor in tensors.items():
+                writer.write(name, tensor)
+                # t1 (128 B) exceeds the 64 B allowance: it is on disk before write returns.
+                assert writer.queued_bytes <= behind
+                assert writer.queued_bytes == 0 or name != "t1"
+        outputs.append({p.name: p.read_bytes() for p in out.iterdir()})
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 4  # 3 shards and the index
+    for name, tensor in read_dir(tmp_path / "behind-64").items():
+        assert torch.equal(tensor, tensors[name])
+
+
+def test_a_failed_write_on_the_writer_thread_reaches_the_caller_and_leaves_nothing(
+    tmp_path, monkeypatch
+):
+    layout = _layout([2, 2, 2])
+    out = tmp_path / "failing"
+    writes = []
+
+    def disk_full_after_two_writes(fd, data):  # the header and t0's bytes, then ENOSPC
+        writes.append(threading.current_thread().name)
+        if len(writes) > 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        os.write(fd, data)
+
+    monkeypatch.setattr(writer_module, "_write_all", disk_full_after_two_writes)
+    with pytest.raises(R2MError, match="write failed \\(No space left on device\\)"):
+        with ShardWriter(out, layout, 1000, {"run": 1}, write_behind=1000) as writer:
+            for name in ("t0", "t1", "t2"):
+                writer.write(name, torch.zeros(2, 4))
+    assert all(name.startswith("r2m-write") for name in writes)
+    assert not out.exists() and not partial_dir(out).exists()
+
+
+def test_the_reader_moves_past_a_tensor_too_large_to_read_ahead():
+    read = []
+    prefetcher = _Prefetcher(lambda name: (read.append(name) or [torch.zeros(1)], None), 1, 50)
+    prefetcher.plan([("a", 10), ("big", 100), ("b", 10), ("c", 10)])
+    assert prefetcher.take("a") is not None
+    assert prefetcher.take("big") is None  # the caller reads it itself
+    assert prefetcher.take("b") is not None and prefetcher.take("c") is not None
+    prefetcher.close()
+    assert "big" not in read

@@ -24,8 +24,10 @@ ReadFn = Callable[[int, str, "slice | None"], torch.Tensor]
 Uploaded = tuple[list[torch.Tensor], "torch.cuda.Event | None"]
 WhereFn = Callable[[int, str], str]
 
-# Share of the budget the background reader may fill with tensors loaded ahead.
-PREFETCH_SHARE = 0.25
+# Shares of the budget set aside for the background reader's tensors loaded ahead, and for merged
+# blocks waiting for the writer thread (several of the largest tensors of a 1 GB ViT-L/14 merge).
+PREFETCH_SHARE = 0.2
+WRITE_BEHIND_SHARE = 0.05
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -83,6 +85,11 @@ class _Prefetcher:
 
     def take(self, name: str) -> Uploaded | None:
         if name not in self._pending:
+            # Read by the caller instead (too large for the allowance, or not reached yet): the
+            # reader moves past it, rather than waiting at it for room it will never get.
+            while any(queued == name for queued, _ in self._queue):
+                self._queue.popleft()
+            self._fill()
             return None
         future, nbytes = self._pending.pop(name)
         try:
@@ -117,6 +124,7 @@ class MergeInputs:
         show_progress: bool = False,
         done: set[str] | frozenset[str] = frozenset(),
         device: torch.device | str = "cpu",
+        written_behind: Callable[[], int] = lambda: 0,
     ):
         self.body = plan.body
         self.outputs = tuple(t for t in plan.body if t.name not in done)
@@ -133,6 +141,7 @@ class MergeInputs:
         self._allow_nonfinite = options.allow_nonfinite
         self._show_progress = show_progress
         self._checked: set[tuple] = set()
+        self._written_behind = written_behind  # bytes of merged blocks the writer still holds
         self._prefetcher = None
         if io_threads > 0:
             self._prefetcher = _Prefetcher(
@@ -157,10 +166,10 @@ class MergeInputs:
         return max(loading, computing)
 
     def step_budget(self) -> int:
-        """Bytes a step may use: the budget less reservations and the reader's allowance. The
-        allowance is set aside even with no reader threads, so block sizes, and with them the
-        bits of the result, depend on --max-memory alone, never on --io-threads."""
-        return self.budget.free - int(self.budget.limit * PREFETCH_SHARE)
+        """Bytes a step may use: the budget less reservations and the reader's and writer's
+        allowances. Those are set aside even with no such threads, so block sizes, and with them
+        the bits of the result, depend on --max-memory alone, never on --io-threads or timing."""
+        return self.budget.free - int(self.budget.limit * (PREFETCH_SHARE + WRITE_BEHIND_SHARE))
 
     def whole_need(self, entry: TensorPlan, extra_stacks: float = 0) -> int:
         return int(_numel(entry) * self.bytes_per_element(entry, extra_stacks))
@@ -322,7 +331,9 @@ class MergeInputs:
         self.budget.release(nbytes)
 
     def _in_flight(self) -> int:
-        return self._prefetcher.in_flight if self._prefetcher is not None else 0
+        """Bytes held outside the step: tensors read ahead and blocks waiting to be written."""
+        read_ahead = self._prefetcher.in_flight if self._prefetcher is not None else 0
+        return read_ahead + self._written_behind()
 
     def head(self, entry: TensorPlan) -> torch.Tensor:
         if entry.head_only_in_base:

@@ -5,16 +5,22 @@ appended as they are produced, so the writer holds no tensor of its own.
 Everything goes into a partial directory beside the target, `.NAME.r2m-partial`, and is renamed
 into place only when complete, after fsync. On an error the partial directory is removed; on an
 interruption (Ctrl-C, SIGTERM) the shards completed so far are kept with a progress file, so
-`--resume` with the same recipe continues from there and produces the identical output."""
+`--resume` with the same recipe continues from there and produces the identical output.
+
+With a write-behind allowance, a writer thread does the writing and the fsyncs while the merge
+computes the next tensors; the blocks it has not written yet are held within that allowance."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
 import shutil
 import signal
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -92,6 +98,27 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[os.write(fd, data) :]
 
 
+def _load_sync_file_range():
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux / glibc: the final fsync does all the work
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return function
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int) -> None:
+    """Asks the kernel to start writing the file's dirty pages to disk now, without waiting, so
+    that the fsync closing the shard finds little left to do (ViT-L/14 x 8 average: 3.8 to 3.5 s
+    in merge_files). A hint: its errors surface, if at all, from that fsync."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -102,10 +129,17 @@ def _fsync_path(path: Path) -> None:
 
 class ShardWriter:
     """Use as a context manager around the merge. `identity` describes the run (the recipe): a
-    partial output is only resumed by a run with the same identity."""
+    partial output is only resumed by a run with the same identity. `write_behind` bytes of
+    blocks may wait for the writer thread (0: every write is done before `write` returns)."""
 
     def __init__(
-        self, out: Path, layout: Layout, shard_size: int, identity: dict, resume: bool = False
+        self,
+        out: Path,
+        layout: Layout,
+        shard_size: int,
+        identity: dict,
+        resume: bool = False,
+        write_behind: int = 0,
     ):
         self.out = Path(out)
         self.tmp = partial_dir(self.out)
@@ -124,6 +158,16 @@ class ShardWriter:
         self.resumed = 0  # shards a resumed run found complete
         self._open = None  # (shard index, file object, {name: bytes still to come})
         self._files: list[Path] = []
+        # Once writes are queued, the writer thread alone touches the files and the fields
+        # above; the caller's thread waits for it (_drain) before it touches them again.
+        self._write_behind = write_behind
+        self._thread = (
+            ThreadPoolExecutor(1, thread_name_prefix="r2m-write") if write_behind > 0 else None
+        )
+        self._queued: deque[tuple[Future, int]] = deque()
+        self.queued_bytes = 0  # held by blocks not yet written
+        self._failure: BaseException | None = None
+        self._abandoned = False  # set on an error or interruption: queued writes are skipped
 
     @property
     def done_names(self) -> set[str]:
@@ -189,15 +233,72 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, traceback) -> None:
         if exc_type is None:
             try:
+                self._drain()
                 self._commit()
             except BaseException:
+                self._stop_thread()
+                self._close_incomplete()
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 raise
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self._close_incomplete()
-        else:
-            self._close_incomplete()
+            self._stop_thread()
+            return
+        self._stop_thread()
+        self._close_incomplete()
+        if not issubclass(exc_type, KeyboardInterrupt):
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- the writer thread ---------------------------------------------------------------------
+    def _submit(self, action: Callable[[], None], nbytes: int) -> None:
+        """Runs `action` (which writes `nbytes` held bytes) on the writer thread, in order, after
+        waiting until the blocks still queued and this one fit the write-behind allowance; a
+        block larger than the whole allowance is written before this returns."""
+        if self._thread is None:
+            action()
+            return
+        while self._queued and self.queued_bytes + nbytes > self._write_behind:
+            self._wait_oldest()
+        self._raise_failure()
+        self._queued.append((self._thread.submit(self._run_queued, action), nbytes))
+        self.queued_bytes += nbytes
+        if nbytes > self._write_behind:
+            self._drain()
+
+    def _run_queued(self, action: Callable[[], None]) -> None:
+        if self._failure is not None or self._abandoned:
+            return  # a write before this one failed, or the merge stopped: skip the rest
+        try:
+            action()
+        except BaseException as error:  # handed to the caller's thread by _raise_failure
+            self._failure = error
+
+    def _wait_oldest(self) -> None:
+        future, nbytes = self._queued[0]
+        future.result()
+        self._queued.popleft()
+        self.queued_bytes -= nbytes
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            self._abandoned = True
+            raise failure
+
+    def _drain(self) -> None:
+        """Waits until every queued write is done; raises the first one that failed."""
+        while self._queued:
+            self._wait_oldest()
+        self._raise_failure()
+
+    def _stop_thread(self) -> None:
+        """After an error or interruption: skips queued writes, waits for the one under way (its
+        file must not be closed under it) and ends the thread."""
+        if self._thread is None:
+            return
+        self._abandoned = True
+        self._thread.shutdown(wait=True, cancel_futures=True)
+        self._thread = None
+        self._queued.clear()
+        self.queued_bytes = 0
 
     def _close_incomplete(self) -> None:
         if self._open is not None:
@@ -207,21 +308,27 @@ class ShardWriter:
             self._open = None
 
     def write(self, name: str, block: torch.Tensor) -> None:
-        """Appends `block`: tensor `name` whole, or its next rows. Tensors come in layout order."""
+        """Appends `block`: tensor `name` whole, or its next rows. Tensors come in layout order.
+        With write-behind the block is written later and must not change meanwhile (the
+        engine's blocks are fresh results or inputs it never writes to)."""
         shape, dtype = self._meta[name]
         if block.dtype != dtype or tuple(block.shape[1:]) != shape[1:]:
             raise R2MError(
                 f"internal error: {name!r} block is {tuple(block.shape)} {block.dtype}, "
                 f"planned {shape} {dtype}"
             )
+        data = tensor_bytes(block)  # holds the block's memory until written
+        self._submit(lambda: self._append(name, data), len(data))
+
+    def _append(self, name: str, data: memoryview) -> None:
         shard = self._shard_of[name]
         if self._open is None or self._open[0] != shard:
             self._start_shard(shard)
         _, fd, remaining = self._open
-        data = tensor_bytes(block)
         if len(data) > remaining.get(name, 0):
             raise R2MError(f"internal error: more data for {name!r} than planned")
         self._guarded(lambda: _write_all(fd, data))
+        _start_writeback(fd)
         remaining[name] -= len(data)
         if remaining[name] == 0:
             del remaining[name]
@@ -247,6 +354,7 @@ class ShardWriter:
         self._files.append(self.tmp / self._shard_names[shard])
         self._guarded(self._save_progress)
         if os.environ.get(INTERRUPT_AFTER_SHARDS_ENV) == str(len(self.complete)):
+            self._abandoned = True  # as a Ctrl-C now would: queued writes are skipped
             os.kill(os.getpid(), signal.SIGINT)
 
     def _guarded(self, action):
@@ -256,11 +364,13 @@ class ShardWriter:
             raise R2MError(f"{self.out}: write failed ({error.strerror or error})") from None
 
     def add_file(self, name: str, text: str) -> None:
+        self._drain()
         path = self.tmp / name
         self._guarded(lambda: path.write_text(text))
         self._files.append(path)
 
     def copy_file(self, source: Path) -> None:
+        self._drain()
         path = self.tmp / source.name
         self._guarded(lambda: shutil.copyfile(source, path))
         self._files.append(path)
