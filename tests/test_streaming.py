@@ -8,6 +8,7 @@ import math
 import os
 import random
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from conftest import make_experts, random_model, relative_error, run_cli
 from safetensors.torch import load_file
 
 import r2m_ext
-from r2m_ext.engine.inputs import _Prefetcher
+from r2m_ext.engine.inputs import MergeInputs, _Prefetcher
 from r2m_ext.errors import R2MError
 from r2m_ext.io import writer as writer_module
 from r2m_ext.io.writer import INTERRUPT_AFTER_SHARDS_ENV, ShardWriter, partial_dir
@@ -381,3 +382,19 @@ def test_the_reader_moves_past_a_tensor_too_large_to_read_ahead():
     assert prefetcher.take("b") is not None and prefetcher.take("c") is not None
     prefetcher.close()
     assert "big" not in read
+
+
+@pytest.mark.parametrize("raw_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.float64])
+def test_task_vectors_formed_while_stacking_have_the_bits_of_stack_then_subtract(
+    raw_dtype, compute_dtype
+):
+    g = torch.Generator().manual_seed(5)
+    raw = [torch.randn(33, 17, generator=g).to(raw_dtype) for _ in range(4)]
+    raw[2][3, 4] = float("inf")  # as allow_nonfinite lets through: Inf - x and x - x alike
+    source = SimpleNamespace(compute_dtype=compute_dtype)
+    base, tau = MergeInputs._stack(source, raw, task_vectors=True)
+    want_base, experts = MergeInputs._stack(source, raw)
+    assert tau.dtype == compute_dtype and tau.shape == (3, 33, 17)
+    assert torch.equal(base, want_base)
+    assert torch.equal(tau, experts - want_base)

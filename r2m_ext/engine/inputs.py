@@ -222,16 +222,31 @@ class MergeInputs:
         (tensor,) = self._ready(self._upload([self._read(source, name, rows)]))
         return self._checked_raw(source, name, tensor, rows)
 
-    def _stack(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stack(
+        self, tensors: list[torch.Tensor], task_vectors: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         base = tensors[0].to(self.compute_dtype)
-        experts = torch.stack([t.to(self.compute_dtype) for t in tensors[1:]])
-        return base, experts
+        if not task_vectors:
+            return base, torch.stack([t.to(self.compute_dtype) for t in tensors[1:]])
+        # Each difference is written straight into the stack (widening on the way, as .to()
+        # would, so the same bits as stacking then subtracting): one pass over [N, ...], not two.
+        tau = torch.empty(
+            (len(tensors) - 1, *base.shape), dtype=self.compute_dtype, device=base.device
+        )
+        for index, expert in enumerate(tensors[1:]):
+            torch.sub(expert, base, out=tau[index])
+        return base, tau
 
     def load(
-        self, name: str, extra_stacks: float = 0, purpose: str = "merge"
+        self,
+        name: str,
+        extra_stacks: float = 0,
+        purpose: str = "merge",
+        task_vectors: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(base, experts [N, *shape]) of a whole tensor in the compute dtype. Raises when the
-        step (inputs and `extra_stacks` workspace stacks) exceeds the budget."""
+        """(base, experts [N, *shape]) of a whole tensor in the compute dtype, or with
+        `task_vectors` (base, experts - base) in the same memory. Raises when the step (inputs
+        and `extra_stacks` workspace stacks) exceeds the budget."""
         entry = self._entries[name]
         need = self.whole_need(entry, extra_stacks)
         if need > self.step_budget():
@@ -247,7 +262,7 @@ class MergeInputs:
             prefetched = self._read_all(name)
         tensors = self._ready(prefetched)
         checked = [self._checked_raw(s, name, t, None) for s, t in enumerate(tensors)]
-        return self._stack(checked)
+        return self._stack(checked, task_vectors)
 
     def raw_blocks(
         self, entry: TensorPlan, outputs: int = 1

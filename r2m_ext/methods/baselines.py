@@ -169,10 +169,10 @@ def merge_tsv(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
             for rows, base, _ in tensors.blocks(entry):
                 yield entry.name, rows, base
             continue
-        base, experts = tensors.load(
-            entry.name, 1 + svd_workspace_stacks(options), purpose="run TSV-M's SVDs"
+        base, tau = tensors.load(
+            entry.name, svd_workspace_stacks(options), purpose="run TSV-M's SVDs", task_vectors=True
         )
-        u, s, v = low_rank_factors(experts - base, rank, options, entry.name)
+        u, s, v = low_rank_factors(tau, rank, options, entry.name)
         u_joint = polar_factor(u.permute(1, 0, 2).reshape(m, n * rank))
         v_joint = polar_factor(v.permute(1, 0, 2).reshape(cols, n * rank))
         update = (u_joint * s.reshape(1, n * rank)) @ v_joint.T
@@ -189,10 +189,12 @@ def merge_cart(tensors: TaskTensors, options: MergeOptions, report: dict) -> Mer
                 mean = tau.mean(0)
                 yield entry.name, rows, base + mean + options.lam * (tau - mean).sum(0)
             continue
-        base, experts = tensors.load(
-            entry.name, 2 + svd_workspace_stacks(options), purpose="run CART's SVDs"
+        base, tau = tensors.load(
+            entry.name,
+            1 + svd_workspace_stacks(options),
+            purpose="run CART's SVDs",
+            task_vectors=True,
         )
-        tau = experts - base
         mean = tau.mean(0)
         u, s, v = low_rank_factors(tau - mean, rank, options, entry.name)
         lam = torch.full((tensors.n_experts,), options.lam, dtype=torch.float64)

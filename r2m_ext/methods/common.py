@@ -36,9 +36,13 @@ class TaskTensors(Protocol):
     def pass_over(self, items: Iterable[TensorPlan], description: str) -> Iterator[TensorPlan]: ...
 
     def load(
-        self, name: str, extra_stacks: float = 0, purpose: str = "merge"
+        self,
+        name: str,
+        extra_stacks: float = 0,
+        purpose: str = "merge",
+        task_vectors: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(base [*shape], experts [N, *shape])."""
+        """(base [*shape], experts [N, *shape]), or with `task_vectors` (base, experts - base)."""
 
     def blocks(
         self, entry: TensorPlan, extra_stacks: float = 0

@@ -200,12 +200,10 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
                 full_sq = sums["full"]
                 entry_report["streamed"] = True
             else:
-                base, experts = tensors.load(
-                    entry.name, whole_stacks, purpose="truncate its residuals"
+                base, tau = tensors.load(
+                    entry.name, whole_stacks, purpose="truncate its residuals", task_vectors=True
                 )
-                # load() gave this step its own stack: the task vectors overwrite it in place.
-                tau = experts.sub_(base).reshape(n, -1)
-                del experts
+                tau = tau.reshape(n, -1)
                 task_sq += squared_norms(tau).cpu()
                 core, rows = core_and_residuals(entry, tau)
                 core_norm_sq += float(squared_norms(core).sum())
@@ -284,9 +282,10 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
             else:
                 # Factors the budget could not cache: recomputed from the whole residuals, with
                 # the core update from the same task vectors.
-                base, experts = tensors.load(entry.name, whole_stacks, purpose="write its merge")
-                tau = experts.sub_(base).reshape(n, -1)
-                del experts
+                base, tau = tensors.load(
+                    entry.name, whole_stacks, purpose="write its merge", task_vectors=True
+                )
+                tau = tau.reshape(n, -1)
                 core, rows = core_and_residuals(entry, tau)
                 del tau
                 left, right, _ = truncated_factors(entry, rows)
