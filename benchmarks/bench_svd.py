@@ -184,14 +184,14 @@ def merge_rows(depth: int, sweep: list[tuple[int, int]]):
     }
     # Rounds that take each path in turn, medians per path: one run of each, in a row, gave
     # pure-torch svd_lowrank 15.7 s in one run of this benchmark and 20.3 s in the next.
-    seconds = {key: [] for key in paths}
+    round_seconds = {key: [] for key in paths}
     results = {key: path() for key, path in paths.items()}  # warm-up
     for _ in range(MERGE_ROUNDS):
         for key, path in paths.items():
             started = time.perf_counter()
             results[key] = path()
-            seconds[key].append(time.perf_counter() - started)
-    native_s, swapped_s, lowrank_s = (statistics.median(seconds[k]) for k in paths)
+            round_seconds[key].append(time.perf_counter() - started)
+    native_s, swapped_s, lowrank_s = (statistics.median(round_seconds[k]) for k in paths)
     ours = results["native"]
     started = time.perf_counter()  # one run: about 80 s, and 7x the others
     exact = pure_torch(lambda: run("exact", report=exact_report))()
@@ -227,7 +227,7 @@ def merge_rows(depth: int, sweep: list[tuple[int, int]]):
 
     return {
         "model": f"ViT-B/16 shapes, {depth} blocks, N={N}, float32, in memory",
-        "merge_runs_s": seconds,
+        "merge_runs_s": round_seconds,
         "native_randomized_s": native_s,
         "native_ops_with_torch_svd_lowrank_s": swapped_s,
         "torch_svd_lowrank_s": lowrank_s,
