@@ -87,9 +87,10 @@ class _Prefetcher:
         if name not in self._pending:
             # Read by the caller instead (too large for the allowance, or not reached yet): the
             # reader moves past it, rather than waiting at it for room it will never get.
-            while any(queued == name for queued, _ in self._queue):
-                self._queue.popleft()
-            self._fill()
+            if any(queued == name for queued, _ in self._queue):
+                while self._queue.popleft()[0] != name:
+                    pass
+                self._fill()
             return None
         future, nbytes = self._pending.pop(name)
         try:
