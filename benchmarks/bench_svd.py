@@ -5,8 +5,8 @@
    exact truncation.
 2. A whole in-memory R²M merge of N = 8 ViT-B/16-shaped experts: native randomized path vs the
    pure-torch exact path vs a pure-torch path built on torch.svd_lowrank, and the fraction of the
-   compute floor reached (the truncation FLOPs of ../shared/PERFORMANCE.md over the matmul rate
-   measured in the same run).
+   compute floor reached (the truncation and write-pass FLOPs of ../shared/PERFORMANCE.md §2 and
+   §4 over the matmul rate measured in the same run).
 
     python benchmarks/bench_svd.py --results benchmarks/results [--shapes 768x768 ...] [--depth 12]
 """
@@ -200,8 +200,9 @@ def merge_rows(depth: int, sweep: list[tuple[int, int]]):
     for shape in shapes.values():
         if len(shape) == 2 and min(shape) >= 2:
             m, n = shape
-            width = max(1, min(m, n) // 10) + OVERSAMPLE
-            flops += N * 2 * m * n * width * (2 * N_ITER + 2)  # truncation pass (PERFORMANCE.md §2)
+            rank = max(1, min(m, n) // 10)
+            flops += N * 2 * m * n * (rank + OVERSAMPLE) * (2 * N_ITER + 2)  # truncation (§2)
+            flops += 2 * m * n * N * rank  # write pass: one GEMM of inner dimension N rank (§4)
     rate = matmul_rate()
     of_tensor, of_update = relative_differences(ours, exact, base)
     accuracy = []
@@ -235,7 +236,7 @@ def merge_rows(depth: int, sweep: list[tuple[int, int]]):
         "speedup_vs_exact": exact_s / native_s,
         "speedup_vs_svd_lowrank": lowrank_s / native_s,
         "speedup_vs_native_ops_with_svd_lowrank": swapped_s / native_s,
-        "truncation_flops": flops,
+        "floor_flops": flops,  # PERFORMANCE.md §2 (truncation) + §4 (write pass)
         "matmul_rate_flops": rate,
         "compute_floor_fraction": flops / rate / native_s,
         "max_relative_difference_randomized_vs_exact": of_tensor,
