@@ -46,7 +46,10 @@ def _extension():
     cpu_sources = list((ROOT / "csrc").rglob("*_cpu.cpp")) + [
         p for p in (ROOT / "python").rglob("*.cpp") if not p.name.endswith("_cuda.cpp")
     ]
-    cxx_flags = ["-O3", f'-DR2M_TORCH_VERSION="{torch.__version__}"']
+    # -fopenmp: at::parallel_for is inlined into our code and runs its loop on one thread unless
+    # this translation unit is compiled with OpenMP (torch's own libgomp serves it at run time).
+    cxx_flags = ["-O3", "-fopenmp", f'-DR2M_TORCH_VERSION="{torch.__version__}"']
+    link_flags = ["-fopenmp"]
     include_dirs = [str(ROOT / "csrc"), str(ROOT / "python")]
     if not with_cuda:
         return CppExtension(
@@ -54,6 +57,7 @@ def _extension():
             _relative(cpu_sources),
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     if not torch.cuda.is_available():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
@@ -66,6 +70,7 @@ def _extension():
             "cxx": cxx_flags + ["-DR2M_WITH_CUDA"],
             "nvcc": ["-O3", "-DR2M_WITH_CUDA", "--expt-relaxed-constexpr"],
         },
+        extra_link_args=link_flags,
     )
 
 
