@@ -16,7 +16,7 @@ from r2m_ext.engine.budget import peak_rss_bytes, return_large_frees_to_os
 from r2m_ext.engine.inputs import WRITE_BEHIND_SHARE
 from r2m_ext.errors import R2MError
 from r2m_ext.io import Checkpoint, ShardWriter, parse_size
-from r2m_ext.io.buffers import ReadBuffers
+from r2m_ext.io.buffers import HostBuffers
 from r2m_ext.io.checkpoint import PICKLE_SUFFIXES
 from r2m_ext.io.writer import partial_dir
 from r2m_ext.options import resolve_options
@@ -28,10 +28,12 @@ DEFAULT_SHARD_SIZE = "5GB"
 DEFAULT_IO_THREADS = 2
 # In memory the inputs are already resident: the budget only bounds the engine's own workspace.
 _IN_MEMORY_BUDGET = 1 << 62
-# Free read buffers (for reads that cannot be mapped) kept for reuse, as a share of --max-memory:
-# enough for one step's inputs of a typical layer, and the only memory beyond the budget the
-# engine holds on purpose.
-_RETAINED_READ_BUFFERS_SHARE = 0.125
+# Free host buffers (reads that cannot be mapped, stacks of task vectors) kept for reuse, as a
+# share of --max-memory: enough for one step's inputs of a typical layer, and the only memory
+# beyond the budget the engine holds on purpose.
+_RETAINED_HOST_BUFFERS_SHARE = 0.125
+# In memory: the stacks of the largest ViT-L/14 or 1B-decoder layers, little beside the models.
+_IN_MEMORY_RETAINED_BYTES = 1 << 30
 # Non-weight files of a base directory that are copied next to the merged weights.
 _MAX_COPIED_FILE_BYTES = 50 * 10**6
 _NOT_COPIED_SUFFIXES = (".safetensors", ".msgpack", ".h5", ".ckpt", ".onnx", *PICKLE_SUFFIXES)
@@ -85,6 +87,7 @@ def merge(
         where=lambda source, name: names[source],
         options=resolved,
         budget=MemoryBudget(_IN_MEMORY_BUDGET),
+        workspace=HostBuffers(_IN_MEMORY_RETAINED_BYTES),
         show_progress=progress,
         device=first.device if first is not None else "cpu",
     )
@@ -189,7 +192,7 @@ def merge_files(
     if overwrite and not resume and partial_dir(out).exists():
         shutil.rmtree(partial_dir(out))
     checkpoints: list[Checkpoint] = []
-    buffers = ReadBuffers(int(budget.limit * _RETAINED_READ_BUFFERS_SHARE))
+    buffers = HostBuffers(int(budget.limit * _RETAINED_HOST_BUFFERS_SHARE))
     try:
         for path in [base_path, *expert_paths]:
             checkpoints.append(Checkpoint(path, buffers))
@@ -222,6 +225,7 @@ def merge_files(
                 where=lambda source, name: checkpoints[source].file_of(name),
                 options=resolved,
                 budget=budget,
+                workspace=buffers,
                 io_threads=io_threads,
                 show_progress=progress,
                 done=writer.done_names,

@@ -182,9 +182,9 @@ def test_sharded_pickle_directory(tmp_path):
 def test_read_buffers_are_reused_only_once_no_tensor_views_them():
     import gc
 
-    from r2m_ext.io.buffers import ReadBuffers
+    from r2m_ext.io.buffers import HostBuffers
 
-    pool = ReadBuffers(retain_bytes=1500)
+    pool = HostBuffers(retain_bytes=1500)
     first = pool.take(1000)
     address = first.data_ptr()
     alias = first.view(torch.float32)[:10]  # a view shares the buffer

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import r2m_ext
 from r2m_ext.engine.inputs import MergeInputs, _Prefetcher
 from r2m_ext.errors import R2MError
+from r2m_ext.io.buffers import HostBuffers
 from r2m_ext.io import writer as writer_module
 from r2m_ext.io.writer import INTERRUPT_AFTER_SHARDS_ENV, ShardWriter, partial_dir
 from r2m_ext.methods.select import KthLargestMagnitude
@@ -392,9 +393,19 @@ def test_task_vectors_formed_while_stacking_have_the_bits_of_stack_then_subtract
     g = torch.Generator().manual_seed(5)
     raw = [torch.randn(33, 17, generator=g).to(raw_dtype) for _ in range(4)]
     raw[2][3, 4] = float("inf")  # as allow_nonfinite lets through: Inf - x and x - x alike
-    source = SimpleNamespace(compute_dtype=compute_dtype)
-    base, tau = MergeInputs._stack(source, raw, task_vectors=True)
-    want_base, experts = MergeInputs._stack(source, raw)
-    assert tau.dtype == compute_dtype and tau.shape == (3, 33, 17)
-    assert torch.equal(base, want_base)
-    assert torch.equal(tau, experts - want_base)
+    want_base, experts = MergeInputs._stack(SimpleNamespace(compute_dtype=compute_dtype), raw)
+    # Into fresh memory, and into a kept host buffer that still holds an earlier stack's bytes.
+    pool = HostBuffers(retain_bytes=1 << 20)
+    stale = pool.take(3 * 33 * 17 * compute_dtype.itemsize)
+    stale.fill_(0xFF)  # NaN in every float dtype
+    del stale
+    assert pool.free_bytes > 0
+    for workspace in (None, pool):
+        source = SimpleNamespace(compute_dtype=compute_dtype, _workspace=workspace)
+        base, tau = MergeInputs._stack(source, raw, task_vectors=True)
+        assert tau.dtype == compute_dtype and tau.shape == (3, 33, 17)
+        assert torch.equal(base, want_base)
+        assert torch.equal(tau, experts - want_base)
+    assert pool.free_bytes == 0  # the stack is in the kept buffer while tau lives
+    del tau
+    assert pool.free_bytes > 0

@@ -5,6 +5,7 @@ them to the GPU on a side stream; the compute stream waits for each copy's event
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -14,6 +15,7 @@ import torch
 
 from r2m_ext.engine.budget import MemoryBudget, format_bytes
 from r2m_ext.errors import R2MError
+from r2m_ext.io.buffers import HostBuffers
 from r2m_ext.options import COMPUTE_DTYPES, MergeOptions
 from r2m_ext.plan import MergePlan, TensorPlan
 
@@ -121,6 +123,7 @@ class MergeInputs:
         where: WhereFn,
         options: MergeOptions,
         budget: MemoryBudget,
+        workspace: HostBuffers | None = None,
         io_threads: int = 0,
         show_progress: bool = False,
         done: set[str] | frozenset[str] = frozenset(),
@@ -132,6 +135,7 @@ class MergeInputs:
         self.n_experts = plan.n_experts
         self.compute_dtype = COMPUTE_DTYPES[options.compute_dtype]
         self.budget = budget
+        self._workspace = workspace  # host memory for stacks, kept between steps
         self.device = torch.device(device)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.timings: dict[str, float] = {}
@@ -207,8 +211,12 @@ class MergeInputs:
                 tensor.record_stream(compute)
         return tensors
 
+    @staticmethod
+    def _check_key(source: int, name: str, rows: slice | None) -> tuple:
+        return source, name, None if rows is None else (rows.start, rows.stop)
+
     def _checked_raw(self, source: int, name: str, tensor: torch.Tensor, rows) -> torch.Tensor:
-        key = (source, name, None if rows is None else (rows.start, rows.stop))
+        key = self._check_key(source, name, rows)
         if self._allow_nonfinite or key in self._checked or not tensor.dtype.is_floating_point:
             return tensor
         if not all_finite(tensor):
@@ -231,9 +239,12 @@ class MergeInputs:
             return base, torch.stack([t.to(self.compute_dtype) for t in tensors[1:]])
         # Each difference is written straight into the stack (widening on the way, as .to()
         # would, so the same bits as stacking then subtracting): one pass over [N, ...], not two.
-        tau = torch.empty(
-            (len(tensors) - 1, *base.shape), dtype=self.compute_dtype, device=base.device
-        )
+        shape = (len(tensors) - 1, *base.shape)
+        if base.device.type == "cpu" and self._workspace is not None:
+            nbytes = math.prod(shape) * self.compute_dtype.itemsize
+            tau = self._workspace.take(nbytes).view(self.compute_dtype).view(shape)
+        else:
+            tau = torch.empty(shape, dtype=self.compute_dtype, device=base.device)
         for index, expert in enumerate(tensors[1:]):
             torch.sub(expert, base, out=tau[index])
         return base, tau
@@ -297,12 +308,17 @@ class MergeInputs:
         Inf (Inf - Inf is NaN), and the kernels never simplify x - b algebraically; so a finite
         result proves those inputs finite, and one reduction over the result replaces N + 1 over
         the inputs. Sources with zero weight, and a non-finite result, are checked input by input
-        (the latter re-reads the block to name the file)."""
+        (the latter re-reads the block to name the file). Sources a finite result proved finite
+        are not checked again when a later pass loads the same block (R²M's truncation pass after
+        its Gram pass: 9 reductions over a ViT-B/16 tensor's inputs, 0.4 s of a 10 s merge)."""
         if self._allow_nonfinite:
             return
         suspects = list(zero_weight_sources)
         if not all_finite(result):
             suspects = range(self.n_experts + 1)
+        else:
+            proven = set(range(self.n_experts + 1)).difference(suspects)
+            self._checked.update(self._check_key(s, entry.name, rows) for s in proven)
         for source in suspects:
             self.raw(source, entry.name, rows)
 

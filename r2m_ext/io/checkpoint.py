@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from r2m_ext.errors import R2MError
-from r2m_ext.io.buffers import ReadBuffers
+from r2m_ext.io.buffers import HostBuffers
 from r2m_ext.io.safetensors_format import SafetensorsFile
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -26,7 +26,7 @@ class Checkpoint:
     """One model on disk. `metadata()` reads headers only; `load(name)` reads one tensor (or a
     block of its rows) from disk each time it is called."""
 
-    def __init__(self, path: str | Path, buffers: ReadBuffers | None = None):
+    def __init__(self, path: str | Path, buffers: HostBuffers | None = None):
         """`buffers`: where tensor reads get their memory (default: a new allocation each)."""
         self.path = Path(path)
         self._buffers = buffers

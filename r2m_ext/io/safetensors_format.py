@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from r2m_ext.errors import R2MError
-from r2m_ext.io.buffers import ReadBuffers
+from r2m_ext.io.buffers import HostBuffers
 
 DTYPES = {
     "F64": torch.float64,
@@ -58,7 +58,7 @@ def _numel(shape: Sequence[int]) -> int:
 class SafetensorsFile:
     """One .safetensors file: header validated at open, tensors read on demand."""
 
-    def __init__(self, path: Path, buffers: ReadBuffers | None = None):
+    def __init__(self, path: Path, buffers: HostBuffers | None = None):
         self.path = Path(path)
         self._buffers = buffers
         try:
