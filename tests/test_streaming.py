@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 import r2m_ext
 from r2m_ext.engine.inputs import MergeInputs, _Prefetcher
 from r2m_ext.errors import R2MError
-from r2m_ext.io.buffers import HostBuffers
 from r2m_ext.io import writer as writer_module
+from r2m_ext.io.buffers import HostBuffers
 from r2m_ext.io.writer import INTERRUPT_AFTER_SHARDS_ENV, ShardWriter, partial_dir
 from r2m_ext.methods.select import KthLargestMagnitude
 from r2m_ext.reference import splitmix64_uniform
