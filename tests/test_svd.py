@@ -96,6 +96,31 @@ def test_zero_and_rank_deficient_inputs_give_no_nan(a):
     torch.testing.assert_close((u * s.unsqueeze(-2)) @ v.mT, a, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kappa", [1e1, 1e2, 1e3, 1e5, 1e8])
+def test_exact_rank_is_recovered_with_orthonormal_factors_at_any_conditioning(kappa):
+    # Rank 30 with singular values from 1 down to 1/kappa, factored at its rank with no power
+    # iteration: the basis of the sketch alone must carry every direction. The orthonormalisation
+    # takes its float32 Gram (small kappa), its float64 Gram, or Householder (kappa 1e8, past
+    # float32's reach) by how Q1 comes out; each must give orthonormal factors and the matrix.
+    sigma = torch.cat(
+        [
+            torch.logspace(0, -torch.log10(torch.tensor(kappa)).item(), 30, dtype=torch.float64),
+            torch.zeros(170, dtype=torch.float64),
+        ]
+    )
+    a = torch.stack([with_spectrum(600, 200, sigma, seed=s) for s in (3, 4)]).float()
+    u, s, v = ops.randomized_svd(a, 30, oversample=0, n_iter=0)
+    eye = torch.eye(30)
+    assert (u.mT @ u - eye).abs().amax() <= 1e-5 and (v.mT @ v - eye).abs().amax() <= 1e-5
+    rebuilt = (u.double() * s.double().unsqueeze(-2)) @ v.double().mT
+    # float32 rounding of the products: about 1e-5 at kappa 1e8; a lost direction of the 1e-3
+    # case alone would leave 3e-4.
+    assert torch.linalg.norm(rebuilt - a.double()) / torch.linalg.norm(a.double()) <= 5e-5
+    torch.testing.assert_close(
+        s[:, 0].double(), torch.ones(2, dtype=torch.float64), rtol=1e-5, atol=0
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_inputs_are_factored_in_float32(dtype):
     a = with_spectrum(300, 200, power_law(200, 1.0)).to(dtype)
