@@ -18,8 +18,8 @@ import weakref
 import numpy as np
 import torch
 
-# A free buffer serves a read of at least this fraction of its size, so that reuse never holds
-# much more memory than the read needs.
+# A free buffer serves a request of at least this fraction of its size, so that reuse never holds
+# much more memory than the request needs.
 MIN_FILL = 0.5
 
 
