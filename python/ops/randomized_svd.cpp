@@ -97,14 +97,14 @@ at::Tensor orthonormal_rows(const at::Tensor& yt) {
     if (!info.eq(0).all().item<bool>()) return std::nullopt;
     return at::linalg_solve_triangular(r, identity, /*upper=*/true, /*left=*/true).mT();
   };
-  // max_q1_error: how far Q1^T Q1 may stray from the identity (entrywise) for Q1 to be kept.
+  // With max_q1_error, Q1 is kept only when Q1^T Q1 is that close to the identity (entrywise).
   auto cholesky_qr2 = [&](const at::Tensor& gram64,
-                          double max_q1_error) -> std::optional<at::Tensor> {
+                          std::optional<double> max_q1_error) -> std::optional<at::Tensor> {
     auto r1_inverse_t = inverse_factor_t(gram64);
     if (!r1_inverse_t) return std::nullopt;
     const at::Tensor q1t = at::matmul(r1_inverse_t->to(yt.scalar_type()), yt);
     const at::Tensor q1_gram = at::matmul(q1t, q1t.mT()).to(at::kDouble);
-    if (max_q1_error < 1 && (q1_gram - identity).abs().amax().item<double>() > max_q1_error) {
+    if (max_q1_error && (q1_gram - identity).abs().amax().item<double>() > *max_q1_error) {
       return std::nullopt;
     }
     auto r2_inverse_t = inverse_factor_t(q1_gram);
@@ -121,7 +121,7 @@ at::Tensor orthonormal_rows(const at::Tensor& yt) {
     if (q_t) return *q_t;
   }
   const at::Tensor yt64 = yt.to(at::kDouble);
-  if (auto q_t = cholesky_qr2(at::matmul(yt64, yt64.mT()), 1.0)) return *q_t;
+  if (auto q_t = cholesky_qr2(at::matmul(yt64, yt64.mT()), std::nullopt)) return *q_t;
   return std::get<0>(at::linalg_qr(yt.mT(), "reduced")).mT().contiguous();
 }
 
