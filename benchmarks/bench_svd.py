@@ -31,9 +31,11 @@ import r2m_ext  # noqa: E402
 from r2m_ext import ops  # noqa: E402
 from r2m_ext._backend import BACKEND_VARIABLE, native_module  # noqa: E402
 from r2m_ext.methods import common  # noqa: E402
+from r2m_ext.options import resolve_options  # noqa: E402
 
 N = 8
 OVERSAMPLE, N_ITER = 8, 2  # the merge's defaults, given to both randomized methods
+RANK_RATIO = resolve_options("r2m").rank_ratio  # the merge's kept rank (spec §2)
 # Rounds of the whole in-memory merge, each path once per round (medians reported).
 MERGE_ROUNDS = 3
 
@@ -65,7 +67,7 @@ def svd_rows(shapes, dtypes, exact_batch_limit):
     rows = []
     g = torch.Generator().manual_seed(0)
     for m, n in shapes:
-        rank = max(1, min(m, n) // 10)
+        rank = common.kept_rank((m, n), RANK_RATIO)
         decaying = torch.arange(1, min(m, n) + 1, dtype=torch.float64) ** -1.0
         batch = torch.stack([make_spectrum(m, n, decaying, g) for _ in range(N)]).float()
         for dtype in dtypes:
@@ -200,7 +202,7 @@ def merge_rows(depth: int, sweep: list[tuple[int, int]]):
     for shape in shapes.values():
         if len(shape) == 2 and min(shape) >= 2:
             m, n = shape
-            rank = max(1, min(m, n) // 10)
+            rank = common.kept_rank(shape, RANK_RATIO)
             flops += N * 2 * m * n * (rank + OVERSAMPLE) * (2 * N_ITER + 2)  # truncation (§2)
             flops += 2 * m * n * N * rank  # write pass: one GEMM of inner dimension N rank (§4)
     rate = matmul_rate()
