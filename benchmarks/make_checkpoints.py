@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -75,6 +78,7 @@ def decoder(hidden: int, layers: int, intermediate: int, kv: int, vocab: int = 3
 
 
 ARCHITECTURES = {
+    "decoder_tiny": lambda: decoder(64, 2, 160, 16, vocab=256),  # for the benchmarks' smoke tests
     "vit_b16": lambda: vit(768, 12, 16, 197, 3072),  # 86M parameters
     "vit_l14": lambda: vit(1024, 24, 14, 257, 4096),  # 303M
     "decoder_1b": lambda: decoder(2048, 22, 5632, 256),  # TinyLlama-1.1B shapes
@@ -131,6 +135,27 @@ def write_model(
     return total
 
 
+def _write_one(
+    architecture: str, model: str, seed: int, dtype: str, directory: Path, shard_size: int
+) -> int:
+    """Writes one model of the set: "base" or "expert_<i>"."""
+    shapes = ARCHITECTURES[architecture]()
+    if model == "base":
+
+        def tensor(name):
+            return base_tensor(seed, name, shapes[name])
+
+    else:
+        expert = int(model.removeprefix("expert_"))
+
+        def tensor(name):
+            return base_tensor(seed, name, shapes[name]) + task_vector(
+                seed, expert, name, shapes[name]
+            )
+
+    return write_model(directory, tensor, shapes, getattr(torch, dtype), shard_size)
+
+
 def make(
     architecture: str,
     experts: int,
@@ -138,31 +163,31 @@ def make(
     out: Path,
     seed: int = 0,
     shard_size: int = 2 * 10**9,
+    jobs: int = 1,
 ) -> dict:
+    """Writes base/ and expert_<i>/ under `out`. `jobs` > 1 writes that many models at once in
+    worker processes (each tensor comes from its own keyed generator, so the files are the same)."""
     shapes = ARCHITECTURES[architecture]()
-    torch_dtype = getattr(torch, dtype)
-    sizes = {
-        "base": write_model(
-            out / "base", lambda n: base_tensor(seed, n, shapes[n]), shapes, torch_dtype, shard_size
-        )
-    }
-    for expert in range(experts):
-
-        def tensor(name, expert=expert):
-            return base_tensor(seed, name, shapes[name]) + task_vector(
-                seed, expert, name, shapes[name]
-            )
-
-        sizes[f"expert_{expert}"] = write_model(
-            out / f"expert_{expert}", tensor, shapes, torch_dtype, shard_size
-        )
+    models = ["base"] + [f"expert_{i}" for i in range(experts)]
+    arguments = [(architecture, m, seed, dtype, out / m, shard_size) for m in models]
+    if jobs <= 1:
+        totals = [_write_one(*a) for a in arguments]
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(
+            jobs,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=torch.set_num_threads,
+            initargs=(threads,),
+        ) as pool:
+            totals = list(pool.map(_write_one, *zip(*arguments, strict=True)))
     info = {
         "architecture": architecture,
         "experts": experts,
         "dtype": dtype,
         "seed": seed,
         "parameters": sum(torch.Size(s).numel() for s in shapes.values()),
-        "bytes": sizes,
+        "bytes": dict(zip(models, totals, strict=True)),
     }
     (out / "checkpoints.json").write_text(json.dumps(info, indent=1))
     return info
@@ -177,8 +202,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--jobs", type=int, default=1, help="models written at once (processes)")
     args = parser.parse_args()
-    info = make(args.architecture, args.experts, args.dtype, args.out, args.seed)
+    info = make(args.architecture, args.experts, args.dtype, args.out, args.seed, jobs=args.jobs)
     total = sum(info["bytes"].values())
     print(
         f"{args.architecture}: {info['parameters'] / 1e6:.0f}M parameters, base + {args.experts} "
