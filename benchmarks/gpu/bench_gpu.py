@@ -277,8 +277,9 @@ def merge_benchmark(size: dict) -> dict:
         env={**os.environ, "R2M_EXT_BACKEND": "torch"},
         capture_output=True,
         text=True,
-        check=True,
     )
+    if worker.returncode != 0:
+        raise RuntimeError(f"the exact-path worker failed:\n{worker.stderr[-3000:]}")
     exact = json.loads(worker.stdout.strip().splitlines()[-1])
     total_layers = sum(
         1

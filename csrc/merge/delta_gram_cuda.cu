@@ -196,8 +196,8 @@ __global__ void __launch_bounds__(kFinishThreads)
 }
 
 template <typename T>
-void launch_tile(const DeltaGramParams& params, const Tile& tile, int64_t blocks,
-                 double* workspace, cudaStream_t stream) {
+void launch_tile(const DeltaGramParams& params, const Tile& tile, int64_t blocks, double* workspace,
+                 cudaStream_t stream) {
   if (tile.diagonal) {
     delta_gram_tile_kernel<T, true>
         <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(params, tile, workspace);
