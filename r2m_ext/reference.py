@@ -27,7 +27,8 @@ def combine(
     """out[k] = base_weight * base + sum_j weights[k, j] (experts[j] - base), [K, *base.shape]."""
     b = base.to(compute_dtype)
     tau = torch.stack([e.to(compute_dtype) - b for e in experts]).reshape(len(experts), -1)
-    out = weights.to(compute_dtype) @ tau + base_weight * b.reshape(1, -1)
+    # weights may be a host tensor (the methods build them there) while the inputs are on a GPU.
+    out = weights.to(tau.device, compute_dtype) @ tau + base_weight * b.reshape(1, -1)
     return out.reshape(weights.shape[0], *base.shape).to(out_dtype)
 
 

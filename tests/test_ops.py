@@ -97,6 +97,16 @@ def test_delta_gram_rejects_integer_inputs():
         )
 
 
+def test_reference_combine_takes_host_weights_for_inputs_on_another_device():
+    # The methods build weights on the host; the pure-torch path must move them to the inputs'
+    # device (seen failing on a GPU). The meta device stands in for the GPU here.
+    base = torch.randn(3, 4, device="meta")
+    experts = [torch.randn(3, 4, device="meta") for _ in range(2)]
+    weights = torch.ones(1, 2, dtype=torch.float64)
+    out = reference.combine(base, experts, weights, 1.0, torch.float32, torch.bfloat16)
+    assert out.device.type == "meta" and out.shape == (1, 3, 4) and out.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("shape", [(40, 30), (30, 40), (1, 25), (25, 1)])
 def test_randomized_svd_reference_recovers_a_low_rank_matrix(shape):
     # Rank-3 matrix: a rank-3 randomized SVD reproduces it to rounding, with orthonormal factors.
