@@ -247,6 +247,11 @@ def merge_files(
                     "max_memory": budget.limit,
                     "peak_accounted": budget.peak,
                     "peak_rss": peak_rss_bytes(),
+                    **(
+                        {"device_peak_after_pass": inputs.device_peaks}
+                        if inputs.device_peaks
+                        else {}
+                    ),
                 },
                 tiled_tensors=sorted(inputs.tiled),
                 resumed_shards=writer.resumed,

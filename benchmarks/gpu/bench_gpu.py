@@ -369,16 +369,24 @@ def streaming_benchmark(size: dict, workdir: Path) -> dict:
             overwrite=True,
             device=device,
             max_memory=max_memory,
+            report=reports.setdefault((method, label), {}),
         )
         return out, time.perf_counter() - started
+
+    reports = {}
 
     for method in ("average", "r2m"):
         reset_peak()
         out, seconds = merge(method, DEVICE.type, size["max_memory"], "device")
+        report = reports[method, "device"]
         result[method] = {
             "wall_s": seconds,
             "wall_over_floor": seconds / floor,
             "peak_gpu_bytes": peak_device_bytes(),
+            # Where the time and the device memory went, pass by pass.
+            "timings_s": report.get("timings_s"),
+            "memory": report.get("memory"),
+            "tiled_tensors": report.get("tiled_tensors"),
         }
         print(f"{method} on {DEVICE.type}: {seconds:.1f} s", flush=True)
     # The CPU merges of the same files (default budget), the reference the GPU must match.

@@ -23,6 +23,11 @@ status=0
 cat "$RESULTS/environment.txt"
 
 echo "== build (sm_90) =="
+# The GPU image sets CC/CXX to a GCC under /opt/gcc that links its own libstdc++ statically into
+# the extension, beside the system libstdc++ that Python loads: two copies of the locale
+# machinery, and the first error message that formats a number crashed (SIGSEGV in
+# ostream::_M_insert, seen 2026-11-26). Build with the system compiler, whose libstdc++ it is.
+if [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 if ! R2M_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
     "$PY" -m pip install --no-build-isolation --no-deps -e . > "$RESULTS/build.log" 2>&1; then
   tail -40 "$RESULTS/build.log"

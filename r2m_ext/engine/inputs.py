@@ -139,6 +139,10 @@ class MergeInputs:
         self.device = torch.device(device)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.timings: dict[str, float] = {}
+        # On a GPU: torch's peak of allocated device memory as each pass ends. The process-wide
+        # peak is never reset here (it is the caller's), so the pass where it first reaches its
+        # maximum is the pass that set it.
+        self.device_peaks: dict[str, int] = {}
         self.tiled: set[str] = set()  # tensors that did not fit whole and came in row blocks
         self._entries = {t.name: t for t in plan.tensors}
         self._read = read
@@ -406,3 +410,5 @@ class MergeInputs:
         self.timings[description] = (
             self.timings.get(description, 0.0) + time.perf_counter() - started
         )
+        if self.device.type == "cuda":
+            self.device_peaks[description] = torch.cuda.max_memory_allocated(self.device)
