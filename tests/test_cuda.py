@@ -187,6 +187,10 @@ def test_gpu_streaming_equals_the_cpu_merge(tmp_path, method, max_memory):
 
     from r2m_ext.api import merge_files
 
+    # 40 kB tiles tensors for most methods; CART's whole-tensor SVD of the qkv matrix needs
+    # 32.3 kB, more than 40 kB leaves for one step (30 kB): its smallest workable budget is 48 kB.
+    if max_memory is not None and method == "cart":
+        max_memory = "48kB"
     base = random_model()
     paths = []
     for index, state in enumerate([base, *make_experts(base, 3)]):

@@ -348,7 +348,9 @@ class MergeInputs:
         self, entry: TensorPlan, extra_stacks: float = 0
     ) -> Iterator[tuple[slice | None, torch.Tensor, torch.Tensor]]:
         """(rows, base rows, experts rows [N, rows, ...]) covering `entry`: the whole tensor when
-        it fits the budget (rows None), else blocks of rows sized to fit."""
+        it fits the budget (rows None), else blocks of rows sized to fit. A block's size assumes
+        it is the only one held: callers drop every tensor made from a block before asking for
+        the next (`del` at the end of the loop body), and so does this generator."""
         per_element = self.bytes_per_element(entry, extra_stacks)
         for rows in self._row_blocks(entry, per_element):
             if rows is None:
@@ -356,7 +358,10 @@ class MergeInputs:
                 continue
             self.budget.note_step(int(per_element * _elements(entry, rows)) + self._in_flight())
             tensors = [self.raw(s, entry.name, rows) for s in range(self.n_experts + 1)]
-            yield rows, *self._stack(tensors)
+            base, experts = self._stack(tensors)
+            del tensors  # the raw rows: the memory model frees them once stacked
+            yield rows, base, experts
+            del base, experts
 
     def try_keep(self, nbytes: int, keep_free: int) -> bool:
         if self.step_budget() - nbytes < keep_free:

@@ -71,6 +71,7 @@ def _global_thresholds(tensors: TaskTensors, options: MergeOptions, sparsify: Sp
         for entry in tensors.pass_over(tensors.body, f"{label} threshold pass {number}"):
             for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
                 selector.observe(sparsify(entry, rows, experts - base).abs())
+                del base, experts  # one block at a time (InputTensors.blocks)
         selector.finish_pass()
         number += 1
     return selector.values()
@@ -89,7 +90,9 @@ def _ties(tensors: TaskTensors, options: MergeOptions, sparsify: Sparsify, label
         for entry in tensors.pass_over(tensors.outputs, label):
             for rows, base, experts in tensors.blocks(entry, extra_stacks=_TIES_STACKS):
                 tau = sparsify(entry, rows, experts - base)
+                del experts
                 yield entry.name, rows, base + options.lam * ties_combine(tau, thresholds)
+                del base, tau  # one block at a time (InputTensors.blocks)
         return
     for entry in tensors.pass_over(tensors.outputs, label):
         if tensors.fits_whole(entry, _TIES_STACKS):
@@ -105,11 +108,14 @@ def _ties(tensors: TaskTensors, options: MergeOptions, sparsify: Sparsify, label
         while not selector.done:
             for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
                 selector.observe(sparsify(entry, rows, experts - base).abs())
+                del base, experts  # one block at a time (InputTensors.blocks)
             selector.finish_pass()
         thresholds = selector.values()
         for rows, base, experts in tensors.blocks(entry, extra_stacks=_TIES_STACKS):
             tau = sparsify(entry, rows, experts - base)
+            del experts
             yield entry.name, rows, base + options.lam * ties_combine(tau, thresholds)
+            del base, tau
 
 
 def merge_ties(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
@@ -147,7 +153,9 @@ def merge_dare(tensors: TaskTensors, options: MergeOptions, report: dict) -> Mer
     for entry in tensors.pass_over(tensors.outputs, "DARE"):
         for rows, base, experts in tensors.blocks(entry, extra_stacks=3):
             tau = sparsify(entry, rows, experts - base)
+            del experts
             yield entry.name, rows, base + options.lam * tau.sum(0)
+            del base, tau  # one block at a time (InputTensors.blocks)
 
 
 def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
@@ -186,8 +194,10 @@ def merge_cart(tensors: TaskTensors, options: MergeOptions, report: dict) -> Mer
             # Untruncated, sum_i (tau_i - mean) = 0 up to rounding: theta_avg, elementwise.
             for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
                 tau = experts - base
+                del experts
                 mean = tau.mean(0)
                 yield entry.name, rows, base + mean + options.lam * (tau - mean).sum(0)
+                del base, tau  # one block at a time (InputTensors.blocks)
             continue
         base, tau = tensors.load(
             entry.name,

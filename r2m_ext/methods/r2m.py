@@ -155,11 +155,16 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
             hook, first_pass[0] = first_pass[0], None
             for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
                 tau = (experts - base).reshape(n, -1)
+                del base, experts
                 c_weights, r_weights = weights_for(entry, tau)
                 residuals = r_weights @ tau
                 if hook is not None:
                     hook(tau, c_weights, residuals)
+                del tau
                 yield rows, residuals.reshape(n, -1, entry.shape[1])
+                # One block at a time (InputTensors.blocks): held past here, this block and the
+                # next one's inputs overran --max-memory 4GB by 2.1 GB on an H200.
+                del residuals
 
         try:
             u, s, v = streamed_low_rank_factors(row_blocks, entry.shape, rank, options, entry.name)
@@ -223,11 +228,13 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
         else:
             for _, base, experts in tensors.blocks(entry, extra_stacks=2):
                 tau = (experts - base).reshape(n, -1)
+                del base, experts
                 c_weights, r_weights = weights_for(entry, tau)
                 core_norm_sq += float(squared_norms(c_weights @ tau).sum())
                 rows = r_weights @ tau
                 grams += (rows @ rows.T).double().cpu()
                 task_sq += squared_norms(tau).cpu()
+                del tau, rows  # one block at a time (InputTensors.blocks)
         # Residuals at the rounding level of their task vector are noise: count them as zero.
         floor = RESIDUAL_ROUNDING_EPS * torch.finfo(tensors.compute_dtype).eps * task_sq.sqrt()
         signal = grams.diagonal().clamp_min(0).sqrt() > floor
