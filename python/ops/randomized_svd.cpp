@@ -125,6 +125,15 @@ at::Tensor orthonormal_rows(const at::Tensor& yt) {
   return std::get<0>(at::linalg_qr(yt.mT(), "reduced")).mT().contiguous();
 }
 
+// One CholeskyQR round in float64 of nearly orthonormal columns x [..., m, k]: X^T X is near the
+// identity, so its Cholesky factor exists and the round needs no check (no host synchronisation).
+at::Tensor cholesky_qr_round(const at::Tensor& x) {
+  const at::Tensor x64 = x.to(at::kDouble);
+  const at::Tensor r =
+      std::get<0>(at::linalg_cholesky_ex(at::matmul(x64.mT(), x64), /*upper=*/true));
+  return at::linalg_solve_triangular(r, x64, /*upper=*/true, /*left=*/false).to(x.scalar_type());
+}
+
 // The same on a device, by shifted CholeskyQR3 (no host synchronisation); its [m, l] layout is
 // read and returned through transposed views, which GPU GEMMs take at no cost.
 at::Tensor shifted_cholesky_qr3_rows(const at::Tensor& yt) {
@@ -177,8 +186,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd(const at::Tensor& 
   // B = W S V^T, so U = Q W. LAPACK factors the tall matrix 1.7x faster than the wide one
   // (8 x 84 x 3072 on a 2-core CPU: 25 vs 44 ms), and B^T is column-major as LAPACK takes it.
   auto [v_small, s, w_t] = at::linalg_svd(at::matmul(q_t, matrix).mT(), /*full_matrices=*/false);
-  return {at::matmul(w_t.narrow(-2, 0, kept), q_t).mT().contiguous(),
-          s.narrow(-1, 0, kept).contiguous(), v_small.narrow(-1, 0, kept).contiguous()};
+  at::Tensor u = at::matmul(w_t.narrow(-2, 0, kept), q_t).mT();
+  at::Tensor v = v_small.narrow(-1, 0, kept);
+  if (!matrix.is_cpu()) {
+    // cuSOLVER's batched Jacobi SVD leaves its float32 factors orthonormal only to ~1e-5 (seen
+    // 1.03e-5 for V on an H200); one CholeskyQR round in float64 brings them to rounding.
+    u = cholesky_qr_round(u);
+    v = cholesky_qr_round(v);
+  }
+  return {u.contiguous(), s.narrow(-1, 0, kept).contiguous(), v.contiguous()};
 }
 
 at::Tensor sketch_matrix_op(int64_t seed, int64_t key, int64_t rows, int64_t columns) {
