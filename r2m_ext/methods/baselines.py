@@ -71,7 +71,7 @@ def _global_thresholds(tensors: TaskTensors, options: MergeOptions, sparsify: Sp
         for entry in tensors.pass_over(tensors.body, f"{label} threshold pass {number}"):
             for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
                 selector.observe(sparsify(entry, rows, experts - base).abs())
-                del base, experts  # one block at a time (InputTensors.blocks)
+                del base, experts  # one block at a time (MergeInputs.blocks)
         selector.finish_pass()
         number += 1
     return selector.values()
@@ -92,7 +92,7 @@ def _ties(tensors: TaskTensors, options: MergeOptions, sparsify: Sparsify, label
                 tau = sparsify(entry, rows, experts - base)
                 del experts
                 yield entry.name, rows, base + options.lam * ties_combine(tau, thresholds)
-                del base, tau  # one block at a time (InputTensors.blocks)
+                del base, tau  # one block at a time (MergeInputs.blocks)
         return
     for entry in tensors.pass_over(tensors.outputs, label):
         if tensors.fits_whole(entry, _TIES_STACKS):
@@ -108,7 +108,7 @@ def _ties(tensors: TaskTensors, options: MergeOptions, sparsify: Sparsify, label
         while not selector.done:
             for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
                 selector.observe(sparsify(entry, rows, experts - base).abs())
-                del base, experts  # one block at a time (InputTensors.blocks)
+                del base, experts  # one block at a time (MergeInputs.blocks)
             selector.finish_pass()
         thresholds = selector.values()
         for rows, base, experts in tensors.blocks(entry, extra_stacks=_TIES_STACKS):
@@ -155,7 +155,7 @@ def merge_dare(tensors: TaskTensors, options: MergeOptions, report: dict) -> Mer
             tau = sparsify(entry, rows, experts - base)
             del experts
             yield entry.name, rows, base + options.lam * tau.sum(0)
-            del base, tau  # one block at a time (InputTensors.blocks)
+            del base, tau  # one block at a time (MergeInputs.blocks)
 
 
 def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
@@ -197,7 +197,7 @@ def merge_cart(tensors: TaskTensors, options: MergeOptions, report: dict) -> Mer
                 del experts
                 mean = tau.mean(0)
                 yield entry.name, rows, base + mean + options.lam * (tau - mean).sum(0)
-                del base, tau  # one block at a time (InputTensors.blocks)
+                del base, tau  # one block at a time (MergeInputs.blocks)
             continue
         base, tau = tensors.load(
             entry.name,

@@ -177,7 +177,7 @@ def streamed_low_rank_factors(
                     block.device,
                 )
             parts.append(block @ (omega if right is None else right))
-            del block  # one block at a time (InputTensors.blocks)
+            del block  # one block at a time (MergeInputs.blocks)
         return reference.orthonormal_basis(torch.cat(parts, dim=1))
 
     def accumulate(q: torch.Tensor, product) -> torch.Tensor:
@@ -186,7 +186,7 @@ def streamed_low_rank_factors(
         for _, block in row_blocks():
             stop = start + block.shape[1]
             term = product(q[:, start:stop], block)
-            del block  # one block at a time (InputTensors.blocks)
+            del block  # one block at a time (MergeInputs.blocks)
             total = term if total is None else total + term
             start = stop
         return total

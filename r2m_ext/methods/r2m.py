@@ -162,7 +162,7 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
                     hook(tau, c_weights, residuals)
                 del tau
                 yield rows, residuals.reshape(n, -1, entry.shape[1])
-                # One block at a time (InputTensors.blocks): held past here, this block and the
+                # One block at a time (MergeInputs.blocks): held past here, this block and the
                 # next one's inputs overran --max-memory 4GB by 2.1 GB on an H200.
                 del residuals
 
@@ -234,7 +234,7 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
                 rows = r_weights @ tau
                 grams += (rows @ rows.T).double().cpu()
                 task_sq += squared_norms(tau).cpu()
-                del tau, rows  # one block at a time (InputTensors.blocks)
+                del tau, rows  # one block at a time (MergeInputs.blocks)
         # Residuals at the rounding level of their task vector are noise: count them as zero.
         floor = RESIDUAL_ROUNDING_EPS * torch.finfo(tensors.compute_dtype).eps * task_sq.sqrt()
         signal = grams.diagonal().clamp_min(0).sqrt() > floor
