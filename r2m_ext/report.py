@@ -38,6 +38,13 @@ def format_report(report: dict, rows: int = 20) -> str:
             f"{format_bytes(memory['peak_accounted'])}, process peak RSS "
             f"{format_bytes(memory['peak_rss'])}"
         )
+    device_peaks = memory.get("device_peak_after_pass", {})
+    if device_peaks:
+        # Cumulative: the pass where the value first reaches its maximum set the peak.
+        lines.append(
+            "GPU memory peak after each pass: "
+            + ", ".join(f"{k} {format_bytes(v)}" for k, v in device_peaks.items())
+        )
     if report.get("tiled_tensors"):
         lines.append(f"tensors read in row blocks: {len(report['tiled_tensors'])}")
     if "eta" in report:

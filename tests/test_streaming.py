@@ -409,3 +409,15 @@ def test_task_vectors_formed_while_stacking_have_the_bits_of_stack_then_subtract
     assert pool.free_bytes == 0  # the stack is in the kept buffer while tau lives
     del tau
     assert pool.free_bytes > 0
+
+
+def test_report_prints_the_gpu_peak_of_each_pass():
+    from r2m_ext.report import format_report
+
+    memory = {"max_memory": 4 * 10**9, "peak_accounted": 3 * 10**9, "peak_rss": 10**9}
+    memory["device_peak_after_pass"] = {"R²M gram pass": 1_821_918_208, "R²M write pass": 2 * 10**9}
+    text = format_report({"method": "r2m", "memory": memory})
+    assert "GPU memory peak after each pass: R²M gram pass 1.82 GB, R²M write pass 2.00 GB" in text
+    assert "GPU memory" not in format_report(
+        {"method": "r2m", "memory": {**memory, "device_peak_after_pass": {}}}
+    )
