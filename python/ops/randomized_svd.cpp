@@ -3,6 +3,7 @@
 // of csrc/sketch/gaussian.h. 16-bit inputs are factored in float32; Q and every product stay in
 // float32 or float64.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -140,6 +141,47 @@ at::Tensor shifted_cholesky_qr3_rows(const at::Tensor& yt) {
   return shifted_cholesky_qr3(yt.mT()).mT();
 }
 
+// SVD of square float64 matrices r [..., l, l] on the CPU, one matrix per thread: ATen's batched
+// SVD factors one matrix after another, and LAPACK gains nothing from threads at this size (8 x
+// 84 x 84 on a 2-core CPU: 7.0 ms batched). Each matrix is factored alone, so the bits do not
+// depend on how the batch is split.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> small_svd_cpu(const at::Tensor& r) {
+  const int64_t l = r.size(-1);
+  const at::Tensor flat = r.reshape({-1, l, l});
+  const int64_t count = flat.size(0);
+  at::Tensor u = at::empty_like(flat);
+  at::Tensor s = at::empty({count, l}, flat.options());
+  at::Tensor vh = at::empty_like(flat);
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      auto [ui, si, vhi] = at::linalg_svd(flat[i], /*full_matrices=*/false);
+      u[i].copy_(ui);
+      s[i].copy_(si);
+      vh[i].copy_(vhi);
+    }
+  });
+  std::vector<int64_t> square(r.sizes().begin(), r.sizes().end());
+  std::vector<int64_t> values(r.sizes().begin(), r.sizes().end() - 1);
+  return {u.view(square), s.view(values), vh.view(square)};
+}
+
+// Rank-`kept` SVD of A ~ Q B from the range basis q_t = Q^T [..., l, m] and b_t = B [..., l, n],
+// through an orthonormal basis P of B's rows: B = R P with R = B P^T [l, l], R = W S Z^T, so
+// A ~ (Q W) S (P^T Z)^T. The wide [l, n] factorization becomes CholeskyQR2 (GEMMs) and an l x l
+// SVD, which LAPACK runs far faster than the SVD of B itself (8 x 3072 x 84 on a 2-core CPU:
+// 34-50 ms for B, about 20 ms this way). R is formed as B P^T, not taken from the Cholesky
+// factors, so B = R P holds to rounding whatever P's conditioning was.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_of_wide(const at::Tensor& q_t,
+                                                           const at::Tensor& b_t, int64_t kept) {
+  const at::Tensor p_t = orthonormal_rows(b_t);
+  auto [w, s, z_t] = small_svd_cpu(at::matmul(b_t, p_t.mT()).to(at::kDouble));
+  const at::ScalarType work = b_t.scalar_type();
+  // U = Q W and V = P^T Z, each formed by one product straight into its [.., rows, kept] layout.
+  at::Tensor u = at::matmul(q_t.mT(), w.narrow(-1, 0, kept).to(work));
+  at::Tensor v = at::matmul(p_t.mT(), z_t.narrow(-2, 0, kept).mT().to(work));
+  return {u, s.narrow(-1, 0, kept).to(work), v};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd(const at::Tensor& a, int64_t rank,
                                                               int64_t oversample, int64_t n_iter,
                                                               int64_t seed, int64_t key) {
@@ -182,19 +224,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd(const at::Tensor& 
     const at::Tensor z_t = basis_rows(at::matmul(q_t, matrix));  // co-range, [..., l, n]
     q_t = basis_rows(at::matmul(z_t, matrix.mT()));
   }
-  // The small SVD of B = Q^T A [l, n] is taken of its tall transpose: A^T Q = V S W^T gives
-  // B = W S V^T, so U = Q W. LAPACK factors the tall matrix 1.7x faster than the wide one
-  // (8 x 84 x 3072 on a 2-core CPU: 25 vs 44 ms), and B^T is column-major as LAPACK takes it.
-  auto [v_small, s, w_t] = at::linalg_svd(at::matmul(q_t, matrix).mT(), /*full_matrices=*/false);
-  at::Tensor u = at::matmul(w_t.narrow(-2, 0, kept), q_t).mT();
-  at::Tensor v = v_small.narrow(-1, 0, kept);
-  if (!matrix.is_cpu()) {
+  const at::Tensor b_t = at::matmul(q_t, matrix);  // B = Q^T A, [..., l, n]
+  at::Tensor u, s, v;
+  if (matrix.is_cpu()) {
+    std::tie(u, s, v) = svd_of_wide(q_t, b_t, kept);
+  } else {
+    // The small SVD of B is taken of its tall transpose: A^T Q = V S W^T gives B = W S V^T, so
+    // U = Q W.
+    auto [v_small, s_small, w_t] = at::linalg_svd(b_t.mT(), /*full_matrices=*/false);
     // cuSOLVER's batched Jacobi SVD leaves its float32 factors orthonormal only to ~1e-5 (seen
     // 1.03e-5 for V on an H200); one CholeskyQR round in float64 brings them to rounding.
-    u = cholesky_qr_round(u);
-    v = cholesky_qr_round(v);
+    u = cholesky_qr_round(at::matmul(w_t.narrow(-2, 0, kept), q_t).mT());
+    v = cholesky_qr_round(v_small.narrow(-1, 0, kept));
+    s = s_small.narrow(-1, 0, kept);
   }
-  return {u.contiguous(), s.narrow(-1, 0, kept).contiguous(), v.contiguous()};
+  return {u.contiguous(), s.contiguous(), v.contiguous()};
 }
 
 at::Tensor sketch_matrix_op(int64_t seed, int64_t key, int64_t rows, int64_t columns) {

@@ -68,12 +68,21 @@ def squared_norms(rows: torch.Tensor) -> torch.Tensor:
 
 def factor_gram(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """<L_i R_i^T, L_j R_j^T> for factors L [N, m, r], R [N, n, r], without forming the [N, m, n]
-    products: the sum over (a, b) of (L_i^T L_j)[a, b] (R_i^T R_j)[a, b]. Float64 [N, N]."""
+    products: the sum over (a, b) of (L_i^T L_j)[a, b] (R_i^T R_j)[a, b]. Float64 [N, N].
+
+    The Gram is symmetric, so only the pairs j >= i are formed (row i against the factors of
+    tasks i..N-1, one product each): half the multiply-adds of the full [N r, N r] products."""
     n, _, rank = left.shape
     left_flat = left.permute(1, 0, 2).reshape(-1, n * rank)
     right_flat = right.permute(1, 0, 2).reshape(-1, n * rank)
-    products = (left_flat.T @ left_flat).double() * (right_flat.T @ right_flat).double()
-    return products.reshape(n, rank, n, rank).sum(dim=(1, 3))
+    gram = torch.zeros(n, n, dtype=torch.float64, device=left.device)
+    for i in range(n):
+        row = slice(i * rank, (i + 1) * rank)
+        left_products = left_flat[:, row].T @ left_flat[:, i * rank :]  # [r, (N - i) r]
+        right_products = right_flat[:, row].T @ right_flat[:, i * rank :]
+        products = left_products.double() * right_products.double()
+        gram[i, i:] = products.reshape(rank, n - i, rank).sum(dim=(0, 2))
+    return torch.triu(gram) + torch.triu(gram, diagonal=1).T
 
 
 def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
