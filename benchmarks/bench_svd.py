@@ -198,6 +198,18 @@ def merge_rows(depth: int, sweep: list[tuple[int, int]]):
     started = time.perf_counter()  # one run: about 80 s, and 7x the others
     exact = pure_torch(lambda: run("exact", report=exact_report))()
     exact_s = time.perf_counter() - started
+    # How far the exact merge itself moves when the same checkpoints are stored in bfloat16 (as
+    # they usually are; merged in float32 all the same): the scale below which a difference
+    # between two truncations says nothing about the data.
+
+    def stored_in_bf16(state):
+        return {name: tensor.bfloat16().float() for name, tensor in state.items()}
+
+    exact_of_bf16 = r2m_ext.merge(
+        stored_in_bf16(base), [stored_in_bf16(e) for e in experts], "r2m", svd="exact"
+    )
+    bf16_of_tensor, bf16_of_update = relative_differences(exact_of_bf16, exact, base)
+    del exact_of_bf16
     flops = 0
     for shape in shapes.values():
         if len(shape) == 2 and min(shape) >= 2:
@@ -243,6 +255,8 @@ def merge_rows(depth: int, sweep: list[tuple[int, int]]):
         "compute_floor_fraction": flops / rate / native_s,
         "max_relative_difference_randomized_vs_exact": of_tensor,
         "max_relative_difference_of_update_randomized_vs_exact": of_update,
+        "max_relative_difference_exact_inputs_in_bf16_vs_float32": bf16_of_tensor,
+        "max_relative_difference_of_update_exact_inputs_in_bf16_vs_float32": bf16_of_update,
         "energy_kept_median_min": {
             "randomized": energy_kept(randomized_report),
             "exact": energy_kept(exact_report),
@@ -333,6 +347,12 @@ def main() -> None:
     lines += [
         f"| {row['oversample']} | {row['n_iter']} | {row['seconds']:.1f} | {row['of_tensor']:.2e} | {row['of_update']:.2e} |"
         for row in g["accuracy_sweep"]
+    ]
+    lines += [
+        "",
+        "the exact merge against itself with every input stored in bfloat16 (merged in float32): "
+        f"{g['max_relative_difference_exact_inputs_in_bf16_vs_float32']:.2e} of tensor, "
+        f"{g['max_relative_difference_of_update_exact_inputs_in_bf16_vs_float32']:.2e} of update",
     ]
     bench_streaming.write_results(args.results, f"svd_{m['date']}", result, lines)
 
