@@ -41,8 +41,12 @@ R2M_HOST_DEVICE double sketch_gaussian(uint64_t stream, int64_t rows, int64_t ro
   return sqrt(-2.0 * log(1.0 - u1)) * cos(6.283185307179586 * u2);
 }
 
-// Fills out[row * columns + column] (row-major, float) for a rows x columns matrix.
-void sketch_matrix_cpu(uint64_t seed, uint64_t key, int64_t rows, int64_t columns, float* out);
+// Fills columns [column_begin, column_end) of the rows x columns matrix in column-major order,
+// the order of its counters (out[column * rows + row], float; out points at column 0): the
+// transpose's rows, which is how the sketch is used. Disjoint column ranges may be filled by
+// different threads, with the same bits.
+void sketch_columns_cpu(uint64_t seed, uint64_t key, int64_t rows, int64_t column_begin,
+                        int64_t column_end, float* out);
 
 #if defined(R2M_WITH_CUDA)
 // The same matrix written by a CUDA kernel into device memory. Entries agree with the CPU's to

@@ -1,4 +1,4 @@
-// CUDA twin of sketch_matrix_cpu: the same counter-based Gaussian entries, computed where the
+// CUDA twin of sketch_columns_cpu: the same counter-based Gaussian entries, computed where the
 // sketch is used so the randomized SVD never copies a test matrix from the host.
 #include <cuda_runtime.h>
 
