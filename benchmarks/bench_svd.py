@@ -50,6 +50,21 @@ def timed(function, repeat=3):
     return statistics.median(times), result
 
 
+def timed_side_by_side(functions: dict, repeat=5):
+    """(median seconds, last result, every run's seconds) of each function, taking turns in every
+    repetition: this shared machine slows down in bursts (one run of `timed` back to back put
+    randomized_svd at 0.37 s where 7 interleaved repetitions measured 0.18-0.20 s), and turns
+    spread a burst over all of them."""
+    results = {key: function() for key, function in functions.items()}  # warm-up
+    times = {key: [] for key in functions}
+    for _ in range(repeat):
+        for key, function in functions.items():
+            started = time.perf_counter()
+            results[key] = function()
+            times[key].append(time.perf_counter() - started)
+    return {key: (statistics.median(times[key]), results[key], times[key]) for key in functions}
+
+
 def error_ratio(a, factors, rank):
     u, s, v = factors
     approximation = (u.double() * s.double().unsqueeze(-2)) @ v.double().mT
@@ -72,12 +87,16 @@ def svd_rows(shapes, dtypes, exact_batch_limit):
         batch = torch.stack([make_spectrum(m, n, decaying, g) for _ in range(N)]).float()
         for dtype in dtypes:
             a = batch.to(dtype)
-            ours_s, ours = timed(
-                lambda a=a, r=rank: ops.randomized_svd(a, r, OVERSAMPLE, N_ITER, 0, 1)
+            side_by_side = timed_side_by_side(
+                {
+                    "ours": lambda a=a, r=rank: ops.randomized_svd(a, r, OVERSAMPLE, N_ITER, 0, 1),
+                    "theirs": lambda a=a, r=rank: torch.svd_lowrank(
+                        a.float(), q=r + OVERSAMPLE, niter=N_ITER
+                    ),
+                }
             )
-            theirs_s, theirs = timed(
-                lambda a=a, r=rank: torch.svd_lowrank(a.float(), q=r + OVERSAMPLE, niter=N_ITER)
-            )
+            ours_s, ours, _ = side_by_side["ours"]
+            theirs_s, theirs, _ = side_by_side["theirs"]
             theirs = tuple(t[..., :rank] for t in theirs)
             # A full SVD of a big square is slow on a CPU: time `exact_batch_limit` of the batch
             # and scale to N (stated in the table).
@@ -184,16 +203,12 @@ def merge_rows(depth: int, sweep: list[tuple[int, int]]):
         # Pure torch: every op on its torch reference, as merge code without r2m_ext runs.
         "lowrank": pure_torch(lambda: run("randomized", svd_lowrank_factors)),
     }
-    # Rounds that take each path in turn, medians per path: one run of each, in a row, gave
-    # pure-torch svd_lowrank 15.7 s in one run of this benchmark and 20.3 s in the next.
-    round_seconds = {key: [] for key in paths}
-    results = {key: path() for key, path in paths.items()}  # warm-up
-    for _ in range(MERGE_ROUNDS):
-        for key, path in paths.items():
-            started = time.perf_counter()
-            results[key] = path()
-            round_seconds[key].append(time.perf_counter() - started)
-    native_s, swapped_s, lowrank_s = (statistics.median(round_seconds[k]) for k in paths)
+    # Rounds that take each path in turn: one run of each, in a row, gave pure-torch
+    # svd_lowrank 15.7 s in one run of this benchmark and 20.3 s in the next.
+    measured = timed_side_by_side(paths, repeat=MERGE_ROUNDS)
+    round_seconds = {key: runs for key, (_, _, runs) in measured.items()}
+    results = {key: result for key, (_, result, _) in measured.items()}
+    native_s, swapped_s, lowrank_s = (measured[key][0] for key in paths)
     ours = results["native"]
     started = time.perf_counter()  # one run: about 80 s, and 7x the others
     exact = pure_torch(lambda: run("exact", report=exact_report))()
