@@ -31,6 +31,7 @@ import r2m_ext  # noqa: E402
 from r2m_ext import ops  # noqa: E402
 from r2m_ext._backend import BACKEND_VARIABLE, native_module  # noqa: E402
 from r2m_ext.methods import common  # noqa: E402
+from r2m_ext.methods import r2m as r2m_method  # noqa: E402
 from r2m_ext.options import resolve_options  # noqa: E402
 
 N = 8
@@ -176,15 +177,29 @@ def merge_rows(depth: int, sweep: list[tuple[int, int]]):
         {n: base[n] + make_checkpoints.task_vector(0, i, n, s) for n, s in shapes.items()}
         for i in range(N)
     ]
-    native = common.low_rank_factors
+    native = r2m_method.low_rank_factors
 
     def run(svd, factors=None, report=None, **options):
-        if factors is not None:
-            common.low_rank_factors = factors
-        try:
+        """The R²M merge, its factorisation swapped for `factors` when given. The swap is made
+        where R²M looks the function up (its own module; patching `common` alone swapped
+        nothing, and up to a297be5 the "svd_lowrank" columns measured our own randomized SVD),
+        and a swap that is never called is an error."""
+        if factors is None:
             return r2m_ext.merge(base, experts, "r2m", svd=svd, report=report, **options)
+        calls = []
+
+        def counted(*args, **kwargs):
+            calls.append(None)
+            return factors(*args, **kwargs)
+
+        r2m_method.low_rank_factors = counted
+        try:
+            merged = r2m_ext.merge(base, experts, "r2m", svd=svd, report=report, **options)
         finally:
-            common.low_rank_factors = native
+            r2m_method.low_rank_factors = native
+        if not calls:
+            raise RuntimeError("the swapped factorisation was never called")
+        return merged
 
     randomized_report, exact_report = {}, {}
 
@@ -285,7 +300,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--shapes", nargs="+", default=["768x768", "768x3072", "3072x768", "4096x4096"]
+        "--shapes",
+        nargs="*",
+        default=["768x768", "768x3072", "3072x768", "4096x4096"],
+        help="op-table shapes (none: the merge benchmark only)",
     )
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument(
