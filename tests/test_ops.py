@@ -260,6 +260,26 @@ def test_combine_native_matches_float64_oracle(dtype, compute, shape):
 
 
 @needs_native
+def test_combine_large_outputs_live_in_their_own_aligned_mapping_and_match_the_oracle():
+    # Outputs of 4 MB and more are mapped for huge pages (python/ops/host_memory.h): 2 MB-aligned
+    # on Linux. Many in a row, each dropped, so the mapping's release path runs too.
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(1031, 1024, generator=g)
+    experts = [base + torch.randn(1031, 1024, generator=g) for _ in range(3)]
+    weights = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    tau = torch.stack([e.double() - base.double() for e in experts]).reshape(3, -1)
+    want = (weights @ tau + base.double().reshape(1, -1)).reshape(2, 1031, 1024)
+    for _ in range(20):
+        got = ops.combine(base, experts, weights)
+        if sys.platform == "linux":
+            assert got.data_ptr() % (2 << 20) == 0
+        torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=2e-6)
+        got.add_(1.0)  # writable, and ours alone: a fresh call starts from fresh memory
+    small = ops.combine(base[:10], [e[:10] for e in experts], weights)
+    torch.testing.assert_close(small.double(), want[:, :10], rtol=2e-6, atol=2e-6)
+
+
+@needs_native
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
 def test_combine_16bit_output_is_torchs_rounding_of_the_float32_result(out_dtype):
     g = torch.Generator().manual_seed(5)

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "ops/checks.h"
+#include "ops/host_memory.h"
 #include "ops/scalar_kind.h"
 
 namespace r2m {
@@ -29,7 +30,7 @@ at::Tensor combine_cpu_entry(const at::Tensor& base, at::TensorList experts,
   const int64_t outputs = weights.size(0);
   std::vector<int64_t> out_shape{outputs};
   out_shape.insert(out_shape.end(), base.sizes().begin(), base.sizes().end());
-  at::Tensor out = at::empty(out_shape, base.options().dtype(compute_dtype));
+  at::Tensor out = empty_host_output(out_shape, compute_dtype);
   const int64_t numel = base.numel();
   if (numel == 0 || outputs == 0) return out.to(out_dtype);
 
