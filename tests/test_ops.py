@@ -274,7 +274,7 @@ def test_combine_large_outputs_live_in_their_own_aligned_mapping_and_match_the_o
         if sys.platform == "linux":
             assert got.data_ptr() % (2 << 20) == 0
         torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=2e-6)
-        got.add_(1.0)  # writable, and ours alone: a fresh call starts from fresh memory
+        got.add_(1.0)  # the mapping is writable like any output
     small = ops.combine(base[:10], [e[:10] for e in experts], weights)
     torch.testing.assert_close(small.double(), want[:, :10], rtol=2e-6, atol=2e-6)
 
