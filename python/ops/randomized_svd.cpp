@@ -82,21 +82,40 @@ at::Tensor shifted_cholesky_qr3(const at::Tensor& y) {
   return q.to(y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
 }
 
-// Orthonormal rows spanning the rows of yt [..., l, m], l <= m, by CholeskyQR2 (the basis Q of
-// Y = yt^T, returned as Q^T): Q1 = Y R1^-1 with R1 the Cholesky factor of Y^T Y, then
-// Q = Q1 R2^-1 with Q1^T Q1 in the working precision, Q1 being well conditioned already. Each
-// R^-1 is an l x l triangular inverse (float64, cheap) applied by one matrix product in the
-// working precision: a CPU GEMM runs several times faster than a triangular solve over all m
-// rows, and the second round repairs the first's rounding. R2 near the identity says Q1 was
-// nearly orthonormal, as it must be for that repair. Y^T Y is tried in the working precision
+// An orthonormal basis held as Q^T = F W: rows W [..., l, m] in the working precision and an
+// l x l float64 factor F on their left (absent: the identity). CholeskyQR2 ends with the product
+// Q^T = R2^-T Q1^T, one more GEMM over all m rows after the two Grams and the first round's;
+// kept factored, F = R2^-T is applied on the l x l side instead: folded into the next
+// orthonormalisation's first triangular factor (the next product is F (W A), whose Gram is
+// F (W A)(W A)^T F^T) or into the l x l factors of the small SVD. The same products and the same
+// basis up to rounding, one GEMM of 2 l^2 m flops fewer per orthonormalisation (8 x 84 x 768
+// rows: 12 of 65 ms of randomized_svd went to these products).
+struct FactoredRows {
+  at::Tensor rows;
+  std::optional<at::Tensor> left;
+};
+
+// factor x, for an optional l x l float64 factor (absent: the identity) and a float64 x.
+at::Tensor times(const std::optional<at::Tensor>& factor, const at::Tensor& x) {
+  return factor ? at::matmul(*factor, x) : x;
+}
+
+// Orthonormal rows spanning the rows of Y^T = F raw, raw [..., l, m] with l <= m, by CholeskyQR2:
+// Q1^T = R1^-T Y^T with R1 the Cholesky factor of Y^T Y = F (raw raw^T) F^T, then R2 the Cholesky
+// factor of Q1^T Q1 taken from the Q1 actually computed (so that the second round repairs the
+// first's rounding), returned as FactoredRows{Q1^T, R2^-T}. Each R^-1 is an l x l triangular
+// inverse (float64, cheap) applied by one matrix product in the working precision: a CPU GEMM runs
+// several times faster than a triangular solve over all m rows. R2 near the identity says Q1 was
+// nearly orthonormal, as it must be for the repair. raw raw^T is tried in the working precision
 // first (enough while kappa(Y) stays below ~1e2: error ~ u kappa^2), kept when Q1 comes out
 // orthonormal to 1e-3, then in float64 (stable far beyond float32's kappa ~ 4e3; measured:
-// orthogonal to 3e-7 in float32 up to kappa(Y) = 1e9), then Householder QR when even that Cholesky
-// fails (a rank-deficient sketch) or R2 strays from the identity. Measured on 8 x 3072 x 84 (2-core
-// CPU): 14.7 ms with the float64 Gram, Householder 24.8 ms, with triangular solves 31.9 ms.
-at::Tensor orthonormal_rows(const at::Tensor& yt) {
-  const int64_t l = yt.size(-2);
-  const at::Tensor identity = at::eye(l, yt.options().dtype(at::kDouble));
+// orthogonal to 3e-7 in float32 up to kappa(Y) = 1e9), then Householder QR of the explicit Y when
+// even that Cholesky fails (a rank-deficient sketch) or R2 strays from the identity. Measured on
+// 8 x 3072 x 84 (2-core CPU, unfactored): 14.7 ms with the float64 Gram, Householder 24.8 ms,
+// with triangular solves 31.9 ms.
+FactoredRows orthonormal_rows(const at::Tensor& raw, const std::optional<at::Tensor>& left) {
+  const int64_t l = raw.size(-2);
+  const at::Tensor identity = at::eye(l, raw.options().dtype(at::kDouble));
   // (R^-1)^T, to apply as Q^T = R^-T Y^T.
   auto inverse_factor_t = [&](const at::Tensor& gram) -> std::optional<at::Tensor> {
     auto [r, info] = at::linalg_cholesky_ex(gram, /*upper=*/true);
@@ -104,11 +123,13 @@ at::Tensor orthonormal_rows(const at::Tensor& yt) {
     return at::linalg_solve_triangular(r, identity, /*upper=*/true, /*left=*/true).mT();
   };
   // With max_q1_error, Q1 is kept only when Q1^T Q1 is that close to the identity (entrywise).
-  auto cholesky_qr2 = [&](const at::Tensor& gram64,
-                          std::optional<double> max_q1_error) -> std::optional<at::Tensor> {
+  auto cholesky_qr2 = [&](const at::Tensor& raw_gram64,
+                          std::optional<double> max_q1_error) -> std::optional<FactoredRows> {
+    const at::Tensor gram64 = left ? times(left, times(left, raw_gram64).mT()) : raw_gram64;
     auto r1_inverse_t = inverse_factor_t(gram64);
     if (!r1_inverse_t) return std::nullopt;
-    const at::Tensor q1t = at::matmul(r1_inverse_t->to(yt.scalar_type()), yt);
+    const at::Tensor first_factor = left ? at::matmul(*r1_inverse_t, *left) : *r1_inverse_t;
+    const at::Tensor q1t = at::matmul(first_factor.to(raw.scalar_type()), raw);
     const at::Tensor q1_gram = at::matmul(q1t, q1t.mT()).to(at::kDouble);
     if (max_q1_error && (q1_gram - identity).abs().amax().item<double>() > *max_q1_error) {
       return std::nullopt;
@@ -118,17 +139,17 @@ at::Tensor orthonormal_rows(const at::Tensor& yt) {
     const bool near_identity =
         (r2_inverse_t->diagonal(0, -2, -1) - 1).abs().amax().item<double>() <= 1e-2;
     if (!near_identity) return std::nullopt;
-    return at::matmul(r2_inverse_t->to(yt.scalar_type()), q1t);
+    return FactoredRows{q1t, *r2_inverse_t};
   };
-  if (yt.scalar_type() != at::kDouble) {
+  if (raw.scalar_type() != at::kDouble) {
     // Kept only with Q1 orthonormal to 1e-3: R1 was then about as good as a float64 Gram's, and
     // the second round starts from where the float64 path's would.
-    const auto q_t = cholesky_qr2(at::matmul(yt, yt.mT()).to(at::kDouble), 1e-3);
-    if (q_t) return *q_t;
+    if (auto q = cholesky_qr2(at::matmul(raw, raw.mT()).to(at::kDouble), 1e-3)) return *q;
   }
-  const at::Tensor yt64 = yt.to(at::kDouble);
-  if (auto q_t = cholesky_qr2(at::matmul(yt64, yt64.mT()), std::nullopt)) return *q_t;
-  return std::get<0>(at::linalg_qr(yt.mT(), "reduced")).mT().contiguous();
+  const at::Tensor raw64 = raw.to(at::kDouble);
+  if (auto q = cholesky_qr2(at::matmul(raw64, raw64.mT()), std::nullopt)) return *q;
+  const at::Tensor y = left ? at::matmul(left->to(raw.scalar_type()), raw) : raw;
+  return {std::get<0>(at::linalg_qr(y.mT(), "reduced")).mT().contiguous(), std::nullopt};
 }
 
 // One CholeskyQR round in float64 of nearly orthonormal columns x [..., m, k]: X^T X is near the
@@ -169,21 +190,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> small_svd_cpu(const at::Tensor& r
   return {u.view(square), s.view(values), vh.view(square)};
 }
 
-// Rank-`kept` SVD of A ~ Q B from the range basis q_t = Q^T [..., l, m] and b_t = B [..., l, n],
-// through an orthonormal basis P of B's rows: B = R P with R = B P^T [l, l], R = W S Z^T, so
-// A ~ (Q W) S (P^T Z)^T. The wide [l, n] factorization becomes CholeskyQR2 (GEMMs) and an l x l
-// SVD instead of LAPACK's SVD of B (8 x 3072 x 84 on a 2-core CPU: 26-50 ms alone); the whole op
-// on 8 x 768 x 3072 went from 221 to 201 ms, on 8 x 768 x 768 from 73 to 61 ms. R is formed as
-// B P^T, not taken from the Cholesky factors, so B = R P holds to rounding whatever P's
-// conditioning was.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_of_wide(const at::Tensor& q_t,
-                                                           const at::Tensor& b_t, int64_t kept) {
-  const at::Tensor p_t = orthonormal_rows(b_t);
-  auto [w, s, z_t] = small_svd_cpu(at::matmul(b_t, p_t.mT()).to(at::kDouble));
-  const at::ScalarType work = b_t.scalar_type();
+// Rank-`kept` SVD of A ~ Q B from the range basis Q^T = q.left q.rows [..., l, m] and b_raw =
+// q.rows A [..., l, n] (so B = Q^T A = q.left b_raw), through an orthonormal basis P of B's rows:
+// B = R P with R = B P^T [l, l], R = W S Z^T, so A ~ (Q W) S (P^T Z)^T. The wide [l, n]
+// factorization becomes CholeskyQR2 (GEMMs) and an l x l SVD instead of LAPACK's SVD of B
+// (8 x 3072 x 84 on a 2-core CPU: 26-50 ms alone); the whole op on 8 x 768 x 3072 went from 221 to
+// 201 ms, on 8 x 768 x 768 from 73 to 61 ms. R is formed as B P^T, not taken from the Cholesky
+// factors, so B = R P holds to rounding whatever P's conditioning was. The l x l factors of Q^T
+// and P^T are applied to l x l matrices only: R = F_q (b_raw p.rows^T) F_p^T, U = q.rows^T
+// (F_q^T W), V = p.rows^T (F_p^T Z).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_of_wide(const FactoredRows& q,
+                                                           const at::Tensor& b_raw, int64_t kept) {
+  const FactoredRows p = orthonormal_rows(b_raw, q.left);
+  const at::Tensor r_raw = at::matmul(b_raw, p.rows.mT()).to(at::kDouble);
+  auto [w, s, z_t] = small_svd_cpu(times(q.left, times(p.left, r_raw.mT()).mT()));
+  const at::ScalarType work = b_raw.scalar_type();
   // U = Q W and V = P^T Z, each formed by one product straight into its [.., rows, kept] layout.
-  at::Tensor u = at::matmul(q_t.mT(), w.narrow(-1, 0, kept).to(work));
-  at::Tensor v = at::matmul(p_t.mT(), z_t.narrow(-2, 0, kept).mT().to(work));
+  auto transposed = [](const std::optional<at::Tensor>& factor) -> std::optional<at::Tensor> {
+    return factor ? std::optional<at::Tensor>(factor->mT()) : std::nullopt;
+  };
+  at::Tensor u = at::matmul(q.rows.mT(), times(transposed(q.left), w.narrow(-1, 0, kept)).to(work));
+  at::Tensor v =
+      at::matmul(p.rows.mT(), times(transposed(p.left), z_t.narrow(-2, 0, kept).mT()).to(work));
   return {u, s.narrow(-1, 0, kept).to(work), v};
 }
 
@@ -221,18 +249,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd(const at::Tensor& 
   // columns on a 2-core CPU: 132-153 vs 112-128 GFLOP/s), and the orthonormalisation's products
   // are R^-T Q^T. The same operations and subspaces as the textbook column form.
   const at::Tensor omega_t = sketch_matrix_t_like(matrix, seed, key, n, width).to(matrix.options());
-  // The CPU checks CholeskyQR2 and falls back to Householder; a device must not wait for checks.
-  const auto basis_rows = matrix.is_cpu() ? orthonormal_rows : shifted_cholesky_qr3_rows;
-  at::Tensor q_t = basis_rows(at::matmul(omega_t, matrix.mT()));
-  for (int64_t i = 0; i < n_iter; ++i) {
-    const at::Tensor z_t = basis_rows(at::matmul(q_t, matrix));  // co-range, [..., l, n]
-    q_t = basis_rows(at::matmul(z_t, matrix.mT()));
-  }
-  const at::Tensor b_t = at::matmul(q_t, matrix);  // B = Q^T A, [..., l, n]
   at::Tensor u, s, v;
   if (matrix.is_cpu()) {
-    std::tie(u, s, v) = svd_of_wide(q_t, b_t, kept);
+    // CholeskyQR2 with its checks and Householder fallback, each basis kept factored.
+    FactoredRows q = orthonormal_rows(at::matmul(omega_t, matrix.mT()), std::nullopt);
+    for (int64_t i = 0; i < n_iter; ++i) {
+      const FactoredRows z = orthonormal_rows(at::matmul(q.rows, matrix), q.left);  // co-range
+      q = orthonormal_rows(at::matmul(z.rows, matrix.mT()), z.left);
+    }
+    std::tie(u, s, v) = svd_of_wide(q, at::matmul(q.rows, matrix), kept);
   } else {
+    // A device must not wait for checks: shifted CholeskyQR3, explicit bases.
+    at::Tensor q_t = shifted_cholesky_qr3_rows(at::matmul(omega_t, matrix.mT()));
+    for (int64_t i = 0; i < n_iter; ++i) {
+      const at::Tensor z_t = shifted_cholesky_qr3_rows(at::matmul(q_t, matrix));  // co-range
+      q_t = shifted_cholesky_qr3_rows(at::matmul(z_t, matrix.mT()));
+    }
+    const at::Tensor b_t = at::matmul(q_t, matrix);  // B = Q^T A, [..., l, n]
     // The small SVD of B is taken of its tall transpose: A^T Q = V S W^T gives B = W S V^T, so
     // U = Q W.
     auto [v_small, s_small, w_t] = at::linalg_svd(b_t.mT(), /*full_matrices=*/false);
