@@ -253,16 +253,9 @@ class MergeInputs:
             torch.sub(expert, base, out=tau[index])
         return base, tau
 
-    def load(
-        self,
-        name: str,
-        extra_stacks: float = 0,
-        purpose: str = "merge",
-        task_vectors: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(base, experts [N, *shape]) of a whole tensor in the compute dtype, or with
-        `task_vectors` (base, experts - base) in the same memory. Raises when the step (inputs
-        and `extra_stacks` workspace stacks) exceeds the budget."""
+    def _whole_raw(self, name: str, extra_stacks: float, purpose: str) -> list[torch.Tensor]:
+        """Every input of a whole tensor as read (source 0 the base), once the step (inputs and
+        `extra_stacks` workspace stacks) is known to fit the budget; raises when it does not."""
         entry = self._entries[name]
         need = self.whole_need(entry, extra_stacks)
         if need > self.step_budget():
@@ -276,9 +269,29 @@ class MergeInputs:
         prefetched = self._prefetcher.take(name) if self._prefetcher is not None else None
         if prefetched is None:
             prefetched = self._read_all(name)
-        tensors = self._ready(prefetched)
+        return self._ready(prefetched)
+
+    def load(
+        self,
+        name: str,
+        extra_stacks: float = 0,
+        purpose: str = "merge",
+        task_vectors: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base, experts [N, *shape]) of a whole tensor in the compute dtype, or with
+        `task_vectors` (base, experts - base) in the same memory. Raises when the step (inputs
+        and `extra_stacks` workspace stacks) exceeds the budget."""
+        tensors = self._whole_raw(name, extra_stacks, purpose)
         checked = [self._checked_raw(s, name, t, None) for s, t in enumerate(tensors)]
         return self._stack(checked, task_vectors)
+
+    def load_raw(
+        self, name: str, extra_stacks: float = 0, purpose: str = "merge"
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(base, [experts]) of a whole tensor as read, for fused ops, within the budget of
+        `load` with the same workspace. Not yet checked for NaN/Inf: see `raw_blocks`."""
+        tensors = self._whole_raw(name, extra_stacks, purpose)
+        return tensors[0], tensors[1:]
 
     def raw_blocks(
         self, entry: TensorPlan, outputs: int = 1

@@ -44,6 +44,12 @@ class TaskTensors(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(base [*shape], experts [N, *shape]), or with `task_vectors` (base, experts - base)."""
 
+    def load_raw(
+        self, name: str, extra_stacks: float = 0, purpose: str = "merge"
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(base, [experts]) of a whole tensor in the inputs' own dtype, within the budget of
+        `load` with the same workspace; checked like `raw_blocks`."""
+
     def blocks(
         self, entry: TensorPlan, extra_stacks: float = 0
     ) -> Iterator[tuple[slice | None, torch.Tensor, torch.Tensor]]:

@@ -96,11 +96,17 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
     # N x N and N-sized statistics live on the host in float64, where the core, the norm matching
     # and the report use them; on a GPU that copies a few numbers per tensor.
     gram = torch.zeros(n, n, dtype=torch.float64)
+    # Each tensor's own Gram is kept too (N^2 numbers): the truncation pass reads its task
+    # vectors' and its core's norms off it instead of reducing over [N, m, n] stacks.
+    tensor_grams = {}
     for entry in tensors.pass_over([t for t in body if t.in_core_set], "R²M gram pass"):
+        tensor_gram = torch.zeros(n, n, dtype=torch.float64)
         for rows, base, experts in tensors.raw_blocks(entry, outputs=0):
             block_gram = ops.delta_gram(base, experts).cpu()
             tensors.check_finite(entry, rows, block_gram.diagonal())
-            gram += block_gram
+            tensor_gram += block_gram
+        tensor_grams[entry.name] = tensor_gram
+        gram += tensor_gram
     projection = core_projection(gram, options.k, options.center)
     identity = torch.eye(n, dtype=torch.float64)
     mean_weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
@@ -119,17 +125,15 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
         )
         return c.to(like), r.to(like)
 
-    def core_and_residuals(entry, tau):
-        """The core update [1, numel] and the residual rows [N, numel] of task vectors tau
-        [N, numel], which this consumes. Both passes form them here, so a write-pass
-        recomputation gives the truncation pass's bits. Where every residual is its task vector
-        less one shared update (R = I - 1 c^T: the core residual on S, the mean residual off
-        it), in place: no second [N, m, n] buffer to fault in."""
-        c_weights, r_weights = weights_for(entry, tau)
-        core = c_weights.reshape(1, n) @ tau
-        if options.residual == "core" or not entry.in_core_set:
-            return core, tau.sub_(core)
-        return core, r_weights @ tau
+    def residual_rows(entry, base, experts):
+        """The residual rows [N, numel] of a whole tensor, r_i = sum_j R[i, j] tau_j, in one fused
+        pass over its raw inputs (no stack of task vectors). Both passes form them here, so a
+        write-pass recomputation gives the truncation pass's bits."""
+        _, r_weights = weights_for(entry, torch.float64)
+        rows = ops.combine(base, experts, r_weights, 0.0, tensors.compute_dtype)
+        zero_weight = [j + 1 for j in range(n) if not r_weights[:, j].any()]
+        tensors.check_finite(entry, None, rows, zero_weight)
+        return rows.reshape(n, -1)
 
     def truncated_factors(entry, residual_rows):
         u, s, v = low_rank_factors(
@@ -214,14 +218,17 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
                 full_sq = sums["full"]
                 entry_report["streamed"] = True
             else:
-                base, tau = tensors.load(
-                    entry.name, whole_stacks, purpose="truncate its residuals", task_vectors=True
+                base, experts = tensors.load_raw(
+                    entry.name, whole_stacks, purpose="truncate its residuals"
                 )
-                tau = tau.reshape(n, -1)
-                task_sq += squared_norms(tau).cpu()
-                core, rows = core_and_residuals(entry, tau)
-                core_norm_sq += float(squared_norms(core).sum())
-                del tau, core
+                rows = residual_rows(entry, base, experts)
+                task_gram = tensor_grams.get(entry.name)
+                if task_gram is None:
+                    task_gram = ops.delta_gram(base, experts).cpu()
+                del base, experts
+                c_weights, _ = weights_for(entry, task_gram)
+                task_sq += task_gram.diagonal()
+                core_norm_sq += float(c_weights @ task_gram @ c_weights)
                 left, right, singular = truncated_factors(entry, rows)
                 full_sq = squared_norms(rows).cpu()
                 del rows
@@ -298,14 +305,17 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
             else:
                 # Factors the budget could not cache: recomputed from the whole residuals, with
                 # the core update from the same task vectors.
-                base, tau = tensors.load(
-                    entry.name, whole_stacks, purpose="write its merge", task_vectors=True
+                base, experts = tensors.load_raw(
+                    entry.name, whole_stacks, purpose="write its merge"
                 )
-                tau = tau.reshape(n, -1)
-                core, rows = core_and_residuals(entry, tau)
-                del tau
+                rows = residual_rows(entry, base, experts)
+                c_weights, _ = weights_for(entry, weights_out)
+                with_core = ops.combine(
+                    base, experts, c_weights.reshape(1, n), 1.0, tensors.compute_dtype
+                )[0]
+                del base, experts
                 left, right, _ = truncated_factors(entry, rows)
-                with_core = base + core.reshape(entry.shape)
+                del rows
                 yield entry.name, None, ops.lowrank_accumulate(with_core, left, right, weights_out)
                 continue
             # theta_0 + tau_core in one fused pass over the raw inputs (no stack of task
