@@ -48,7 +48,14 @@ def _extension():
     ]
     # -fopenmp: at::parallel_for is inlined into our code and runs its loop on one thread unless
     # this translation unit is compiled with OpenMP (torch's own libgomp serves it at run time).
-    cxx_flags = ["-O3", "-fopenmp", f'-DR2M_TORCH_VERSION="{torch.__version__}"']
+    # -ffp-contract=off: the kernels' AVX2/AVX-512 clones give the baseline build's bits
+    # (csrc/common/cpu_clones.h).
+    cxx_flags = [
+        "-O3",
+        "-fopenmp",
+        "-ffp-contract=off",
+        f'-DR2M_TORCH_VERSION="{torch.__version__}"',
+    ]
     link_flags = ["-fopenmp"]
     include_dirs = [str(ROOT / "csrc"), str(ROOT / "python")]
     if not with_cuda:

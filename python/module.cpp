@@ -11,6 +11,11 @@ TORCH_LIBRARY(r2m_ext, m) {
   m.def(
       "combine(Tensor base, Tensor[] experts, Tensor weights, float base_weight, "
       "ScalarType compute_dtype, ScalarType out_dtype) -> Tensor");
+  // The same written into `out`, a [K, *base.shape] tensor whose dtype is the output dtype (a
+  // reused workspace: fresh memory costs a page fault per page on its first write).
+  m.def(
+      "combine_into(Tensor base, Tensor[] experts, Tensor weights, float base_weight, "
+      "ScalarType compute_dtype, Tensor(a!) out) -> ()");
   // Rank-`rank` SVD of a [..., m, n] by a Gaussian sketch of rank + oversample columns drawn from
   // (seed, key), n_iter power iterations: U [..., m, r], S [..., r], V [..., n, r].
   m.def(

@@ -112,6 +112,20 @@ def test_combine_cuda_is_bitwise_the_cpu_kernel(dtype, compute, out_dtype):
 
 
 @needs_cuda
+def test_combine_into_cuda_buffers_gives_the_functional_bits():
+    base, experts = _inputs((37, 1000), 5, torch.bfloat16)
+    base, experts = base.cuda(), [e.cuda() for e in experts]
+    weights = torch.randn(6, 5, dtype=torch.float64)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        want = ops.combine(base, experts, weights, 0.5, torch.float32, out_dtype)
+        buffer = torch.full((6, 37, 1000), float("nan"), dtype=out_dtype, device="cuda")
+        transposed = torch.full((6, 1000, 37), float("nan"), dtype=out_dtype, device="cuda")
+        for out in (buffer, transposed.transpose(1, 2)):
+            ops.combine(base, experts, weights, 0.5, torch.float32, out_dtype, out=out)
+            assert torch.equal(out, want)
+
+
+@needs_cuda
 def test_sketch_and_randomized_svd_agree_across_devices():
     key = name_key("blocks.0.attn.qkv.weight", (768, 768))
     a = torch.randn(4, 300, 200, dtype=torch.float64).float()

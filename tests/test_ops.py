@@ -322,19 +322,28 @@ def test_combine_is_the_same_for_any_block_split_and_thread_count():
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("compute", [torch.float32, torch.float64])
-def test_one_output_path_gives_the_bits_of_the_general_one(dtype, compute):
-    # One output runs its own register-blocked kernel; asked among others, the same row runs the
-    # general one. Same operations in the same order: equal bits, tails, NaN and zero weights too.
+def test_every_combine_kernel_gives_the_same_bits(dtype, compute):
+    # Three CPU kernels (csrc/merge/combine_cpu.cpp): one output; several, eight at a time over
+    # spans of the block; and passes over whole blocks beyond 255 experts. A row asked alone,
+    # among nine others and among 256 experts (the extra ones weighted zero, which every kernel
+    # skips) runs each in turn: same operations in the same order, so equal bits, across tails,
+    # NaN and zero weights too.
     g = torch.Generator().manual_seed(9)
     base = torch.randn(3 * 4096 + 21, generator=g).to(dtype)
     experts = [(base.float() + torch.randn(base.shape, generator=g)).to(dtype) for _ in range(4)]
     experts[2][5] = float("nan")
     row = torch.tensor([[0.3, 0.0, -1.25, 0.5]], dtype=torch.float64)
     alone = ops.combine(base, experts, row, 0.7, compute)
-    among = ops.combine(base, experts, torch.cat([row, 2 * row]), 0.7, compute)
+    others = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    among = ops.combine(base, experts, torch.cat([others[:8], row, others[8:]]), 0.7, compute)
+    padding = [experts[0]] * 252
+    wide_rows = torch.nn.functional.pad(torch.cat([row, others[:1]]), (0, 252))
+    wide = ops.combine(base, experts + padding, wide_rows, 0.7, compute)
     bits = torch.int64 if compute == torch.float64 else torch.int32
     assert alone.isnan().sum() == 1
-    assert torch.equal(alone[0].view(bits), among[0].view(bits))
+    assert torch.equal(alone[0].view(bits), among[8].view(bits))
+    assert torch.equal(alone[0].view(bits), wide[0].view(bits))
+    assert torch.equal(among[0].view(bits), wide[1].view(bits))
 
 
 @needs_native
@@ -354,6 +363,47 @@ def test_combine_opcheck_and_errors():
     with pytest.raises(RuntimeError, match="compute_dtype must be float32 or float64"):
         torch.ops.r2m_ext.combine.default(
             base, experts, weights, 1.0, torch.bfloat16, torch.float32
+        )
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_combine_into_a_given_tensor_gives_the_functional_bits(backend, out_dtype, monkeypatch):
+    if backend == "native" and ops.native_module() is None:
+        pytest.skip("extension not built")
+    monkeypatch.setattr(ops, "_native_supports", lambda *a: backend == "native")
+    g = torch.Generator().manual_seed(12)
+    base = torch.randn(40, 33, generator=g)
+    experts = [base + torch.randn(40, 33, generator=g) for _ in range(3)]
+    weights = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    want = ops.combine(base, experts, weights, 0.5, torch.float32, out_dtype)
+    # Stale bytes in the buffer (NaN in every float dtype) must all be overwritten; a transposed
+    # buffer takes the cast-and-copy route.
+    buffer = torch.full((5, 40, 33), float("nan"), dtype=out_dtype)
+    transposed = torch.full((5, 33, 40), float("nan"), dtype=out_dtype).transpose(1, 2)
+    for out in (buffer, transposed):
+        got = ops.combine(base, experts, weights, 0.5, torch.float32, out_dtype, out=out)
+        assert got is out or got.data_ptr() == out.data_ptr()
+        assert torch.equal(out, want)
+    with pytest.raises(ValueError, match=r"out must be \[5, 40, 33\] torch.float32, got"):
+        ops.combine(base, experts, weights, 0.5, out=torch.empty(5, 40, 32))
+    with pytest.raises(ValueError, match=r"out must be \[5, 40, 33\] torch.float32, got"):
+        ops.combine(base, experts, weights, 0.5, out=torch.empty(5, 40, 33, dtype=torch.float64))
+
+
+@needs_native
+def test_combine_into_opcheck_and_errors():
+    g = torch.Generator().manual_seed(13)
+    base = torch.randn(6, 5, generator=g)
+    experts = [torch.randn(6, 5, generator=g) for _ in range(3)]
+    weights = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        out = torch.empty(2, 6, 5, dtype=out_dtype)
+        args = (base, experts, weights, 1.0, torch.float32, out)
+        torch.library.opcheck(torch.ops.r2m_ext.combine_into.default, args)
+    with pytest.raises(RuntimeError, match=r"out must be \[2, 6, 5\], got \[2, 6, 4\]"):
+        torch.ops.r2m_ext.combine_into(
+            base, experts, weights, 1.0, torch.float32, torch.empty(2, 6, 4)
         )
 
 

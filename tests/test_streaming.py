@@ -401,7 +401,13 @@ def test_task_vectors_formed_while_stacking_have_the_bits_of_stack_then_subtract
     del stale
     assert pool.free_bytes > 0
     for workspace in (None, pool):
-        source = SimpleNamespace(compute_dtype=compute_dtype, _workspace=workspace)
+        source = SimpleNamespace(
+            compute_dtype=compute_dtype,
+            _workspace=workspace,
+            n_experts=3,
+            device=torch.device("cpu"),
+        )
+        source.empty_stack = lambda shape, source=source: MergeInputs.empty_stack(source, shape)
         base, tau = MergeInputs._stack(source, raw, task_vectors=True)
         assert tau.dtype == compute_dtype and tau.shape == (3, 33, 17)
         assert torch.equal(base, want_base)

@@ -15,24 +15,28 @@
 
 namespace r2m {
 
-at::Tensor combine_cpu_entry(const at::Tensor& base, at::TensorList experts,
-                             const at::Tensor& weights, double base_weight,
-                             at::ScalarType compute_dtype, at::ScalarType out_dtype) {
+namespace {
+
+std::vector<int64_t> combine_shape(const at::Tensor& base, const at::Tensor& weights) {
+  std::vector<int64_t> shape{weights.size(0)};
+  shape.insert(shape.end(), base.sizes().begin(), base.sizes().end());
+  return shape;
+}
+
+// Writes the K combinations into `out`, contiguous [K, *base.shape] in compute_dtype.
+void combine_cpu_into(const at::Tensor& base, at::TensorList experts, const at::Tensor& weights,
+                      double base_weight, at::ScalarType compute_dtype, at::Tensor& out) {
   const std::vector<at::Tensor> contiguous = checked_experts("combine", base, experts);
   const int64_t n = static_cast<int64_t>(experts.size());
   TORCH_CHECK(base.device().is_cpu(), "combine (CPU): base is on ", base.device());
-  check_combine_arguments(weights, n, compute_dtype, out_dtype);
   const ScalarKind kind = scalar_kind_of(base, "combine", "base");
   std::vector<const void*> pointers;
   for (const at::Tensor& expert : contiguous) pointers.push_back(expert.const_data_ptr());
   const at::Tensor base_contiguous = base.contiguous();
   const at::Tensor weights64 = weights.to(at::kDouble).contiguous();
   const int64_t outputs = weights.size(0);
-  std::vector<int64_t> out_shape{outputs};
-  out_shape.insert(out_shape.end(), base.sizes().begin(), base.sizes().end());
-  at::Tensor out = empty_host_output(out_shape, compute_dtype);
   const int64_t numel = base.numel();
-  if (numel == 0 || outputs == 0) return out.to(out_dtype);
+  if (numel == 0 || outputs == 0) return;
 
   const CombineParams params{
       base_contiguous.const_data_ptr(),   pointers.data(), n,          numel, kind,
@@ -46,9 +50,39 @@ at::Tensor combine_cpu_entry(const at::Tensor& base, at::TensorList experts,
       }
     });
   });
+}
+
+}  // namespace
+
+at::Tensor combine_cpu_entry(const at::Tensor& base, at::TensorList experts,
+                             const at::Tensor& weights, double base_weight,
+                             at::ScalarType compute_dtype, at::ScalarType out_dtype) {
+  check_combine_arguments(weights, static_cast<int64_t>(experts.size()), compute_dtype, out_dtype);
+  at::Tensor out = empty_host_output(combine_shape(base, weights), compute_dtype);
+  combine_cpu_into(base, experts, weights, base_weight, compute_dtype, out);
   return out_dtype == compute_dtype ? out : out.to(out_dtype);
 }
 
-TORCH_LIBRARY_IMPL(r2m_ext, CPU, m) { m.impl("combine", &combine_cpu_entry); }
+// Into `out`: directly when it is contiguous in the compute dtype, else through the functional
+// result cast into it (the functional form's bits either way).
+void combine_into_cpu(const at::Tensor& base, at::TensorList experts, const at::Tensor& weights,
+                      double base_weight, at::ScalarType compute_dtype, at::Tensor& out) {
+  const at::ScalarType out_dtype = out.scalar_type();
+  check_combine_arguments(weights, static_cast<int64_t>(experts.size()), compute_dtype, out_dtype);
+  const std::vector<int64_t> shape = combine_shape(base, weights);
+  TORCH_CHECK(out.device().is_cpu(), "combine (CPU): out is on ", out.device());
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(shape), "combine: out must be ",
+              at::IntArrayRef(shape), ", got ", out.sizes());
+  if (out_dtype == compute_dtype && out.is_contiguous()) {
+    combine_cpu_into(base, experts, weights, base_weight, compute_dtype, out);
+  } else {
+    out.copy_(combine_cpu_entry(base, experts, weights, base_weight, compute_dtype, out_dtype));
+  }
+}
+
+TORCH_LIBRARY_IMPL(r2m_ext, CPU, m) {
+  m.impl("combine", &combine_cpu_entry);
+  m.impl("combine_into", &combine_into_cpu);
+}
 
 }  // namespace r2m

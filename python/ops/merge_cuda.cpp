@@ -56,22 +56,25 @@ at::Tensor delta_gram_cuda_entry(const at::Tensor& base, at::TensorList experts)
   return gram;
 }
 
-at::Tensor combine_cuda_entry(const at::Tensor& base, at::TensorList experts,
-                              const at::Tensor& weights, double base_weight,
-                              at::ScalarType compute_dtype, at::ScalarType out_dtype) {
+std::vector<int64_t> combine_shape(const at::Tensor& base, const at::Tensor& weights) {
+  std::vector<int64_t> shape{weights.size(0)};
+  shape.insert(shape.end(), base.sizes().begin(), base.sizes().end());
+  return shape;
+}
+
+// Writes the K combinations into `out`, contiguous [K, *base.shape] on base's device, in its
+// dtype (the kernel casts on the way out).
+void combine_cuda_into(const at::Tensor& base, at::TensorList experts, const at::Tensor& weights,
+                       double base_weight, at::ScalarType compute_dtype, at::Tensor& out) {
   const std::vector<at::Tensor> contiguous = checked_experts("combine", base, experts);
   const int64_t n = static_cast<int64_t>(experts.size());
   TORCH_CHECK(base.is_cuda(), "combine (CUDA): base is on ", base.device());
-  check_combine_arguments(weights, n, compute_dtype, out_dtype);
   const ScalarKind kind = scalar_kind_of(base, "combine", "base");
   const c10::cuda::CUDAGuard guard(base.device());
   const int64_t outputs = weights.size(0);
-  std::vector<int64_t> out_shape{outputs};
-  out_shape.insert(out_shape.end(), base.sizes().begin(), base.sizes().end());
-  at::Tensor out = at::empty(out_shape, base.options().dtype(out_dtype));
   const ScalarKind out_kind = scalar_kind_of(out, "combine", "out_dtype");
   const int64_t numel = base.numel();
-  if (numel == 0 || outputs == 0) return out;
+  if (numel == 0 || outputs == 0) return;
   const at::Tensor base_contiguous = base.contiguous();
   const at::Tensor pointers = device_pointer_array(contiguous, base.device());
   const at::Tensor weights64 =
@@ -87,7 +90,31 @@ at::Tensor combine_cuda_entry(const at::Tensor& base, at::TensorList experts,
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(base.device().index()).stream();
   check_launch("combine", combine_cuda(params, compute_dtype == at::kDouble, out_kind,
                                        out.data_ptr(), stream));
+}
+
+at::Tensor combine_cuda_entry(const at::Tensor& base, at::TensorList experts,
+                              const at::Tensor& weights, double base_weight,
+                              at::ScalarType compute_dtype, at::ScalarType out_dtype) {
+  check_combine_arguments(weights, static_cast<int64_t>(experts.size()), compute_dtype, out_dtype);
+  at::Tensor out = at::empty(combine_shape(base, weights), base.options().dtype(out_dtype));
+  combine_cuda_into(base, experts, weights, base_weight, compute_dtype, out);
   return out;
+}
+
+void combine_into_cuda(const at::Tensor& base, at::TensorList experts, const at::Tensor& weights,
+                       double base_weight, at::ScalarType compute_dtype, at::Tensor& out) {
+  const at::ScalarType out_dtype = out.scalar_type();
+  check_combine_arguments(weights, static_cast<int64_t>(experts.size()), compute_dtype, out_dtype);
+  const std::vector<int64_t> shape = combine_shape(base, weights);
+  TORCH_CHECK(out.device() == base.device(), "combine (CUDA): out is on ", out.device(),
+              ", base on ", base.device());
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(shape), "combine: out must be ",
+              at::IntArrayRef(shape), ", got ", out.sizes());
+  if (out.is_contiguous()) {
+    combine_cuda_into(base, experts, weights, base_weight, compute_dtype, out);
+  } else {
+    out.copy_(combine_cuda_entry(base, experts, weights, base_weight, compute_dtype, out_dtype));
+  }
 }
 
 }  // namespace
@@ -95,6 +122,7 @@ at::Tensor combine_cuda_entry(const at::Tensor& base, at::TensorList experts,
 TORCH_LIBRARY_IMPL(r2m_ext, CUDA, m) {
   m.impl("delta_gram", &delta_gram_cuda_entry);
   m.impl("combine", &combine_cuda_entry);
+  m.impl("combine_into", &combine_into_cuda);
 }
 
 }  // namespace r2m

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -235,6 +235,16 @@ class MergeInputs:
         (tensor,) = self._ready(self._upload([self._read(source, name, rows)]))
         return self._checked_raw(source, name, tensor, rows)
 
+    def empty_stack(self, shape: Sequence[int]) -> torch.Tensor:
+        """An uninitialised [N, *shape] tensor in the compute dtype on the compute device; on
+        the host, from the reused workspace buffers: memory already faulted in (8 fresh [3072,
+        768] float32 outputs, 75 MB: 17 ms to fault in, against 4 ms to write once resident)."""
+        shape = (self.n_experts, *shape)
+        if self.device.type == "cpu" and self._workspace is not None:
+            nbytes = math.prod(shape) * self.compute_dtype.itemsize
+            return self._workspace.take(nbytes).view(self.compute_dtype).view(shape)
+        return torch.empty(shape, dtype=self.compute_dtype, device=self.device)
+
     def _stack(
         self, tensors: list[torch.Tensor], task_vectors: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,12 +253,7 @@ class MergeInputs:
             return base, torch.stack([t.to(self.compute_dtype) for t in tensors[1:]])
         # Each difference is written straight into the stack (widening on the way, as .to()
         # would, so the same bits as stacking then subtracting): one pass over [N, ...], not two.
-        shape = (len(tensors) - 1, *base.shape)
-        if base.device.type == "cpu" and self._workspace is not None:
-            nbytes = math.prod(shape) * self.compute_dtype.itemsize
-            tau = self._workspace.take(nbytes).view(self.compute_dtype).view(shape)
-        else:
-            tau = torch.empty(shape, dtype=self.compute_dtype, device=base.device)
+        tau = self.empty_stack(base.shape)
         for index, expert in enumerate(tensors[1:]):
             torch.sub(expert, base, out=tau[index])
         return base, tau

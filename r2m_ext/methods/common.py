@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from fractions import Fraction
 from typing import Protocol
 
@@ -43,6 +43,10 @@ class TaskTensors(Protocol):
         task_vectors: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(base [*shape], experts [N, *shape]), or with `task_vectors` (base, experts - base)."""
+
+    def empty_stack(self, shape: Sequence[int]) -> torch.Tensor:
+        """An uninitialised [N, *shape] compute-dtype tensor on the compute device, for a step's
+        workspace (counted in its `extra_stacks`); on the host, reused memory."""
 
     def load_raw(
         self, name: str, extra_stacks: float = 0, purpose: str = "merge"

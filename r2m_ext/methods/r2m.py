@@ -130,7 +130,14 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
         pass over its raw inputs (no stack of task vectors). Both passes form them here, so a
         write-pass recomputation gives the truncation pass's bits."""
         _, r_weights = weights_for(entry, torch.float64)
-        rows = ops.combine(base, experts, r_weights, 0.0, tensors.compute_dtype)
+        rows = ops.combine(
+            base,
+            experts,
+            r_weights,
+            0.0,
+            tensors.compute_dtype,
+            out=tensors.empty_stack(entry.shape),
+        )
         zero_weight = [j + 1 for j in range(n) if not r_weights[:, j].any()]
         tensors.check_finite(entry, None, rows, zero_weight)
         return rows.reshape(n, -1)
