@@ -49,6 +49,20 @@ def test_delta_gram_native_matches_float64_reference(dtype, shape):
 
 
 @needs_native
+def test_delta_gram_of_many_experts_matches_the_reference_pair_by_pair():
+    # The CPU kernel sums up to 8 pairs of one row side by side; 11 experts take rows of 1 to 11
+    # pairs, so groups of 8 and their remainders. Each pair's sum keeps its own order: the Gram
+    # of the first 4 experts is, bit for bit, their corner of the Gram of all 11.
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(5, 40_001, generator=g)
+    experts = [base + torch.randn(5, 40_001, generator=g) for _ in range(11)]
+    got = torch.ops.r2m_ext.delta_gram.default(base, experts)
+    torch.testing.assert_close(got, reference.delta_gram(base, experts), rtol=1e-12, atol=1e-9)
+    assert torch.equal(got, got.T)
+    assert torch.equal(got[:4, :4], torch.ops.r2m_ext.delta_gram.default(base, experts[:4]))
+
+
+@needs_native
 def test_delta_gram_bitwise_deterministic_across_thread_counts():
     g = torch.Generator().manual_seed(1)
     base = torch.randn(300_000, generator=g)
