@@ -90,5 +90,5 @@ setup(
     install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "pyyaml", "tqdm"],
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
-    entry_points={"console_scripts": ["r2m = r2m_ext.cli:main"]},
+    entry_points={"console_scripts": ["r2m = r2m_ext.cli:run"]},
 )

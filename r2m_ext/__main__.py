@@ -1,5 +1,3 @@
-import sys
+from r2m_ext.cli import run
 
-from r2m_ext.cli import main
-
-sys.exit(main())
+run()
