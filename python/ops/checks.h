@@ -29,6 +29,23 @@ inline std::vector<at::Tensor> checked_experts(const char* op, const at::Tensor&
   return contiguous;
 }
 
+// combine's result shape: [K, *base.shape] for weights [K, N].
+inline std::vector<int64_t> combine_shape(const at::Tensor& base, const at::Tensor& weights) {
+  std::vector<int64_t> shape{weights.size(0)};
+  shape.insert(shape.end(), base.sizes().begin(), base.sizes().end());
+  return shape;
+}
+
+// combine_into's destination: on base's device, of combine's result shape.
+inline void check_combine_out(const at::Tensor& out, const at::Tensor& base,
+                              const at::Tensor& weights) {
+  TORCH_CHECK(out.device() == base.device(), "combine: out is on ", out.device(), ", base on ",
+              base.device());
+  const std::vector<int64_t> shape = combine_shape(base, weights);
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(shape), "combine: out must be ",
+              at::IntArrayRef(shape), ", got ", out.sizes());
+}
+
 inline void check_combine_arguments(const at::Tensor& weights, int64_t n_experts,
                                     at::ScalarType compute_dtype, at::ScalarType out_dtype) {
   TORCH_CHECK(weights.dim() == 2 && weights.size(1) == n_experts, "combine: weights must be [K, ",

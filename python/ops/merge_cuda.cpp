@@ -56,12 +56,6 @@ at::Tensor delta_gram_cuda_entry(const at::Tensor& base, at::TensorList experts)
   return gram;
 }
 
-std::vector<int64_t> combine_shape(const at::Tensor& base, const at::Tensor& weights) {
-  std::vector<int64_t> shape{weights.size(0)};
-  shape.insert(shape.end(), base.sizes().begin(), base.sizes().end());
-  return shape;
-}
-
 // Writes the K combinations into `out`, contiguous [K, *base.shape] on base's device, in its
 // dtype (the kernel casts on the way out).
 void combine_cuda_into(const at::Tensor& base, at::TensorList experts, const at::Tensor& weights,
@@ -105,11 +99,7 @@ void combine_into_cuda(const at::Tensor& base, at::TensorList experts, const at:
                        double base_weight, at::ScalarType compute_dtype, at::Tensor& out) {
   const at::ScalarType out_dtype = out.scalar_type();
   check_combine_arguments(weights, static_cast<int64_t>(experts.size()), compute_dtype, out_dtype);
-  const std::vector<int64_t> shape = combine_shape(base, weights);
-  TORCH_CHECK(out.device() == base.device(), "combine (CUDA): out is on ", out.device(),
-              ", base on ", base.device());
-  TORCH_CHECK(out.sizes() == at::IntArrayRef(shape), "combine: out must be ",
-              at::IntArrayRef(shape), ", got ", out.sizes());
+  check_combine_out(out, base, weights);
   if (out.is_contiguous()) {
     combine_cuda_into(base, experts, weights, base_weight, compute_dtype, out);
   } else {
