@@ -229,10 +229,9 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
                     entry.name, whole_stacks, purpose="truncate its residuals"
                 )
                 rows = residual_rows(entry, base, experts)
-                task_gram = tensor_grams.get(entry.name)
-                if task_gram is None:
-                    task_gram = ops.delta_gram(base, experts).cpu()
                 del base, experts
+                # A truncated matrix is in S (spec §0), so the Gram pass took its Gram.
+                task_gram = tensor_grams[entry.name]
                 c_weights, _ = weights_for(entry, task_gram)
                 task_sq += task_gram.diagonal()
                 core_norm_sq += float(c_weights @ task_gram @ c_weights)
