@@ -404,7 +404,8 @@ def run() -> None:
     (`python -c "import r2m_ext.cli"`: 1.41-1.50 s; ending in os._exit: 1.07-1.09 s), a tenth of
     an `average` of 11 GB. By the time main returns, every file the command wrote is closed,
     fsynced and renamed into place and its reader and writer threads are joined, so only the
-    standard streams need flushing. An exception out of main exits the ordinary way."""
+    standard streams need flushing. An exception out of main exits the ordinary way. atexit
+    handlers do not run on this path: cleanup belongs inside main."""
     code = main()
     for stream in (sys.stdout, sys.stderr):
         try:
