@@ -391,6 +391,10 @@ def test_combine_into_a_given_tensor_gives_the_functional_bits(backend, out_dtyp
     experts = [base + torch.randn(40, 33, generator=g) for _ in range(3)]
     weights = torch.randn(5, 3, generator=g, dtype=torch.float64)
     want = ops.combine(base, experts, weights, 0.5, torch.float32, out_dtype)
+    tau = torch.stack([e.double() - base.double() for e in experts]).reshape(3, -1)
+    oracle = (weights @ tau + 0.5 * base.double().reshape(1, -1)).reshape(5, 40, 33)
+    tolerance = 1e-2 if out_dtype == torch.bfloat16 else 2e-6
+    torch.testing.assert_close(want.double(), oracle, rtol=tolerance, atol=tolerance)
     # Stale bytes in the buffer (NaN in every float dtype) must all be overwritten; a transposed
     # buffer takes the cast-and-copy route.
     buffer = torch.full((5, 40, 33), float("nan"), dtype=out_dtype)

@@ -125,6 +125,8 @@ FactoredRows orthonormal_rows(const at::Tensor& raw, const std::optional<at::Ten
   // With max_q1_error, Q1 is kept only when Q1^T Q1 is that close to the identity (entrywise).
   auto cholesky_qr2 = [&](const at::Tensor& raw_gram64,
                           std::optional<double> max_q1_error) -> std::optional<FactoredRows> {
+    // F G F^T (G symmetric); without F, G itself, not a transpose of a GEMM's nearly symmetric
+    // result.
     const at::Tensor gram64 = left ? times(left, times(left, raw_gram64).mT()) : raw_gram64;
     auto r1_inverse_t = inverse_factor_t(gram64);
     if (!r1_inverse_t) return std::nullopt;
