@@ -3,6 +3,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "ops/host_memory.h"
+
 TORCH_LIBRARY(r2m_ext, m) {
   // Gram matrix of task vectors (experts[i] - base), accumulated in float64, shape [N, N].
   m.def("delta_gram(Tensor base, Tensor[] experts) -> Tensor");
@@ -40,4 +42,11 @@ PYBIND11_MODULE(_C, module) {
   module.attr("with_cuda") = false;
 #endif
   module.attr("torch_version") = R2M_TORCH_VERSION;
+  module.def(
+      "set_large_allocations_fresh", [](bool fresh) { r2m::large_allocations_fresh() = fresh; },
+      "Tells the CPU ops that glibc maps every large allocation on its own (the engine lowered "
+      "its mmap threshold), so that their large outputs ask for huge pages instead.");
+  module.def(
+      "large_allocations_fresh", []() { return r2m::large_allocations_fresh().load(); },
+      "Whether set_large_allocations_fresh(True) was called.");
 }

@@ -274,23 +274,51 @@ def test_combine_native_matches_float64_oracle(dtype, compute, shape):
 
 
 @needs_native
-def test_combine_large_outputs_live_in_their_own_aligned_mapping_and_match_the_oracle():
-    # Outputs of 4 MB and more are mapped for huge pages (python/ops/host_memory.h): 2 MB-aligned
-    # on Linux. Many in a row, each dropped, so the mapping's release path runs too.
+@pytest.mark.parametrize("fresh", [True, False], ids=["engine-allocator", "default-allocator"])
+def test_combine_large_outputs_match_the_oracle_in_either_kind_of_memory(fresh):
+    # Once the engine has lowered glibc's mmap threshold, outputs of 4 MB and more get their own
+    # mapping for huge pages (python/ops/host_memory.h): 2 MB-aligned on Linux. Otherwise they
+    # come from the default allocator, which reuses memory already faulted in. Many in a row,
+    # each dropped, so the mapping's release path runs too; the same bits either way.
+    native = native_module()
+    before = native.large_allocations_fresh()
     g = torch.Generator().manual_seed(8)
     base = torch.randn(1031, 1024, generator=g)
     experts = [base + torch.randn(1031, 1024, generator=g) for _ in range(3)]
     weights = torch.randn(2, 3, generator=g, dtype=torch.float64)
     tau = torch.stack([e.double() - base.double() for e in experts]).reshape(3, -1)
     want = (weights @ tau + base.double().reshape(1, -1)).reshape(2, 1031, 1024)
-    for _ in range(20):
-        got = ops.combine(base, experts, weights)
-        if sys.platform == "linux":
-            assert got.data_ptr() % (2 << 20) == 0
-        torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=2e-6)
-        got.add_(1.0)  # the mapping is writable like any output
+    native.set_large_allocations_fresh(not fresh)
+    other = ops.combine(base, experts, weights)
+    try:
+        native.set_large_allocations_fresh(fresh)
+        for _ in range(20):
+            got = ops.combine(base, experts, weights)
+            if fresh and sys.platform == "linux":
+                assert got.data_ptr() % (2 << 20) == 0
+            torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=2e-6)
+            assert torch.equal(got, other)
+            got.add_(1.0)  # the mapping is writable like any output
+    finally:
+        native.set_large_allocations_fresh(before)
     small = ops.combine(base[:10], [e[:10] for e in experts], weights)
     torch.testing.assert_close(small.double(), want[:, :10], rtol=2e-6, atol=2e-6)
+
+
+@needs_native
+def test_the_engine_tells_the_native_ops_that_large_allocations_are_fresh():
+    # merge_files lowers glibc's mmap threshold for the whole process; the ops then map their
+    # large outputs for huge pages. A subprocess, as the setting cannot be undone in this one.
+    script = (
+        "from r2m_ext._backend import native_module\n"
+        "from r2m_ext.engine.budget import return_large_frees_to_os\n"
+        "native = native_module()\n"
+        "assert not native.large_allocations_fresh()\n"
+        "return_large_frees_to_os()\n"
+        "assert native.large_allocations_fresh()\n"
+    )
+    result = run_python(script)
+    assert result.returncode == 0, result.stderr
 
 
 @needs_native

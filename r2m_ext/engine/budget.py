@@ -11,6 +11,7 @@ import threading
 
 import torch
 
+from r2m_ext._backend import native_module
 from r2m_ext.errors import R2MError
 from r2m_ext.io.writer import parse_size
 
@@ -54,12 +55,18 @@ MMAP_THRESHOLD_BYTES = 1 << 20
 
 def return_large_frees_to_os() -> None:
     """Makes glibc map every allocation of 1 MB or more on its own, so freeing it unmaps it.
-    Process-wide, so only the engine's entry points call it; a no-op off glibc."""
+    Process-wide, so only the engine's entry points call it; a no-op off glibc. The native ops
+    are told, as their large outputs are then fresh memory and worth huge pages
+    (python/ops/host_memory.h)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        if not libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES):
+            return
     except (OSError, AttributeError):
-        pass
+        return
+    native = native_module()
+    if native is not None:
+        native.set_large_allocations_fresh(True)
 
 
 def peak_rss_bytes() -> int:
