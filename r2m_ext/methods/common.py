@@ -52,7 +52,8 @@ class TaskTensors(Protocol):
         self, name: str, extra_stacks: float = 0, purpose: str = "merge"
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(base, [experts]) of a whole tensor in the inputs' own dtype, within the budget of
-        `load` with the same workspace; checked like `raw_blocks`."""
+        `load` with the same workspace. Like `raw_blocks`, not yet checked for NaN/Inf: the
+        caller passes what it computed from them to `check_finite`."""
 
     def blocks(
         self, entry: TensorPlan, extra_stacks: float = 0
