@@ -18,6 +18,7 @@ import contextlib
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -296,6 +297,73 @@ def merge_rows(depth: int, sweep: list[tuple[int, int]]):
     }
 
 
+def specialist_rows(directory: Path) -> dict:
+    """Randomized vs exact R²M on trained specialists: the built-in benchmark's cache directory
+    (base/ and one folder per seen family, real fine-tunes of one backbone; `make demo` writes
+    it under demo_out/cache/<key>/), merged through merge_files as the benchmark merges them.
+    The same differences as the synthetic merge's, with the same bfloat16 control."""
+    from safetensors.torch import load_file, save_file
+
+    from r2m_ext.detect.synthetic import SEEN_FAMILIES
+
+    base = directory / "base"
+    specialists = [directory / family for family in SEEN_FAMILIES]
+    missing = [p for p in [base, *specialists] if not (p / "model.safetensors").is_file()]
+    if missing:
+        raise SystemExit(f"--specialists {directory}: no model.safetensors in {missing}")
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+
+        def merged(name, inputs, **options):
+            report = {}
+            out = r2m_ext.merge_files(
+                inputs[0],
+                inputs[1:],
+                scratch / name,
+                "r2m",
+                overwrite=True,
+                report=report,
+                **options,
+            )
+            return load_file(str(out / "model.safetensors")), report
+
+        def stored_in_bf16(path):
+            weights = load_file(str(path / "model.safetensors"))
+            copy = scratch / "bf16" / path.name / "model.safetensors"
+            copy.parent.mkdir(parents=True)
+            save_file({k: v.bfloat16() for k, v in weights.items()}, str(copy))
+            return copy
+
+        inputs = [base, *specialists]
+        ours, ours_report = merged("randomized", inputs, svd="randomized")
+        exact, exact_report = merged("exact", inputs, svd="exact")
+        exact_of_bf16, _ = merged("exact_bf16", [stored_in_bf16(p) for p in inputs], svd="exact")
+        base_weights = load_file(str(base / "model.safetensors"))
+    # The head (averaged over the specialists, spec §4, and absent from the base) is left out.
+    exact = {name: tensor for name, tensor in exact.items() if name in base_weights}
+    of_tensor, of_update = relative_differences(ours, exact, base_weights)
+    bf16_of_tensor, bf16_of_update = relative_differences(exact_of_bf16, exact, base_weights)
+
+    def energy_kept(report):
+        kept = [e for t in report["tensors"].values() for e in t.get("energy_kept", [])]
+        return statistics.median(kept), min(kept)
+
+    shapes = sorted({tuple(t.shape) for t in exact.values() if t.dim() == 2})
+    return {
+        "directory": str(directory),
+        "specialists": len(specialists),
+        "matrix_shapes": [list(s) for s in shapes],
+        "max_relative_difference_randomized_vs_exact": of_tensor,
+        "max_relative_difference_of_update_randomized_vs_exact": of_update,
+        "max_relative_difference_exact_inputs_in_bf16_vs_float32": bf16_of_tensor,
+        "max_relative_difference_of_update_exact_inputs_in_bf16_vs_float32": bf16_of_update,
+        "energy_kept_median_min": {
+            "randomized": energy_kept(ours_report),
+            "exact": energy_kept(exact_report),
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -316,6 +384,15 @@ def main() -> None:
         default=3072 * 768,
         help="largest m*n whose exact SVD is timed for all N",
     )
+    parser.add_argument(
+        "--specialists",
+        type=Path,
+        help="also compare randomized and exact R²M on the trained specialists in this directory "
+        "(the built-in benchmark's demo_out/cache/<key>/)",
+    )
+    parser.add_argument(
+        "--no-merge", action="store_true", help="skip the whole-merge benchmark (op table only)"
+    )
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
@@ -327,8 +404,11 @@ def main() -> None:
         "oversample": OVERSAMPLE,
         "n_iter": N_ITER,
         "svd": svd_rows(shapes, dtypes, args.exact_batch_limit),
-        "merge": merge_rows(args.depth, [(8, 4), (8, 8)]),
     }
+    if args.specialists:
+        result["specialists"] = specialist_rows(args.specialists)
+    if not args.no_merge:
+        result["merge"] = merge_rows(args.depth, [(8, 4), (8, 8)])
     m = result["machine"]
     lines = [
         f"# Native ops, {m['cpu']}, {m['cores']} cores, torch {m['torch']}, commit {m['commit']}, {m['date']}",
@@ -345,49 +425,66 @@ def main() -> None:
             f"{r['linalg_svd_loop_s']:.2f}{note} | {r['svd_lowrank_s'] / r['ours_s']:.2f}x | "
             f"{r['linalg_svd_loop_s'] / r['ours_s']:.0f}x | {r['ours_error_ratio']:.4f} / {r['svd_lowrank_error_ratio']:.4f} |"
         )
-    g = result["merge"]
-    energy = g["energy_kept_median_min"]
-    lines += [
-        "",
-        f"whole R²M merge: {g['model']}",
-        "",
-        "pure torch: every op on its torch reference (R2M_EXT_BACKEND=torch), as merge code without",
-        "r2m_ext runs; the last column swaps only the factorisation for torch.svd_lowrank and keeps",
-        "our Gram, residual and accumulation kernels. Medians of "
-        f"{MERGE_ROUNDS} rounds taking each path in turn (runs: "
-        + "; ".join(
-            f"{key} {', '.join(f'{t:.1f}' for t in runs)}"
-            for key, runs in g["merge_runs_s"].items()
-        )
-        + ").",
-        "",
-        "| native randomized (s) | pure-torch exact (s) | pure-torch svd_lowrank (s) | vs exact | vs svd_lowrank | compute floor reached | our kernels + svd_lowrank (s), ratio |",
-        "|---|---|---|---|---|---|---|",
-        f"| {g['native_randomized_s']:.1f} | {g['torch_exact_s']:.1f} | {g['torch_svd_lowrank_s']:.1f} | "
-        f"{g['speedup_vs_exact']:.1f}x | {g['speedup_vs_svd_lowrank']:.2f}x | {100 * g['compute_floor_fraction']:.0f}% | "
-        f"{g['native_ops_with_torch_svd_lowrank_s']:.1f}, {g['speedup_vs_native_ops_with_svd_lowrank']:.2f}x |",
-        "",
-        "randomized vs exact truncation, max over 2-D tensors of |randomized - exact| over |exact| and",
-        "over the exact merge's update |exact - base|; energy kept by the truncation (median, min over",
-        f"tensors and tasks): randomized {energy['randomized'][0]:.3f}, {energy['randomized'][1]:.3f};"
-        f" exact {energy['exact'][0]:.3f}, {energy['exact'][1]:.3f}",
-        "",
-        "| oversample | n_iter | merge (s) | of tensor | of update |",
-        "|---|---|---|---|---|",
-        f"| {OVERSAMPLE} | {N_ITER} | {g['native_randomized_s']:.1f} | "
-        f"{g['max_relative_difference_randomized_vs_exact']:.2e} | "
-        f"{g['max_relative_difference_of_update_randomized_vs_exact']:.2e} |",
-    ]
-    lines += [
-        f"| {row['oversample']} | {row['n_iter']} | {row['seconds']:.1f} | {row['of_tensor']:.2e} | {row['of_update']:.2e} |"
-        for row in g["accuracy_sweep"]
-    ]
-    lines += [
-        "",
-        "the exact merge against itself with every input stored in bfloat16 (merged in float32): "
-        f"{g['max_relative_difference_exact_inputs_in_bf16_vs_float32']:.2e} of tensor, "
-        f"{g['max_relative_difference_of_update_exact_inputs_in_bf16_vs_float32']:.2e} of update",
-    ]
+    if "merge" in result:
+        g = result["merge"]
+        energy = g["energy_kept_median_min"]
+        lines += [
+            "",
+            f"whole R²M merge: {g['model']}",
+            "",
+            "pure torch: every op on its torch reference (R2M_EXT_BACKEND=torch), as merge code without",
+            "r2m_ext runs; the last column swaps only the factorisation for torch.svd_lowrank and keeps",
+            "our Gram, residual and accumulation kernels. Medians of "
+            f"{MERGE_ROUNDS} rounds taking each path in turn (runs: "
+            + "; ".join(
+                f"{key} {', '.join(f'{t:.1f}' for t in runs)}"
+                for key, runs in g["merge_runs_s"].items()
+            )
+            + ").",
+            "",
+            "| native randomized (s) | pure-torch exact (s) | pure-torch svd_lowrank (s) | vs exact | vs svd_lowrank | compute floor reached | our kernels + svd_lowrank (s), ratio |",
+            "|---|---|---|---|---|---|---|",
+            f"| {g['native_randomized_s']:.1f} | {g['torch_exact_s']:.1f} | {g['torch_svd_lowrank_s']:.1f} | "
+            f"{g['speedup_vs_exact']:.1f}x | {g['speedup_vs_svd_lowrank']:.2f}x | {100 * g['compute_floor_fraction']:.0f}% | "
+            f"{g['native_ops_with_torch_svd_lowrank_s']:.1f}, {g['speedup_vs_native_ops_with_svd_lowrank']:.2f}x |",
+            "",
+            "randomized vs exact truncation, max over 2-D tensors of |randomized - exact| over |exact| and",
+            "over the exact merge's update |exact - base|; energy kept by the truncation (median, min over",
+            f"tensors and tasks): randomized {energy['randomized'][0]:.3f}, {energy['randomized'][1]:.3f};"
+            f" exact {energy['exact'][0]:.3f}, {energy['exact'][1]:.3f}",
+            "",
+            "| oversample | n_iter | merge (s) | of tensor | of update |",
+            "|---|---|---|---|---|",
+            f"| {OVERSAMPLE} | {N_ITER} | {g['native_randomized_s']:.1f} | "
+            f"{g['max_relative_difference_randomized_vs_exact']:.2e} | "
+            f"{g['max_relative_difference_of_update_randomized_vs_exact']:.2e} |",
+        ]
+        lines += [
+            f"| {row['oversample']} | {row['n_iter']} | {row['seconds']:.1f} | {row['of_tensor']:.2e} | {row['of_update']:.2e} |"
+            for row in g["accuracy_sweep"]
+        ]
+        lines += [
+            "",
+            "the exact merge against itself with every input stored in bfloat16 (merged in float32): "
+            f"{g['max_relative_difference_exact_inputs_in_bf16_vs_float32']:.2e} of tensor, "
+            f"{g['max_relative_difference_of_update_exact_inputs_in_bf16_vs_float32']:.2e} of update",
+        ]
+    if "specialists" in result:
+        t = result["specialists"]
+        kept = t["energy_kept_median_min"]
+        lines += [
+            "",
+            f"randomized vs exact R²M on {t['specialists']} trained specialists ({t['directory']};"
+            f" 2-D tensors {', '.join('x'.join(map(str, s)) for s in t['matrix_shapes'])}), through"
+            " merge_files: max over 2-D tensors of |randomized - exact| over |exact|"
+            f" {t['max_relative_difference_randomized_vs_exact']:.2e}, over the update"
+            f" {t['max_relative_difference_of_update_randomized_vs_exact']:.2e}; the exact merge"
+            " with its inputs stored in bfloat16:"
+            f" {t['max_relative_difference_exact_inputs_in_bf16_vs_float32']:.2e},"
+            f" {t['max_relative_difference_of_update_exact_inputs_in_bf16_vs_float32']:.2e};"
+            f" energy kept (median, min): randomized {kept['randomized'][0]:.3f},"
+            f" {kept['randomized'][1]:.3f}; exact {kept['exact'][0]:.3f}, {kept['exact'][1]:.3f}",
+        ]
     bench_streaming.write_results(args.results, f"svd_{m['date']}", result, lines)
 
 
