@@ -3,6 +3,9 @@ merges with every method, evaluates, expands; then a second run reuses the cache
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +60,22 @@ def test_second_run_reuses_the_trained_checkpoints(benchmark_run, capsys):
     second = json.loads((directory / "benchmark.json").read_text())
     assert second["training_seconds"] == first["training_seconds"]
     assert second["rows"] == first["rows"]
+
+
+def test_bench_svd_compares_the_truncations_on_the_trained_specialists(benchmark_run, tmp_path):
+    """benchmarks/bench_svd.py --specialists on this run's cache, as a real subprocess: the
+    randomized and exact merges of the reduced benchmark's specialists agree to the issue's 1e-2
+    of a merged tensor, and the report carries both truncations' energy."""
+    directory, _ = benchmark_run
+    (cache,) = (directory / "cache").iterdir()
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_svd.py"
+    command = [sys.executable, str(script), "--shapes", "--no-merge", "--specialists", str(cache)]
+    subprocess.run([*command, "--results", str(tmp_path)], check=True, capture_output=True)
+    (written,) = tmp_path.glob("svd_*.json")
+    result = json.loads(written.read_text())["specialists"]
+    assert result["specialists"] == len(SEEN_FAMILIES)
+    assert 0 < result["max_relative_difference_randomized_vs_exact"] < 1e-2
+    assert 0 < result["max_relative_difference_exact_inputs_in_bf16_vs_float32"] < 1e-1
+    for truncation in ("randomized", "exact"):
+        median, least = result["energy_kept_median_min"][truncation]
+        assert 0 < least <= median <= 1
