@@ -7,8 +7,10 @@
    pure-torch exact path vs a pure-torch path built on torch.svd_lowrank, and the fraction of the
    compute floor reached (the truncation and write-pass FLOPs of ../shared/PERFORMANCE.md §2 and
    §4 over the matmul rate measured in the same run).
+3. With --specialists DIR: randomized vs exact R²M on the built-in benchmark's trained specialists.
 
     python benchmarks/bench_svd.py --results benchmarks/results [--shapes 768x768 ...] [--depth 12]
+        [--specialists demo_out/cache/<key>] [--no-merge]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_streaming  # noqa: E402
@@ -31,6 +34,7 @@ import make_checkpoints  # noqa: E402
 import r2m_ext  # noqa: E402
 from r2m_ext import ops  # noqa: E402
 from r2m_ext._backend import BACKEND_VARIABLE, native_module  # noqa: E402
+from r2m_ext.detect.synthetic import SEEN_FAMILIES  # noqa: E402
 from r2m_ext.methods import common  # noqa: E402
 from r2m_ext.methods import r2m as r2m_method  # noqa: E402
 from r2m_ext.options import resolve_options  # noqa: E402
@@ -172,6 +176,12 @@ def relative_differences(merged, exact, base):
     return max(of_tensor), max(of_update)
 
 
+def energy_kept(report: dict) -> tuple[float, float]:
+    """(median, min) over tensors and tasks of the energy a merge report says the truncation kept."""
+    kept = [e for t in report["tensors"].values() for e in t.get("energy_kept", [])]
+    return statistics.median(kept), min(kept)
+
+
 def merge_rows(depth: int, sweep: list[tuple[int, int]]):
     shapes = {k: v for k, v in make_checkpoints.vit(768, depth, 16, 197, 3072).items()}
     base = {n: make_checkpoints.base_tensor(0, n, s) for n, s in shapes.items()}
@@ -268,10 +278,6 @@ def merge_rows(depth: int, sweep: list[tuple[int, int]]):
         )
         print(accuracy[-1], flush=True)
 
-    def energy_kept(report):
-        kept = [e for t in report["tensors"].values() for e in t.get("energy_kept", [])]
-        return statistics.median(kept), min(kept)
-
     return {
         "model": f"ViT-B/16 shapes, {depth} blocks, N={N}, float32, in memory",
         "merge_runs_s": round_seconds,
@@ -302,10 +308,6 @@ def specialist_rows(directory: Path) -> dict:
     (base/ and one folder per seen family, real fine-tunes of one backbone; `make demo` writes
     it under demo_out/cache/<key>/), merged through merge_files as the benchmark merges them.
     The same differences as the synthetic merge's, with the same bfloat16 control."""
-    from safetensors.torch import load_file, save_file
-
-    from r2m_ext.detect.synthetic import SEEN_FAMILIES
-
     base = directory / "base"
     specialists = [directory / family for family in SEEN_FAMILIES]
     missing = [p for p in [base, *specialists] if not (p / "model.safetensors").is_file()]
@@ -344,15 +346,11 @@ def specialist_rows(directory: Path) -> dict:
     of_tensor, of_update = relative_differences(ours, exact, base_weights)
     bf16_of_tensor, bf16_of_update = relative_differences(exact_of_bf16, exact, base_weights)
 
-    def energy_kept(report):
-        kept = [e for t in report["tensors"].values() for e in t.get("energy_kept", [])]
-        return statistics.median(kept), min(kept)
-
     shapes = sorted({tuple(t.shape) for t in exact.values() if t.dim() == 2})
     return {
         "directory": str(directory),
         "specialists": len(specialists),
-        "matrix_shapes": [list(s) for s in shapes],
+        "shapes_2d": [list(s) for s in shapes],
         "max_relative_difference_randomized_vs_exact": of_tensor,
         "max_relative_difference_of_update_randomized_vs_exact": of_update,
         "max_relative_difference_exact_inputs_in_bf16_vs_float32": bf16_of_tensor,
@@ -475,7 +473,7 @@ def main() -> None:
         lines += [
             "",
             f"randomized vs exact R²M on {t['specialists']} trained specialists ({t['directory']};"
-            f" 2-D tensors {', '.join('x'.join(map(str, s)) for s in t['matrix_shapes'])}), through"
+            f" 2-D tensors {', '.join('x'.join(map(str, s)) for s in t['shapes_2d'])}), through"
             " merge_files: max over 2-D tensors of |randomized - exact| over |exact|"
             f" {t['max_relative_difference_randomized_vs_exact']:.2e}, over the update"
             f" {t['max_relative_difference_of_update_randomized_vs_exact']:.2e}; the exact merge"
