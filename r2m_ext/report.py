@@ -53,6 +53,13 @@ def format_report(report: dict, rows: int = 20) -> str:
             f"Real core coefficients: [{coefficients}]",
             f"|tau_core| = {report['core_norm']:.6g}, |tau_res| = {report['residual_norm']:.6g}, "
             f"eta = {report['eta']:.6g}",
+        ]
+        if report.get("residual_cancelled"):
+            lines.append(
+                "the scaled residuals cancel below the rounding of their Grams: |tau_res| counts "
+                "as 0 (compute_dtype float64 resolves it)"
+            )
+        lines += [
             f"truncation factors cached: {report['factors_cached']}, "
             f"recomputed: {report['factors_recomputed']}",
         ]

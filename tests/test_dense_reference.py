@@ -13,6 +13,7 @@ import torch
 from conftest import make_experts, random_model
 
 import r2m_ext
+from r2m_ext.report import format_report
 
 HEADS = ("head.*", "*.head.*", "classifier.*", "*.classifier.*", "fc.*")
 EXCLUDED = ("*embed*", "*pos*", "*token*")
@@ -233,3 +234,56 @@ def test_ties(models, scope, density):
         base, experts, "ties", density=density, ties_scope=scope, lam=0.9, compute_dtype="float64"
     )
     assert_matches(merged, numpy_ties(base, experts, density=density, lam=0.9, scope=scope))
+
+
+def mirrored_experts(dtype, seed):
+    """theta_0 + a + d and theta_0 + a - d on one 64 x 32 matrix: the core is ~ a and the residuals
+    ~ +d and -d, which cancel in tau_res down to 2e-5-2e-4 of their norms (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    base, a, d = (torch.randn(64, 32, generator=g, dtype=torch.float64) for _ in range(3))
+    experts = [{"blocks.0.fc.weight": (base + a + sign * 0.1 * d).to(dtype)} for sign in (1, -1)]
+    return {"blocks.0.fc.weight": base.to(dtype)}, experts
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_r2m_cancelling_residuals(seed):
+    # Float32 Grams know |tau_res|^2 = w^T G w only to about eps (sum_i |w_i| |r_i|)^2; here the
+    # form fell within that, at either sign (a negative one crashed the merge with a complex
+    # norm, a positive one set eta ~ 1e5 on rounding noise). It counts as zero: eta = 0 (spec §3)
+    # and the merge is theta_0 + tau_core. Float64 compute resolves it and matches the reference.
+    base, experts = mirrored_experts(torch.float64, seed)
+    report = {}
+    merged = r2m_ext.merge(base, experts, svd="exact", compute_dtype="float64", report=report)
+    assert not report["residual_cancelled"] and report["eta"] > 1e4
+    # eta ~ 1e5 scales float64 rounding up with it: 1.1e-7 seen.
+    assert_matches(merged, numpy_r2m(base, experts), tol=1e-6)
+    base, experts = mirrored_experts(torch.float32, seed)
+    for svd in ("exact", "randomized"):
+        report = {}
+        merged = r2m_ext.merge(base, experts, svd=svd, report=report)
+        assert report["residual_cancelled"] and report["residual_norm"] == 0 and report["eta"] == 0
+        assert "residuals cancel below the rounding" in format_report(report)
+        assert_matches(merged, numpy_r2m(base, experts, alpha=0.0), tol=1e-6)
+
+
+def test_r2m_small_resolved_residual_keeps_eta():
+    # Experts whose scaled residuals cancel to ~1e-3 of their norms, above the float32 Grams'
+    # rounding (13 eps of it): float32 keeps eta, within 1% of the float64 reference's.
+    base = random_model(0, torch.float64)
+    shared, mirrored = make_experts(base, 1, seed=3)[0], make_experts(base, 1, seed=4)[0]
+    experts = [
+        {
+            name: value + (shared[name] - value) + sign * 0.1 * (mirrored[name] - value)
+            if value.is_floating_point()
+            else value
+            for name, value in base.items()
+        }
+        for sign in (1, -1)
+    ]
+    report64, report32 = {}, {}
+    r2m_ext.merge(base, experts, svd="exact", compute_dtype="float64", report=report64)
+    single = [{n: v.float() if v.is_floating_point() else v for n, v in e.items()} for e in experts]
+    base32 = {n: v.float() if v.is_floating_point() else v for n, v in base.items()}
+    r2m_ext.merge(base32, single, svd="exact", report=report32)
+    assert not report32["residual_cancelled"] and report64["eta"] > 1e3
+    assert report32["eta"] == pytest.approx(report64["eta"], rel=1e-2)

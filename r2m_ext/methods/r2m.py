@@ -31,6 +31,13 @@ EIGEN_CUTOFF = 1e-12
 # rounding noise, not a Fake component (identical experts leave exactly such residuals): it counts
 # as zero, so eta = alpha |core| / |res| never scales noise up to the size of the core.
 RESIDUAL_ROUNDING_EPS = 64
+# |tau_res|^2 = w^T G w is read off Grams computed in the compute dtype, which know it only to about
+# eps (sum_i |w_i| |r_i|)^2 (measured: 0.002-0.45 of that, 64 x 32 to 3072 x 768). Where the scaled
+# residuals cancel below this many such units (two experts theta_0 + a +- d leave r_1 ~ -r_2), the
+# form is rounding noise of either sign: it counts as zero, so eta = 0 (spec §3) instead of a
+# complex norm or an eta that scales noise up to the core. So |tau_res| below ~1e-3 of
+# sum_i |w_i| |r_i| reads as 0 in float32 compute; float64 compute resolves ~4e-8 of it.
+QUADRATIC_FORM_ROUNDING_EPS = 8
 
 
 def core_projection(gram: torch.Tensor, k: int, center: bool) -> torch.Tensor:
@@ -275,10 +282,17 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
         report["residual_norms"] = total.diagonal().clamp_min(0).sqrt().tolist()
     else:
         scales = {name: matched_scales(g) for name, g in residual_grams.items()}
-    residual_norm_sq = sum(
-        float(scales[name] @ g @ scales[name]) / n**2 for name, g in residual_grams.items()
-    )
-    core_norm, residual_norm = core_norm_sq**0.5, residual_norm_sq**0.5
+    residual_norm_sq, rounding_sq = 0.0, 0.0
+    for name, g in residual_grams.items():
+        weights = scales[name] / n
+        residual_norm_sq += float(weights @ g @ weights)
+        rounding_sq += float(weights.abs() @ g.diagonal().clamp_min(0).sqrt()) ** 2
+    rounding_sq *= QUADRATIC_FORM_ROUNDING_EPS * torch.finfo(tensors.compute_dtype).eps
+    residual_resolved = residual_norm_sq > rounding_sq
+    residual_norm = residual_norm_sq**0.5 if residual_resolved else 0.0
+    # The task-vector Gram is accumulated in float64, so the core's form can only dip below zero by
+    # float64 rounding, where the core is zero anyway.
+    core_norm = max(core_norm_sq, 0.0) ** 0.5
     if options.residual_scale == "relative":
         has_both = core_norm > 0 and residual_norm > 0
         eta = options.alpha * core_norm / residual_norm if has_both else 0.0
@@ -295,6 +309,7 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
         core_coefficients=core_weights.tolist(),
         core_norm=core_norm,
         residual_norm=residual_norm,
+        residual_cancelled=not residual_resolved and residual_norm_sq != 0,
         eta=eta,
         factors_cached=len(factor_cache),
         factors_recomputed=len(truncating) - len(factor_cache),
