@@ -46,9 +46,13 @@ def machine_facts() -> dict:
         platform.processor(),
     )
     memory = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
+    # R2M_COMMIT: where the tree is a copy without .git (the GPU machine's), run_all.sh names it.
+    commit = (
+        os.environ.get("R2M_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+    )
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
