@@ -73,6 +73,12 @@ def squared_norms(rows: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(rows, dim=-1).double().square()
 
 
+def gram_norms(gram: torch.Tensor) -> torch.Tensor:
+    """The norm of each vector a Gram matrix is taken of: sqrt of its diagonal, which rounding may
+    leave a hair below zero for a zero vector."""
+    return gram.diagonal().clamp_min(0).sqrt()
+
+
 def factor_gram(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """<L_i R_i^T, L_j R_j^T> for factors L [N, m, r], R [N, n, r], without forming the [N, m, n]
     products: the sum over (a, b) of (L_i^T L_j)[a, b] (R_i^T R_j)[a, b]. Float64 [N, N].
@@ -266,12 +272,12 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
                 del tau, rows  # one block at a time (MergeInputs.blocks)
         # Residuals at the rounding level of their task vector are noise: count them as zero.
         floor = RESIDUAL_ROUNDING_EPS * torch.finfo(tensors.compute_dtype).eps * task_sq.sqrt()
-        signal = grams.diagonal().clamp_min(0).sqrt() > floor
+        signal = gram_norms(grams) > floor
         residual_grams[entry.name] = grams * torch.outer(signal, signal)
         tensor_reports[entry.name] = entry_report
 
     def matched_scales(grams):
-        norms = grams.diagonal().clamp_min(0).sqrt()
+        norms = gram_norms(grams)
         target = norms.mean()
         return torch.where(norms > 0, target / norms, torch.zeros_like(norms))
 
@@ -279,14 +285,14 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
         total = sum(residual_grams.values(), torch.zeros(n, n, dtype=torch.float64))
         global_scales = matched_scales(total)
         scales = {name: global_scales for name in residual_grams}
-        report["residual_norms"] = total.diagonal().clamp_min(0).sqrt().tolist()
+        report["residual_norms"] = gram_norms(total).tolist()
     else:
         scales = {name: matched_scales(g) for name, g in residual_grams.items()}
     residual_norm_sq, rounding_sq = 0.0, 0.0
     for name, g in residual_grams.items():
         weights = scales[name] / n
         residual_norm_sq += float(weights @ g @ weights)
-        rounding_sq += float(weights.abs() @ g.diagonal().clamp_min(0).sqrt()) ** 2
+        rounding_sq += float(weights.abs() @ gram_norms(g)) ** 2
     rounding_sq *= QUADRATIC_FORM_ROUNDING_EPS * torch.finfo(tensors.compute_dtype).eps
     residual_resolved = residual_norm_sq > rounding_sq
     residual_norm = residual_norm_sq**0.5 if residual_resolved else 0.0
@@ -301,7 +307,7 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
     else:
         eta = options.alpha
     for name, grams in residual_grams.items():
-        before = grams.diagonal().clamp_min(0).sqrt()
+        before = gram_norms(grams)
         tensor_reports[name]["residual_norm_before"] = before.tolist()
         tensor_reports[name]["residual_norm_after"] = (scales[name] * before).tolist()
     report.update(
