@@ -281,7 +281,9 @@ def test_r2m_small_resolved_residual_keeps_eta():
         for sign in (1, -1)
     ]
     report64, report32 = {}, {}
-    r2m_ext.merge(base, experts, svd="exact", compute_dtype="float64", report=report64)
+    merged64 = r2m_ext.merge(base, experts, svd="exact", compute_dtype="float64", report=report64)
+    # The float64 eta is itself checked against the NumPy reference first.
+    assert_matches(merged64, numpy_r2m(base, experts), tol=1e-8)
     single = [{n: v.float() if v.is_floating_point() else v for n, v in e.items()} for e in experts]
     base32 = {n: v.float() if v.is_floating_point() else v for n, v in base.items()}
     r2m_ext.merge(base32, single, svd="exact", report=report32)
