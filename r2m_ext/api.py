@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,7 +20,13 @@ from r2m_ext.errors import R2MError
 from r2m_ext.io import Checkpoint, ShardWriter, parse_size
 from r2m_ext.io.buffers import HostBuffers
 from r2m_ext.io.checkpoint import PICKLE_SUFFIXES
-from r2m_ext.io.writer import partial_dir
+from r2m_ext.io.output import (
+    MANIFEST_FILE,
+    check_inputs_apart,
+    check_output_target,
+    partial_dir,
+)
+from r2m_ext.io.paths import stat_path
 from r2m_ext.options import resolve_options
 from r2m_ext.plan import plan_merge
 from r2m_ext.recipe import RECIPE_FILE, Recipe, load_recipe
@@ -37,7 +45,7 @@ _IN_MEMORY_RETAINED_BYTES = 1 << 30
 # Non-weight files of a base directory that are copied next to the merged weights.
 _MAX_COPIED_FILE_BYTES = 50 * 10**6
 _NOT_COPIED_SUFFIXES = (".safetensors", ".msgpack", ".h5", ".ckpt", ".onnx", *PICKLE_SUFFIXES)
-_NOT_COPIED_NAMES = {RECIPE_FILE, REPORT_FILE}
+_NOT_COPIED_NAMES = {RECIPE_FILE, REPORT_FILE, MANIFEST_FILE}
 
 
 def _metadata(state: Mapping[str, torch.Tensor], label: str):
@@ -113,20 +121,24 @@ def _compute_device(device: str | torch.device) -> torch.device:
     return chosen
 
 
-def check_output_path(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
-    """Refuses outputs that would overwrite an input or an existing result."""
-    out_resolved = out.resolve()
-    for path in inputs:
-        resolved = path.resolve()
-        if out_resolved == resolved:
-            raise R2MError(f"output {out} is the input {path}; choose another --out")
-        if resolved in out_resolved.parents:
-            raise R2MError(f"output {out} is inside the input {path}; choose another --out")
-        if out_resolved in resolved.parents:
-            raise R2MError(f"input {path} is inside the output {out}; choose another --out")
-    if out.exists() and not overwrite:
-        if out.is_file() or any(out.iterdir()):
-            raise R2MError(f"output {out} exists and is not empty; pass --overwrite to replace it")
+def _output_path(out: str | Path) -> Path:
+    """`out` made absolute without resolving its last component (a symbolic link there is
+    refused, not followed), so that its name and parent are real ones even for '.'."""
+    path = Path(os.path.abspath(out))
+    if not path.name:
+        raise R2MError(f"output {out} is a filesystem root; name a directory to create")
+    return path
+
+
+def _clear_stale_partial(out: Path) -> None:
+    """With --overwrite and no --resume, an interrupted merge's partial directory goes."""
+    partial = partial_dir(out)
+    found = stat_path(partial, follow_symlinks=False)
+    if found is None:
+        return
+    if not stat.S_ISDIR(found.st_mode):
+        raise R2MError(f"{partial} is not a directory r2m_ext made; remove it yourself")
+    shutil.rmtree(partial)
 
 
 def _copied_files(base: Checkpoint) -> list[Path]:
@@ -160,6 +172,7 @@ def merge_files(
     progress: bool = False,
     report: dict | None = None,
     device: str = "cpu",
+    allow_external_shards: bool = False,
     **options: Any,
 ) -> Path:
     """Merges checkpoints on disk into the directory `out` (Hugging Face layout), streaming.
@@ -174,6 +187,10 @@ def merge_files(
     non-weight files of a base directory, and writes r2m_recipe.yaml and report.json.
     All or nothing: on an error no output is left behind; after an interruption the complete
     shards are kept beside `out`, and `resume=True` with the same recipe continues.
+    `out` may be absent or an empty directory; `overwrite=True` also replaces an unchanged
+    earlier r2m_ext output there, and nothing else (io/output.py). No file the merge reads may
+    be inside `out`, through any symbolic link. An index may name shards outside its model's
+    directory only with `allow_external_shards=True`.
     `device="cuda"` computes on the GPU: tensors are read into page-locked buffers and copied on a
     side stream while the previous one computes, and `max_memory` (default: half the GPU's free
     memory) bounds GPU memory. Returns `out`.
@@ -181,21 +198,24 @@ def merge_files(
     started = time.perf_counter()
     return_large_frees_to_os()
     resolved = resolve_options(method, **options)
-    out = Path(out)
+    out = _output_path(out)
     base_path, expert_paths = Path(base), [Path(e) for e in experts]
     shard_bytes = parse_size(shard_size)
     compute_device = _compute_device(device)
     budget = MemoryBudget(max_memory, compute_device)
     if io_threads < 0:
         raise R2MError(f"io_threads must be >= 0, got {io_threads}")
-    check_output_path(out, [base_path, *expert_paths], overwrite)
-    if overwrite and not resume and partial_dir(out).exists():
-        shutil.rmtree(partial_dir(out))
     checkpoints: list[Checkpoint] = []
     buffers = HostBuffers(int(budget.limit * _RETAINED_HOST_BUFFERS_SHARE))
     try:
         for path in [base_path, *expert_paths]:
-            checkpoints.append(Checkpoint(path, buffers))
+            checkpoints.append(Checkpoint(path, buffers, allow_external_shards))
+        files_read = [f for c in checkpoints for f in c.files_read]
+        files_read += _copied_files(checkpoints[0])
+        check_inputs_apart(out, [base_path, *expert_paths], files_read)
+        check_output_target(out, overwrite)
+        if overwrite and not resume:
+            _clear_stale_partial(out)
         plan = plan_merge(
             checkpoints[0].metadata(),
             [c.metadata() for c in checkpoints[1:]],
@@ -215,7 +235,7 @@ def merge_files(
         # With I/O threads, a writer thread writes and fsyncs while the next tensors compute.
         write_behind = int(budget.limit * WRITE_BEHIND_SHARE) if io_threads > 0 else 0
         with ShardWriter(
-            out, layout, shard_bytes, recipe.identity(), resume, write_behind
+            out, layout, shard_bytes, recipe.identity(), resume, write_behind, overwrite
         ) as writer:
             inputs = MergeInputs(
                 plan,

@@ -14,6 +14,9 @@ class TensorClass(enum.StrEnum):
     MATRIX = "matrix"  # 2-D, min(m, n) >= 2, not excluded: the only tensors truncated
     OTHER = "other"  # every other floating tensor
     NON_FLOAT = "non-float"  # integer/bool buffers, copied from the base
+    # A floating tensor with no elements (a shape with a 0): it merges to an empty tensor under
+    # every method, so no method sees it (a row planner would divide by its 0 rows).
+    EMPTY = "empty"
 
 
 def is_head(name: str, head_patterns: Sequence[str]) -> bool:
@@ -29,6 +32,8 @@ def classify(
 ) -> TensorClass:
     if not dtype.is_floating_point:
         return TensorClass.NON_FLOAT
+    if any(size == 0 for size in shape):
+        return TensorClass.EMPTY
     if is_head(name, head_patterns):
         return TensorClass.HEAD
     lowered = name.lower()

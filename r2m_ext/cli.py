@@ -14,7 +14,7 @@ import torch
 
 from r2m_ext._backend import backend_info
 from r2m_ext.api import DEFAULT_IO_THREADS, DEFAULT_SHARD_SIZE, expand_files, merge_files
-from r2m_ext.classify import classify
+from r2m_ext.classify import TensorClass, classify
 from r2m_ext.detect.evaluate import (
     BUILTIN_SPEC,
     evaluate_images,
@@ -28,7 +28,9 @@ from r2m_ext.detect.layouts import detect_layout
 from r2m_ext.engine.budget import format_bytes
 from r2m_ext.errors import R2MError
 from r2m_ext.io import Checkpoint, parse_size
-from r2m_ext.io.writer import partial_dir, tensor_nbytes
+from r2m_ext.io.checkpoint import EXTERNAL_SHARDS_FLAG
+from r2m_ext.io.output import partial_dir
+from r2m_ext.io.writer import tensor_nbytes
 from r2m_ext.options import (
     DEFAULT_EXCLUDE_TRUNCATION,
     DEFAULT_HEAD_PATTERNS,
@@ -149,7 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="cpu",
         help="where to compute: cpu (default) or cuda; on cuda --max-memory bounds GPU memory",
     )
-    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    merge.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier r2m_ext output at --out (never anything else)",
+    )
+    merge.add_argument(
+        EXTERNAL_SHARDS_FLAG,
+        action="store_true",
+        help="let a checkpoint index name shard files outside its model directory",
+    )
     merge.add_argument(
         "--resume",
         action="store_true",
@@ -188,7 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     expand.add_argument(
         "--out", metavar="DIR", help="output directory (default: the recipe's, with --overwrite)"
     )
-    expand.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    expand.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier r2m_ext output at --out (never anything else)",
+    )
+    expand.add_argument(
+        EXTERNAL_SHARDS_FLAG, action="store_true", help="as for r2m merge"
+    )
     expand.add_argument("--max-memory", metavar="SIZE", help="as for r2m merge")
     expand.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
@@ -218,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect",
         help="list a checkpoint's tensors and how a merge would treat each",
         description="List tensors, shapes, dtypes, sizes and classes (head / matrix / other / "
-        "non-float), reading headers only.",
+        "non-float / empty), reading headers only.",
     )
     inspect.add_argument("path", metavar="PATH")
     inspect.add_argument(
@@ -258,6 +276,7 @@ def _run_merge(args: argparse.Namespace) -> None:
             progress=not args.quiet and sys.stderr.isatty(),
             report=report,
             device=args.device,
+            allow_external_shards=args.allow_external_shards,
             **options,
         )
     except KeyboardInterrupt:
@@ -292,7 +311,12 @@ def _run_report(args: argparse.Namespace) -> None:
 def _run_expand(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     out = expand_files(
-        args.recipe, args.expert, args.out, overwrite=args.overwrite, max_memory=args.max_memory
+        args.recipe,
+        args.expert,
+        args.out,
+        overwrite=args.overwrite,
+        max_memory=args.max_memory,
+        allow_external_shards=args.allow_external_shards,
     )
     if not args.quiet:
         seconds = time.perf_counter() - started
@@ -345,10 +369,10 @@ def _run_inspect(args: argparse.Namespace) -> None:
     for row in rows:
         print("  ".join(value.ljust(w) for value, w in zip(row, widths, strict=True)))
     print()
-    for tensor_class in ("head", "matrix", "other", "non-float"):
+    for tensor_class in TensorClass:
         print(
-            f"{tensor_class:>9}: {counts[tensor_class]:5d} tensors, "
-            f"{format_bytes(sizes[tensor_class])}"
+            f"{tensor_class.value:>9}: {counts[tensor_class.value]:5d} tensors, "
+            f"{format_bytes(sizes[tensor_class.value])}"
         )
     print(f"{'total':>9}: {len(metadata):5d} tensors, {format_bytes(sum(sizes.values()))}")
     layout = detect_layout(metadata)

@@ -34,7 +34,7 @@ class MergePlan:
 
     @property
     def body(self) -> tuple[TensorPlan, ...]:
-        """The tensors the merge method computes: head-free floating tensors."""
+        """The tensors the merge method computes: head-free floating tensors with elements."""
         return tuple(
             t for t in self.tensors if t.tensor_class in (TensorClass.MATRIX, TensorClass.OTHER)
         )

@@ -229,18 +229,26 @@ def test_output_equal_to_or_inside_an_input(tmp_path):
     assert {p.name: p.read_bytes() for p in base_dir.iterdir()} == before
 
 
-def test_existing_output_needs_overwrite(files):
+def test_existing_output_needs_overwrite_and_only_an_earlier_output_is_replaced(files):
     tmp, base, experts, base_path, expert_paths = files
     out = tmp / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old result")
-    result = run_cli(*merge_args(base_path, expert_paths, out))
+    assert run_cli(*merge_args(base_path, expert_paths, out, "--quiet")).returncode == 0
+    first = (out / "model.safetensors").stat().st_ino
+    result = run_cli(*merge_args(base_path, expert_paths, out, "--method", "average"))
     assert result.returncode == 1 and "exists and is not empty; pass --overwrite" in result.stderr
-    assert (out / "keep.txt").read_text() == "old result"
-    replaced = run_cli(*merge_args(base_path, expert_paths, out, "--overwrite", "--quiet"))
+    assert (out / "model.safetensors").stat().st_ino == first
+    replaced = run_cli(
+        *merge_args(base_path, expert_paths, out, "--method", "average", "--overwrite", "--quiet")
+    )
     assert replaced.returncode == 0, replaced.stderr
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert "method: average" in (out / "r2m_recipe.yaml").read_text()
     assert not list(tmp.glob(".out.r2m-*"))
+    mine = tmp / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("my only copy")
+    refused = run_cli(*merge_args(base_path, expert_paths, mine, "--overwrite"))
+    assert refused.returncode == 1 and "not an r2m_ext output" in refused.stderr
+    assert (mine / "keep.txt").read_text() == "my only copy"
 
 
 def test_write_failure_leaves_no_output(files):

@@ -36,6 +36,8 @@ def run_merge(
             continue
         if entry.tensor_class is TensorClass.NON_FLOAT:
             blocks = [(None, inputs.raw(0, entry.name).clone())]
+        elif entry.tensor_class is TensorClass.EMPTY:
+            blocks = [(None, torch.empty(entry.shape, dtype=entry.out_dtype))]
         elif entry.tensor_class is TensorClass.HEAD:
             blocks = [(None, inputs.head(entry))]
         else:
@@ -51,7 +53,7 @@ def run_merge(
             yield entry.name, rows, values
     # Let the method finish its last pass (its timing, its checks); it must have nothing left.
     for name, rows, _ in merged_body:
-        raise R2MError(f"internal error: method produced {name!r} rows {rows} beyond the plan")
+        raise AssertionError(f"method produced {name!r} rows {rows} beyond the plan")
 
 
 def _body_blocks(entry, merged_body) -> Iterator[tuple[slice | None, torch.Tensor]]:
@@ -59,9 +61,8 @@ def _body_blocks(entry, merged_body) -> Iterator[tuple[slice | None, torch.Tenso
     while covered < _rows_of(entry.shape):
         name, rows, values = next(merged_body)
         if name != entry.name or (rows is not None and rows.start != covered):
-            raise R2MError(
-                f"internal error: method produced {name!r} rows {rows}, expected {entry.name!r}"
-                f" from row {covered}"
+            raise AssertionError(
+                f"method produced {name!r} rows {rows}, expected {entry.name!r} from row {covered}"
             )
         covered = _rows_of(entry.shape) if rows is None else rows.stop
         yield rows, values

@@ -41,7 +41,7 @@ DTYPES = {
 }
 DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 # The reference implementation refuses larger headers; so do we, before allocating one.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 100_000_000
 # Linux transfers at most 0x7ffff000 bytes per read call.
 _MAX_READ = 1 << 30
 # madvise(MADV_POPULATE_READ), Linux 5.14+; Python 3.11's mmap module does not name it.
@@ -53,6 +53,76 @@ def _numel(shape: Sequence[int]) -> int:
     for size in shape:
         count *= size
     return count
+
+
+class _Malformed(Exception):
+    """A header the reference reader (the safetensors library) would reject; the message uses
+    its wording where it has one."""
+
+
+def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Malformed(f"invalid JSON in header: {key!r} is listed twice")
+        seen[key] = value
+    return seen
+
+
+def _parse_header(raw: bytes) -> dict:
+    """The header as a dict, checked as strictly as the reference reader checks it: UTF-8 (not
+    any encoding JSON allows), an object, no name twice, `__metadata__` a string-to-string map."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _Malformed(f"invalid UTF-8 in header: {error.reason} at byte {error.start}") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except ValueError as error:
+        raise _Malformed(f"invalid JSON in header: {error}") from None
+    except RecursionError:
+        raise _Malformed("invalid JSON in header: nested too deeply") from None
+    if not isinstance(header, dict):
+        raise _Malformed("invalid JSON in header: not a JSON object")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _Malformed("invalid JSON in header: __metadata__ must map strings to strings")
+    return header
+
+
+def _is_count(value: object) -> bool:
+    """A JSON number the reference reads as usize: an integer >= 0 (not 2.0, "2" or true)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_entry(name: str, info: object) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise _Malformed(
+            f"invalid JSON in header: tensor {name!r} needs dtype, shape and data_offsets"
+        )
+    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(code, str) or code not in DTYPES:
+        raise _Malformed(
+            f"tensor {name!r} has dtype {code!r}, not one of {', '.join(DTYPES)}"
+        )
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        raise _Malformed(
+            f"invalid JSON in header: tensor {name!r} shape {shape!r} is not a list of "
+            "integers >= 0"
+        )
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets)):
+        raise _Malformed(
+            f"invalid JSON in header: tensor {name!r} data_offsets {offsets!r} are not two "
+            "integers >= 0"
+        )
+    dtype = DTYPES[code]
+    begin, end = offsets
+    if end - begin != _numel(shape) * dtype.itemsize:
+        raise _Malformed(
+            f"tensor {name!r}: shape {list(shape)} of {code} needs "
+            f"{_numel(shape) * dtype.itemsize} bytes but its offsets span {end - begin}"
+        )
+    return dtype, tuple(shape), begin, end
 
 
 class SafetensorsFile:
@@ -79,32 +149,26 @@ class SafetensorsFile:
         if size < 8:
             raise self._fail(f"{size} bytes, shorter than the 8-byte header length")
         (header_len,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-            raise self._fail(f"header length {header_len} does not fit a file of {size} bytes")
+        if header_len > MAX_HEADER_BYTES:
+            raise self._fail(
+                f"header too large: its length {header_len} is over the limit of "
+                f"{MAX_HEADER_BYTES} bytes"
+            )
+        if 8 + header_len > size:
+            raise self._fail(
+                f"header length {header_len} does not fit a file of {size} bytes (truncated?)"
+            )
         try:
-            header = json.loads(os.pread(self._fd, header_len, 8))
-        except (UnicodeDecodeError, ValueError) as error:
-            raise self._fail(f"header is not JSON: {error}") from None
-        if not isinstance(header, dict):
-            raise self._fail("header is not a JSON object")
+            header = _parse_header(os.pread(self._fd, header_len, 8))
+            entries = {
+                name: _tensor_entry(name, info)
+                for name, info in header.items()
+                if name != "__metadata__"
+            }
+        except _Malformed as error:
+            raise self._fail(str(error)) from None
         self.data_start = 8 + header_len
         data_size = size - self.data_start
-        entries = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype = DTYPES[info["dtype"]]
-                shape = tuple(int(s) for s in info["shape"])
-                begin, end = (int(v) for v in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise self._fail(f"tensor {name!r} has a malformed or unsupported entry") from None
-            if any(s < 0 for s in shape) or end - begin != _numel(shape) * dtype.itemsize:
-                raise self._fail(
-                    f"tensor {name!r}: shape {list(shape)} of {info['dtype']} needs "
-                    f"{_numel(shape) * dtype.itemsize} bytes but its offsets span {end - begin}"
-                )
-            entries[name] = (dtype, shape, begin, end)
         position = 0
         for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
             if begin != position:
@@ -113,7 +177,11 @@ class SafetensorsFile:
         if position != data_size:
             raise self._fail(
                 f"header describes {position} bytes of data but the file holds {data_size}"
-                + (" (truncated?)" if position > data_size else "")
+                + (
+                    " (truncated?)"
+                    if position > data_size
+                    else ": incomplete metadata, file not fully covered"
+                )
             )
         return entries
 
@@ -126,8 +194,10 @@ class SafetensorsFile:
             row_bytes = _numel(shape[1:]) * dtype.itemsize
             begin, end = begin + rows.start * row_bytes, begin + rows.stop * row_bytes
             shape = (rows.stop - rows.start, *shape[1:])
+        if end == begin:  # nothing to read (and a 0-byte buffer may not be viewable as dtype)
+            return torch.empty(shape, dtype=dtype, pin_memory=pinned)
         offset = self.data_start + begin
-        if not pinned and end > begin and offset % dtype.itemsize == 0:
+        if not pinned and offset % dtype.itemsize == 0:
             data = self._map(name, offset, end - begin)
         else:
             data = self._read_into_buffer(name, offset, end - begin, pinned)

@@ -3,7 +3,8 @@
 appended as they are produced, so the writer holds no tensor of its own.
 
 Everything goes into a partial directory beside the target, `.NAME.r2m-partial`, and is renamed
-into place only when complete, after fsync. On an error the partial directory is removed; on an
+into place only when complete, after fsync, with a manifest of what it holds (io/output.py says
+what may be replaced). On an error the partial directory is removed; on an
 interruption (Ctrl-C, SIGTERM) the shards completed so far are kept with a progress file, so
 `--resume` with the same recipe continues from there and produces the identical output.
 
@@ -21,11 +22,19 @@ import signal
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from fractions import Fraction
 from pathlib import Path
 
 import torch
 
 from r2m_ext.errors import R2MError
+from r2m_ext.io.output import (
+    MANIFEST_FILE,
+    check_output_target,
+    manifest_text,
+    partial_dir,
+    remove_replaced,
+)
 from r2m_ext.io.safetensors_format import header_bytes, tensor_bytes
 
 SINGLE_FILE = "model.safetensors"
@@ -59,7 +68,7 @@ def parse_size(text: str | int) -> int:
         unit = match.group(2).upper() if match else None
         if match is None or unit not in _SIZE_UNITS:
             raise R2MError(f"cannot read size {text!r}; write e.g. 500MB, 5GB or 2GiB")
-        value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+        value = int(Fraction(match.group(1)) * _SIZE_UNITS[unit])
     if value <= 0:
         raise R2MError(f"size {text!r} must be positive")
     return value
@@ -85,10 +94,6 @@ def plan_shards(layout: Layout, shard_size: int) -> list[list[str]]:
         shards[-1].append(name)
         filled += size
     return shards if shards[0] else []
-
-
-def partial_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.r2m-partial"
 
 
 def _write_all(fd: int, data: memoryview) -> None:
@@ -140,8 +145,10 @@ class ShardWriter:
         identity: dict,
         resume: bool = False,
         write_behind: int = 0,
+        overwrite: bool = False,
     ):
         self.out = Path(out)
+        self._overwrite = overwrite
         self.tmp = partial_dir(self.out)
         self._identity = identity
         self._resume = resume
@@ -203,20 +210,28 @@ class ShardWriter:
         os.replace(staging, self._progress_path())
 
     def _load_progress(self) -> None:
+        unreadable = R2MError(
+            f"{self.tmp}: no readable {PROGRESS_FILE}; pass --overwrite to start over"
+        )
         try:
-            state = json.loads(self._progress_path().read_text())
-        except (OSError, ValueError):
-            raise R2MError(
-                f"{self.tmp}: no readable {PROGRESS_FILE}; pass --overwrite to start over"
-            ) from None
-        if state.get("identity") != self._identity:
-            theirs, ours = state.get("identity") or {}, self._identity
+            state = json.loads(self._progress_path().read_bytes().decode("utf-8"))
+        except (OSError, ValueError, RecursionError):
+            raise unreadable from None
+        complete = state.get("complete") if isinstance(state, dict) else None
+        if not isinstance(complete, list) or not isinstance(state.get("identity"), dict):
+            raise unreadable
+        if state["identity"] != self._identity:
+            theirs, ours = state["identity"], self._identity
             differing = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
             raise R2MError(
                 f"{self.tmp} was written by a different merge ({', '.join(differing)} differ); "
                 "resume with the same recipe, or pass --overwrite to start over"
             )
-        for index in state.get("complete", []):
+        for index in complete:
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise unreadable
+            if not 0 <= index < len(self._shards) or index in self.complete:
+                continue  # not a shard of this layout: written again
             path = self.tmp / self._shard_names[index]
             layout = [(n, *self._meta[n]) for n in self._shards[index]]
             expected = len(header_bytes(layout)) + sum(
@@ -313,9 +328,8 @@ class ShardWriter:
         engine's blocks are fresh results or inputs it never writes to)."""
         shape, dtype = self._meta[name]
         if block.dtype != dtype or tuple(block.shape[1:]) != shape[1:]:
-            raise R2MError(
-                f"internal error: {name!r} block is {tuple(block.shape)} {block.dtype}, "
-                f"planned {shape} {dtype}"
+            raise AssertionError(
+                f"{name!r} block is {tuple(block.shape)} {block.dtype}, planned {shape} {dtype}"
             )
         data = tensor_bytes(block)  # holds the block's memory until written
         self._submit(lambda: self._append(name, data), len(data))
@@ -326,7 +340,7 @@ class ShardWriter:
             self._start_shard(shard)
         _, fd, remaining = self._open
         if len(data) > remaining.get(name, 0):
-            raise R2MError(f"internal error: more data for {name!r} than planned")
+            raise AssertionError(f"more data for {name!r} than planned")
         self._guarded(lambda: _write_all(fd, data))
         _start_writeback(fd)
         remaining[name] -= len(data)
@@ -337,7 +351,7 @@ class ShardWriter:
 
     def _start_shard(self, shard: int) -> None:
         if self._open is not None:
-            raise R2MError(f"internal error: shard {self._open[0]} left incomplete")
+            raise AssertionError(f"shard {self._open[0]} left incomplete")
         path = self.tmp / self._shard_names[shard]
         layout = [(n, *self._meta[n]) for n in self._shards[shard]]
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
@@ -378,7 +392,7 @@ class ShardWriter:
     def _commit(self) -> None:
         missing = [self._shard_names[i] for i in range(len(self._shards)) if i not in self.complete]
         if missing:
-            raise R2MError(f"internal error: shards never completed: {', '.join(missing[:3])}")
+            raise AssertionError(f"shards never completed: {', '.join(missing[:3])}")
         if len(self._shards) > 1:
             total_size = sum(tensor_nbytes(*meta) for meta in self._meta.values())
             index = {
@@ -387,12 +401,14 @@ class ShardWriter:
             }
             self.add_file(INDEX_FILE, json.dumps(index, indent=2) + "\n")
         self._progress_path().unlink()
+        self._guarded(self._add_manifest)
         replaced = None
         try:
             for path in self._files:
                 _fsync_path(path)
             _fsync_path(self.tmp)
-            if self.out.exists():
+            # Checked again now: the output may have changed while the merge ran.
+            if check_output_target(self.out, self._overwrite):
                 replaced = self.out.parent / f".{self.out.name}.r2m-replaced-{os.getpid()}"
                 os.rename(self.out, replaced)
             os.rename(self.tmp, self.out)
@@ -404,4 +420,10 @@ class ShardWriter:
                 f"{self.out}: cannot finish output ({error.strerror or error})"
             ) from None
         if replaced is not None:
-            shutil.rmtree(replaced) if replaced.is_dir() else replaced.unlink()
+            remove_replaced(replaced, self.out)
+
+    def _add_manifest(self) -> None:
+        names = [path.name for path in self._files]
+        path = self.tmp / MANIFEST_FILE
+        path.write_text(manifest_text(self.tmp, names))
+        self._files.append(path)
