@@ -204,9 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace an earlier r2m_ext output at --out (never anything else)",
     )
-    expand.add_argument(
-        EXTERNAL_SHARDS_FLAG, action="store_true", help="as for r2m merge"
-    )
+    expand.add_argument(EXTERNAL_SHARDS_FLAG, action="store_true", help="as for r2m merge")
     expand.add_argument("--max-memory", metavar="SIZE", help="as for r2m merge")
     expand.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
@@ -388,7 +386,22 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _os_error_text(error: OSError) -> str:
+    where = f"{error.filename}: " if error.filename is not None else ""
+    return f"{where}{error.strerror or error}"
+
+
+def _print_error(message: str) -> None:
+    """One line, whatever names from hostile files or paths it quotes."""
+    one_line = message.replace("\r", "\\r").replace("\n", "\\n")
+    print(f"r2m: error: {one_line}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 1 the command could not be done (one line on stderr, nothing
+    written), 2 the command line is malformed (argparse's usage message), 130 interrupted."""
+    # Paths that are not valid UTF-8 (kept by Python as surrogates) must print, not crash.
+    sys.stdout.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     # A kill (SIGTERM) stops a merge as Ctrl-C does: complete shards kept for --resume.
@@ -407,7 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _run_inspect(args)
     except R2MError as error:
-        print(f"r2m: error: {error}", file=sys.stderr)
+        _print_error(str(error))
+        return 1
+    except OSError as error:  # the file system refused something no check above foresaw
+        _print_error(_os_error_text(error))
         return 1
     except KeyboardInterrupt:
         print("r2m: interrupted, no output written", file=sys.stderr)

@@ -155,6 +155,7 @@ def randomized_svd(
     """Rank-`rank` SVD of a batch of matrices a [..., m, n] by a randomized sketch.
 
     The Gaussian test matrix has rank + oversample columns and is a function of (seed, key)
+    (`seed` a 64-bit unsigned integer)
     alone (r2m_ext uses key = reference.name_key(tensor name, shape)), the same on every device
     and memory budget. `n_iter` power iterations re-orthonormalise after every product
     (on the CPU CholeskyQR2, Householder when that loses orthogonality; on CUDA shifted
@@ -164,7 +165,9 @@ def randomized_svd(
     Deterministic: the same inputs give the same bits on the same device and thread count.
     """
     if _native_device(a) and a.dtype in _NATIVE_DTYPES:
-        return torch.ops.r2m_ext.randomized_svd.default(a, rank, oversample, n_iter, seed, key)
+        return torch.ops.r2m_ext.randomized_svd.default(
+            a, rank, oversample, n_iter, reference.signed64(seed), key
+        )
     return reference.randomized_svd(a, rank, oversample, n_iter, seed, key)
 
 

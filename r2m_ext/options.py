@@ -8,6 +8,7 @@ rejects options that the chosen method does not use, so no flag is ever silently
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,18 +106,18 @@ class MergeOptions:
     )
     oversample: int | None = _option(
         "randomized SVD: extra sketch columns beyond the kept rank",
-        check=lambda v: v >= 0,
-        check_text=">= 0",
+        check=lambda v: 0 <= v < 2**31,
+        check_text="in [0, 2**31)",
     )
     n_iter: int | None = _option(
         "randomized SVD: power iterations (re-orthonormalised after every product)",
-        check=lambda v: v >= 0,
-        check_text=">= 0",
+        check=lambda v: 0 <= v < 2**31,
+        check_text="in [0, 2**31)",
     )
     seed: int | None = _option(
         "seed of the randomized sketch (R²M, TSV, CART) or of DARE's drop mask",
-        check=lambda v: v >= 0,
-        check_text=">= 0",
+        check=lambda v: 0 <= v < 2**64,
+        check_text="in [0, 2**64)",
     )
     norm_scope: str | None = _option(
         "R²M: match residual norms over all tensors together ('global') or per tensor ('tensor')",
@@ -175,7 +176,7 @@ def _check_type(name: str, value: Any, default: Any) -> Any:
     """Coerces `value` to the type of the option's default, or raises with the option's name."""
     kind = type(default) if default is not None else str
     if isinstance(default, tuple):
-        if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise R2MError(f"option {name}: expected a list of glob patterns, got {value!r}")
         return tuple(value)
     if kind is bool:
@@ -189,7 +190,13 @@ def _check_type(name: str, value: Any, default: Any) -> Any:
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise R2MError(f"option {name}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float's range
+            number = math.inf
+        if not math.isfinite(number):
+            raise R2MError(f"option {name}: {value!r} is not a finite number")
+        return number
     if not isinstance(value, str):
         raise R2MError(f"option {name}: expected a string, got {value!r}")
     return value

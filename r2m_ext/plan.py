@@ -58,6 +58,11 @@ def plan_merge(
 ) -> MergePlan:
     if len(experts) == 0:
         raise R2MError("at least one expert is required")
+    if options.method == "r2m" and options.k > len(experts):
+        raise R2MError(
+            f"option k: {options.k} is more than the {len(experts)} experts (the Gram of N task "
+            "vectors has N eigenpairs)"
+        )
     labels = list(expert_labels or [f"expert {i}" for i in range(len(experts))])
     heads = options.head_patterns
 

@@ -3,6 +3,7 @@ writes it beside every output and `r2m merge --config` reads the same format."""
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import yaml
 
 from r2m_ext._version import __version__
 from r2m_ext.errors import R2MError
+from r2m_ext.io.paths import kind_name, resolved, stat_path
 from r2m_ext.options import MergeOptions
 
 RECIPE_FILE = "r2m_recipe.yaml"
@@ -47,36 +49,62 @@ class Recipe:
         }
 
 
-def load_recipe(path: str | Path) -> dict:
-    """The recipe's fields as plain values (paths resolved against the recipe's directory), for
-    the caller to merge with command-line overrides before resolving options."""
-    path = Path(path)
+def _read_document(path: Path) -> dict:
+    found = stat_path(path)
+    if found is None:
+        raise R2MError(f"{path}: cannot read recipe (no such file)")
+    if not stat.S_ISREG(found.st_mode):
+        raise R2MError(f"{path}: the recipe is a {kind_name(found.st_mode)}, not a regular file")
     try:
-        document = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
     except OSError as error:
         raise R2MError(f"{path}: cannot read recipe ({error.strerror or error})") from None
-    except yaml.YAMLError as error:
+    except UnicodeDecodeError as error:
+        raise R2MError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    try:
+        document = yaml.safe_load(text)
+    # ValueError: a scalar YAML reads as a value it cannot build (the date 2001-02-30).
+    except (yaml.YAMLError, ValueError, OverflowError) as error:
         raise R2MError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    except RecursionError:
+        raise R2MError(f"{path}: not valid YAML (nested too deeply)") from None
     if not isinstance(document, dict):
         raise R2MError(f"{path}: a recipe is a mapping with method, base, experts and options")
-    unknown = sorted(set(document) - _TOP_LEVEL)
+    return document
+
+
+def load_recipe(path: str | Path) -> dict:
+    """The recipe's fields as plain values (paths resolved against the recipe's directory), for
+    the caller to merge with command-line overrides before resolving options. Every field is
+    checked for its type here: a recipe may come from anywhere."""
+    path = Path(path)
+    document = _read_document(path)
+    unknown = sorted(str(key) for key in set(document) - _TOP_LEVEL)
     if unknown:
         raise R2MError(f"{path}: unknown recipe field(s) {', '.join(unknown)}")
     options = document.get("options") or {}
-    if not isinstance(options, dict):
+    if not isinstance(options, dict) or not all(isinstance(name, str) for name in options):
         raise R2MError(f"{path}: 'options' must be a mapping of option names to values")
     experts = document.get("experts") or []
-    if not isinstance(experts, list):
+    if not isinstance(experts, list) or not all(isinstance(e, str) and e for e in experts):
         raise R2MError(f"{path}: 'experts' must be a list of paths")
+    for field in ("method", "base", "out"):
+        if document.get(field) is not None and not isinstance(document[field], str):
+            raise R2MError(f"{path}: '{field}' must be a string, got {document[field]!r}")
+    shard_size = document.get("shard_size")
+    if shard_size is not None and (
+        isinstance(shard_size, bool) or not isinstance(shard_size, (int, str))
+    ):
+        raise R2MError(f"{path}: 'shard_size' must be a size like 5GB, got {shard_size!r}")
 
     def resolve(value):
-        return None if value is None else str((path.parent / str(value)).resolve())
+        return None if value is None else str(resolved(path.parent / value))
 
     return {
         "method": document.get("method", "r2m"),
         "base": resolve(document.get("base")),
         "experts": [resolve(e) for e in experts],
         "out": resolve(document.get("out")),
-        "shard_size": document.get("shard_size"),
+        "shard_size": shard_size,
         "options": options,
     }

@@ -56,7 +56,8 @@ def sketch_stream(seed: int, key: int) -> int:
     return _splitmix64_int(key, seed)
 
 
-def _signed64(value: int) -> int:
+def signed64(value: int) -> int:
+    """The int64 with the low 64 bits of `value`: how a uint64 (a seed) crosses torch's int."""
     value &= _MASK64
     return value - (1 << 64) if value >= 1 << 63 else value
 
@@ -70,9 +71,9 @@ def splitmix64_uniform(stream: int, index: torch.Tensor) -> torch.Tensor:
     """Uniform [0, 1) float64 for each int64 `index`: entry `index` of the SplitMix64 sequence
     of `stream` (int64 products wrap modulo 2^64, as the generator needs). A pure function of
     (stream, index), so any block of a tensor draws what the whole tensor would."""
-    z = (index + 1) * _signed64(_GOLDEN_GAMMA) + _signed64(stream)
-    z = (z ^ _shift_right(z, 30)) * _signed64(0xBF58476D1CE4E5B9)
-    z = (z ^ _shift_right(z, 27)) * _signed64(0x94D049BB133111EB)
+    z = (index + 1) * signed64(_GOLDEN_GAMMA) + signed64(stream)
+    z = (z ^ _shift_right(z, 30)) * signed64(0xBF58476D1CE4E5B9)
+    z = (z ^ _shift_right(z, 27)) * signed64(0x94D049BB133111EB)
     z = z ^ _shift_right(z, 31)
     return _shift_right(z, 11).double() * 2.0**-53
 

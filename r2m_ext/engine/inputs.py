@@ -16,6 +16,7 @@ import torch
 from r2m_ext.engine.budget import MemoryBudget, format_bytes
 from r2m_ext.errors import R2MError
 from r2m_ext.io.buffers import HostBuffers
+from r2m_ext.methods import why_finite_required
 from r2m_ext.options import COMPUTE_DTYPES, MergeOptions
 from r2m_ext.plan import MergePlan, TensorPlan
 
@@ -148,6 +149,7 @@ class MergeInputs:
         self._read = read
         self._where = where
         self._allow_nonfinite = options.allow_nonfinite
+        self._method = options.method
         self._show_progress = show_progress
         self._checked: set[tuple] = set()
         self._written_behind = written_behind  # bytes of merged blocks the writer still holds
@@ -219,14 +221,25 @@ class MergeInputs:
     def _check_key(source: int, name: str, rows: slice | None) -> tuple:
         return source, name, None if rows is None else (rows.start, rows.stop)
 
+    def _nonfinite_advice(self, entry: TensorPlan) -> str | None:
+        """How the error for NaN/Inf in `entry`'s inputs ends, or None where they may pass."""
+        reason = why_finite_required(self._method, entry)
+        if reason is not None:
+            return f"{self._method} cannot merge NaN or Inf, even with --allow-nonfinite: {reason}"
+        if self._allow_nonfinite:
+            return None
+        return "pass --allow-nonfinite / allow_nonfinite=True to merge anyway"
+
     def _checked_raw(self, source: int, name: str, tensor: torch.Tensor, rows) -> torch.Tensor:
         key = self._check_key(source, name, rows)
-        if self._allow_nonfinite or key in self._checked or not tensor.dtype.is_floating_point:
+        if key in self._checked or not tensor.dtype.is_floating_point:
+            return tensor
+        advice = self._nonfinite_advice(self._entries[name])
+        if advice is None:
             return tensor
         if not all_finite(tensor):
             raise R2MError(
-                f"tensor {name!r} in {self._where(source, name)} contains NaN or Inf"
-                " (pass --allow-nonfinite / allow_nonfinite=True to merge anyway)"
+                f"tensor {name!r} in {self._where(source, name)} contains NaN or Inf ({advice})"
             )
         self._checked.add(key)
         return tensor
@@ -333,7 +346,7 @@ class MergeInputs:
         (the latter re-reads the block to name the file). Sources a finite result proved finite
         are not checked again when a later pass loads the same block (R²M's truncation pass after
         its Gram pass: 9 reductions over a ViT-B/16 tensor's inputs, 0.4 s of a 10 s merge)."""
-        if self._allow_nonfinite:
+        if self._nonfinite_advice(entry) is None:
             return
         suspects = list(zero_weight_sources)
         if not all_finite(result):

@@ -149,13 +149,12 @@ class Checkpoint:
 
     def _load_pickled(self, file: Path) -> Mapping[str, torch.Tensor]:
         try:
-            try:
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as error:
-                if "mmap" not in str(error):
-                    raise
-                # Legacy (pre-zip) serialization cannot be memory-mapped.
-                state = torch.load(file, map_location="cpu", weights_only=True)
+            if file.name.endswith(".safetensors"):
+                # torch.load picks the safetensors loader by this name; the content is torch's.
+                with open(file, "rb") as handle:
+                    state = torch.load(handle, map_location="cpu", weights_only=True)
+            else:
+                state = _load_pickled_mapped(file)
         except Exception as error:  # noqa: BLE001 - torch raises many types for bad pickles
             first_line = (
                 str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -217,6 +216,16 @@ class Checkpoint:
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()
+
+
+def _load_pickled_mapped(file: Path):
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        # Legacy (pre-zip) serialization cannot be memory-mapped.
+        return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def _require_regular_file(path: Path, role: str) -> None:

@@ -46,6 +46,8 @@ def resolved(path: Path) -> Path:
     """The absolute path with every symbolic link resolved (the file a read really reaches)."""
     try:
         return path.resolve()
+    except ValueError:  # an embedded NUL byte
+        raise R2MError(f"{path!r}: not a usable path (it holds a NUL byte)") from None
     except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop (Python < 3.13)
         reason = getattr(error, "strerror", None) or error
         raise R2MError(f"{path}: cannot resolve ({reason})") from None

@@ -102,9 +102,7 @@ def _tensor_entry(name: str, info: object) -> tuple[torch.dtype, tuple[int, ...]
         )
     code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(code, str) or code not in DTYPES:
-        raise _Malformed(
-            f"tensor {name!r} has dtype {code!r}, not one of {', '.join(DTYPES)}"
-        )
+        raise _Malformed(f"tensor {name!r} has dtype {code!r}, not one of {', '.join(DTYPES)}")
     if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
         raise _Malformed(
             f"invalid JSON in header: tensor {name!r} shape {shape!r} is not a list of "
