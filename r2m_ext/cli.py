@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import signal
 import sys
@@ -39,7 +40,7 @@ from r2m_ext.options import (
     method_defaults,
 )
 from r2m_ext.recipe import RECIPE_FILE, load_recipe
-from r2m_ext.report import format_report, load_report, save_plots
+from r2m_ext.report import MALFORMED_REPORT_ERRORS, format_report, load_report, save_plots
 
 _DESCRIPTION = """\
 Merge fine-tuned models in parameter space with R²M (Real-aware Residual Model Merging) or a
@@ -298,11 +299,16 @@ def _run_merge(args: argparse.Namespace) -> None:
 
 def _run_report(args: argparse.Namespace) -> None:
     report = load_report(args.out)
-    print(format_report(report, rows=args.rows))
-    if args.plot:
-        for path in save_plots(report, args.plot, args.tensor):
-            print(f"saved {path}")
-    elif args.tensor:
+    try:
+        print(format_report(report, rows=args.rows))
+        if args.plot:
+            for path in save_plots(report, args.plot, args.tensor):
+                print(f"saved {path}")
+    except MALFORMED_REPORT_ERRORS as error:
+        raise R2MError(
+            f"{args.out}: not a report r2m_ext wrote ({type(error).__name__}: {error})"
+        ) from None
+    if args.tensor and not args.plot:
         raise R2MError("--tensor chooses spectra to plot: add --plot DIR")
 
 
@@ -401,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 the command could not be done (one line on stderr, nothing
     written), 2 the command line is malformed (argparse's usage message), 130 interrupted."""
     # Paths that are not valid UTF-8 (kept by Python as surrogates) must print, not crash.
-    sys.stdout.reconfigure(errors="backslashreplace")
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     # A kill (SIGTERM) stops a merge as Ctrl-C does: complete shards kept for --resume.

@@ -4,22 +4,38 @@
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 from r2m_ext.engine.budget import format_bytes
 from r2m_ext.errors import R2MError
+from r2m_ext.io.paths import kind_name, stat_path
 
 REPORT_FILE = "report.json"
 
 
+# What a report.json that r2m_ext did not write (or that was edited) breaks in the formatting.
+MALFORMED_REPORT_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+
+
 def load_report(out: str | Path) -> dict:
     path = Path(out) / REPORT_FILE if Path(out).is_dir() else Path(out)
+    found = stat_path(path)
+    if found is None:
+        raise R2MError(f"{path}: cannot read merge report (no such file)")
+    if not stat.S_ISREG(found.st_mode):
+        raise R2MError(f"{path}: the merge report is a {kind_name(found.st_mode)}")
     try:
-        return json.loads(path.read_text())
+        report = json.loads(path.read_bytes().decode("utf-8"))
     except OSError as error:
         raise R2MError(f"{path}: cannot read merge report ({error.strerror or error})") from None
-    except ValueError as error:
-        raise R2MError(f"{path}: not a valid merge report ({error})") from None
+    except (ValueError, RecursionError) as error:
+        raise R2MError(
+            f"{path}: not a valid merge report ({error or 'nested too deeply'})"
+        ) from None
+    if not isinstance(report, dict):
+        raise R2MError(f"{path}: not a valid merge report (not a JSON object)")
+    return report
 
 
 def _mean(values) -> float:
