@@ -6,6 +6,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from r2m_ext.options import resolve_options
+from r2m_ext.recipe import Recipe, load_recipe
+
 
 def save_single(state: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,3 +38,11 @@ def save_pickled(state: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
     return path
+
+
+def recipe_identity(recipe_path: Path) -> dict:
+    """The identity a --resume progress file must carry for the merge of this recipe."""
+    fields = load_recipe(recipe_path)
+    options = resolve_options(fields["method"], **fields["options"])
+    recipe = Recipe(fields["base"], tuple(fields["experts"]), options, fields["shard_size"])
+    return recipe.identity()

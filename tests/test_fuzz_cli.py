@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from checkpoints import save_sharded, save_single
+from checkpoints import recipe_identity, save_sharded, save_single
 from conftest import make_experts, random_model
 
 from r2m_ext import cli
@@ -253,14 +253,7 @@ def test_fuzz_resume_progress_files(harness, tmp_path):
     reference = tmp_path / "reference"
     args = harness.merge_args(harness.base, harness.expert_paths, reference, "--shard-size", "3kB")
     assert harness.check(args, reference, "reference merge") == 0
-    recipe = yaml.safe_load((reference / "r2m_recipe.yaml").read_text())
-    identity = {
-        "base": recipe["base"],
-        "experts": recipe["experts"],
-        "shard_size": recipe["shard_size"],
-        "method": recipe["method"],
-        **recipe["options"],
-    }
+    identity = recipe_identity(reference / "r2m_recipe.yaml")
     shards = sorted(p.name for p in reference.glob("*.safetensors"))
     assert len(shards) > 2
     for case in range(60):

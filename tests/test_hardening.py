@@ -12,8 +12,7 @@ import struct
 
 import pytest
 import torch
-import yaml
-from checkpoints import save_pickled, save_sharded, save_single
+from checkpoints import recipe_identity, save_pickled, save_sharded, save_single
 from conftest import make_experts, random_model, run_cli
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
@@ -511,33 +510,18 @@ def test_resume_with_a_progress_file_of_the_wrong_types(files, progress):
 
 def test_resume_ignores_shard_numbers_that_are_not_in_the_layout(files):
     tmp, base, experts, base_path, expert_paths = files
+    first = tmp / "first"
+    assert run_cli(*merge_args(base_path, expert_paths, first, "--quiet")).returncode == 0
     out = tmp / "out"
-    first = run_cli(*merge_args(base_path, expert_paths, tmp / "first", "--quiet"))
-    assert first.returncode == 0
-    identity = None
-    result = run_cli(*merge_args(base_path, expert_paths, out, "--quiet"))
-    assert result.returncode == 0
-    recipe = yaml.safe_load((out / "r2m_recipe.yaml").read_text())
-    identity = {
-        "base": recipe["base"],
-        "experts": recipe["experts"],
-        "shard_size": recipe["shard_size"],
-        "method": recipe["method"],
-        **recipe["options"],
-    }
-    for name in os.listdir(out):
-        os.remove(out / name)
-    os.rmdir(out)
     partial = partial_dir(out)
     partial.mkdir()
+    identity = recipe_identity(first / "r2m_recipe.yaml")
     (partial / "r2m_progress.json").write_text(
         json.dumps({"identity": identity, "complete": [5, -1, 0, 0]})
     )
     result = run_cli(*merge_args(base_path, expert_paths, out, "--resume", "--quiet"))
     assert result.returncode == 0, result.stderr
-    assert (out / "model.safetensors").read_bytes() == (
-        tmp / "first" / "model.safetensors"
-    ).read_bytes()
+    assert (out / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
 
 
 def _with_header(path, header, data=b""):
