@@ -1,5 +1,10 @@
 """Builds r2m_ext and its one extension, r2m_ext._C.
 
+The extension is compiled against the torch it will run with, so the build must see that torch:
+install torch first, then `pip install --no-build-isolation .` (an isolated build hides it, and
+a torch fetched into one could differ from the one installed). The wheel requires exactly the
+torch release it was built against.
+
 CPU kernels are always built. The CUDA kernels are added when torch was built with CUDA and nvcc
 is found; R2M_FORCE_CUDA=1 requires them (an error if impossible), R2M_NO_CUDA=1 leaves them out.
 Without a visible GPU, TORCH_CUDA_ARCH_LIST defaults to 9.0 (H100/H200).
@@ -10,9 +15,18 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    raise SystemExit(
+        "r2m_ext is a PyTorch extension compiled against the torch it will run with, and this "
+        "build cannot import torch. Install torch first (pip install torch==2.13.0, or your CUDA "
+        "build), then build without isolation, which would hide it: "
+        "pip install --no-build-isolation ."
+    ) from None
 
 ROOT = Path(__file__).resolve().parent
 VERSION = re.search(
@@ -87,7 +101,15 @@ setup(
     description="Real-aware Residual Model Merging (R²M) and baselines as a PyTorch extension",
     packages=find_packages(include=["r2m_ext", "r2m_ext.*"]),
     python_requires=">=3.11",
-    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "pyyaml", "tqdm"],
+    # The extension's ABI is that of the torch release it was compiled against.
+    install_requires=[
+        f"torch=={torch.__version__.split('+')[0]}",
+        "numpy",
+        "safetensors>=0.4",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={"plots": ["matplotlib"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
     entry_points={"console_scripts": ["r2m = r2m_ext.cli:run"]},

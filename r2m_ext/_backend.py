@@ -55,6 +55,21 @@ def _describe(module) -> str:
     return f"native backend r2m_ext._C ({cuda}, built against torch {module.torch_version})"
 
 
+def version_text() -> str:
+    """`r2m --version`: the version and backend, then the torch and Python it runs with (a
+    native build runs only with the torch release it was built against)."""
+    import platform
+
+    import torch
+
+    running = f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"
+    text = f"{backend_info()}\nrunning with {running}, Python {platform.python_version()}"
+    module = native_module()
+    if module is not None and module.torch_version != torch.__version__:
+        text += f"\nwarning: built against torch {module.torch_version}: rebuild r2m_ext"
+    return text
+
+
 def backend_info() -> str:
     """One line saying which backend the ops use, e.g. for `r2m --version` and the demo."""
     module = native_module()

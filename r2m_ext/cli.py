@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from r2m_ext._backend import backend_info
+from r2m_ext._backend import backend_info, version_text
 from r2m_ext.api import DEFAULT_IO_THREADS, DEFAULT_SHARD_SIZE, expand_files, merge_files
 from r2m_ext.classify import TensorClass, classify
 from r2m_ext.detect.evaluate import (
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="r2m", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--version", action="version", version=backend_info())
+    parser.add_argument("--version", action="version", version=version_text())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     merge = commands.add_parser(

@@ -1,4 +1,7 @@
+import contextlib
+import io
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +79,22 @@ def run_cli(*args, cwd=None, preexec_fn=None) -> subprocess.CompletedProcess:
         preexec_fn=preexec_fn,
         timeout=300,
     )
+
+
+def run_main(*args) -> subprocess.CompletedProcess:
+    """The `r2m` command's `main` in this process, as `run_cli` runs it in another (no interpreter
+    start-up, 1.5 s with torch): for the many cases of one error path. An exception, which the
+    command would print as a traceback, escapes."""
+    from r2m_ext import cli
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    handler = signal.getsignal(signal.SIGTERM)  # main installs its own
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            status = cli.main([str(a) for a in args])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    return subprocess.CompletedProcess(args, status, stdout.getvalue(), stderr.getvalue())
 
 
 @pytest.fixture

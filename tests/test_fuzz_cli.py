@@ -5,21 +5,17 @@ one-line error with exit 1: never an exception out of `main`, never a changed in
 output or partial directory left by a failure, and a resumed merge that succeeds gives the
 bytes of an uninterrupted one."""
 
-import contextlib
 import hashlib
-import io
 import json
 import random
-import signal
 import struct
 from pathlib import Path
 
 import pytest
 import yaml
 from checkpoints import recipe_identity, save_sharded, save_single
-from conftest import make_experts, random_model
+from conftest import make_experts, random_model, run_main
 
-from r2m_ext import cli
 from r2m_ext.io.output import partial_dir
 from r2m_ext.io.writer import INDEX_FILE
 
@@ -60,18 +56,6 @@ def _hostile(rng: random.Random):
     return rng.choice(_HOSTILE)
 
 
-def _run_main(args) -> tuple[int, str, str]:
-    """`r2m ARGS` in this process: (exit status, stdout, stderr). An exception escapes."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    handler = signal.getsignal(signal.SIGTERM)
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            status = cli.main([str(a) for a in args])
-    finally:
-        signal.signal(signal.SIGTERM, handler)
-    return status, stdout.getvalue(), stderr.getvalue()
-
-
 def _fingerprint(directory: Path) -> dict[str, str]:
     return {
         str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -104,7 +88,8 @@ class Harness:
         """Runs one case and checks the allowed outcomes; returns the exit status."""
         self.cases += 1
         before = _fingerprint(self.inputs)
-        status, _, stderr = _run_main(args)
+        result = run_main(*args)
+        status, stderr = result.returncode, result.stderr
         assert _fingerprint(self.inputs) == before, f"{description}: an input changed"
         if status == 0:
             return status

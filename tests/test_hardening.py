@@ -13,7 +13,7 @@ import struct
 import pytest
 import torch
 from checkpoints import recipe_identity, save_pickled, save_sharded, save_single
-from conftest import make_experts, random_model, run_cli
+from conftest import make_experts, random_model, run_cli, run_main
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from test_cli import assert_clean_failure, merge_args
@@ -90,20 +90,34 @@ def test_out_that_is_not_a_directory_is_never_replaced(files, kind, overwrite):
         pytest.skip(f"cannot make a {kind} here")
     before = fingerprint(tmp)
     extra = ["--overwrite"] if overwrite else []
-    result = run_cli(*merge_args(base_path, expert_paths, out, *extra))
+    result = run_main(*merge_args(base_path, expert_paths, out, *extra))
     assert_refused(result, tmp, f"output {out} is a {kind}", "never replaces")
+    assert fingerprint(tmp) == before
+
+
+@pytest.mark.parametrize("kind", ["character device", "FIFO"])
+def test_overwrite_onto_a_device_or_fifo_in_a_real_process(files, kind):
+    tmp, base, experts, base_path, expert_paths = files
+    out = tmp / "out"
+    try:
+        _make_special(out, kind)
+    except PermissionError:
+        pytest.skip(f"cannot make a {kind} here")
+    before = fingerprint(tmp)
+    result = run_cli(*merge_args(base_path, expert_paths, out, "--overwrite"))
+    assert_refused(result, tmp, f"output {out} is a {kind}")
     assert fingerprint(tmp) == before
 
 
 def test_overwrite_replaces_an_unchanged_earlier_output_and_nothing_else(files):
     tmp, base, experts, base_path, expert_paths = files
     out = tmp / "out"
-    assert run_cli(*merge_args(base_path, expert_paths, out, "--quiet")).returncode == 0
+    assert run_main(*merge_args(base_path, expert_paths, out, "--quiet")).returncode == 0
     manifest = json.loads((out / MANIFEST_FILE).read_text())["files"]
     assert set(manifest) == {"model.safetensors", "r2m_recipe.yaml", "report.json"}
     inputs = fingerprint(base_path.parent)
 
-    again = run_cli(*merge_args(base_path, expert_paths, out, "--overwrite", "--alpha", "0.2"))
+    again = run_main(*merge_args(base_path, expert_paths, out, "--overwrite", "--alpha", "0.2"))
     assert again.returncode == 0, again.stderr
     assert "alpha: 0.2" in (out / "r2m_recipe.yaml").read_text()
 
@@ -118,11 +132,11 @@ def test_overwrite_replaces_an_unchanged_earlier_output_and_nothing_else(files):
     ]:
         change()
         before = fingerprint(tmp)
-        result = run_cli(*merge_args(base_path, expert_paths, out, "--overwrite"))
+        result = run_main(*merge_args(base_path, expert_paths, out, "--overwrite"))
         assert_refused(result, tmp, "is not replaced", fragment)
         assert fingerprint(tmp) == before
         assert (
-            run_cli(*merge_args(base_path, expert_paths, tmp / "fresh", "--quiet")).returncode == 0
+            run_main(*merge_args(base_path, expert_paths, tmp / "fresh", "--quiet")).returncode == 0
         )
         for name in os.listdir(out):
             os.remove(out / name) if (out / name).is_file() else os.rmdir(out / name)
@@ -137,12 +151,12 @@ def test_a_foreign_directory_is_refused_and_an_empty_one_is_used(files):
     mine.mkdir()
     (mine / "model.safetensors").write_bytes(base_path.read_bytes())  # looks like a model
     before = fingerprint(tmp)
-    result = run_cli(*merge_args(base_path, expert_paths, mine, "--overwrite"))
+    result = run_main(*merge_args(base_path, expert_paths, mine, "--overwrite"))
     assert_refused(result, tmp, "no readable r2m_manifest.json", "not an r2m_ext output")
     assert fingerprint(tmp) == before
     empty = tmp / "empty"
     empty.mkdir()
-    assert run_cli(*merge_args(base_path, expert_paths, empty, "--quiet")).returncode == 0
+    assert run_main(*merge_args(base_path, expert_paths, empty, "--quiet")).returncode == 0
     assert (empty / "model.safetensors").is_file()
 
 
@@ -167,7 +181,7 @@ def test_stale_partial_directory_that_is_a_link_is_not_followed(files):
     precious.mkdir()
     (precious / "data.txt").write_text("keep")
     partial_dir(out).symlink_to(precious)
-    result = run_cli(*merge_args(base_path, expert_paths, out, "--overwrite"))
+    result = run_main(*merge_args(base_path, expert_paths, out, "--overwrite"))
     assert result.returncode == 1 and "not a directory r2m_ext made" in result.stderr
     assert (precious / "data.txt").read_text() == "keep"
 
@@ -194,14 +208,14 @@ def test_input_reached_through_a_symlink_is_not_deleted_by_overwrite(files):
 def test_shard_named_by_an_index_inside_the_output_is_refused(files):
     tmp, base, experts, base_path, expert_paths = files
     out = tmp / "out"
-    assert run_cli(*merge_args(base_path, expert_paths, out, "--quiet")).returncode == 0
+    assert run_main(*merge_args(base_path, expert_paths, out, "--quiet")).returncode == 0
     model = tmp / "model"
     model.mkdir()
     (model / "shard.safetensors").symlink_to(out / "model.safetensors")
     weight_map = {name: "shard.safetensors" for name in base}
     (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     before = fingerprint(tmp)
-    result = run_cli(
+    result = run_main(
         *merge_args(model, expert_paths, out, "--overwrite", "--allow-external-shards")
     )
     assert_refused(result, tmp, "shard.safetensors", "inside the output")
@@ -211,10 +225,10 @@ def test_shard_named_by_an_index_inside_the_output_is_refused(files):
 def test_input_hard_linked_into_the_output_is_refused(files):
     tmp, base, experts, base_path, expert_paths = files
     out = tmp / "out"
-    assert run_cli(*merge_args(base_path, expert_paths, out, "--quiet")).returncode == 0
+    assert run_main(*merge_args(base_path, expert_paths, out, "--quiet")).returncode == 0
     linked = tmp / "linked.safetensors"
     os.link(out / "model.safetensors", linked)
-    result = run_cli(*merge_args(linked, expert_paths, out, "--overwrite"))
+    result = run_main(*merge_args(linked, expert_paths, out, "--overwrite"))
     assert_refused(result, tmp, f"input file {linked} is also a file of the output")
 
 
@@ -238,9 +252,9 @@ def test_index_shards_outside_the_model_directory_need_an_opt_in(files, escape):
     index = {"weight_map": {name: shard for name in base}}
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
     out = tmp / "out"
-    result = run_cli(*merge_args(model, expert_paths, out))
+    result = run_main(*merge_args(model, expert_paths, out))
     assert_clean_failure(result, out, repr(shard), "lies outside", "--allow-external-shards")
-    allowed = run_cli(*merge_args(model, expert_paths, out, "--allow-external-shards", "--quiet"))
+    allowed = run_main(*merge_args(model, expert_paths, out, "--allow-external-shards", "--quiet"))
     assert allowed.returncode == 0, allowed.stderr
     want = r2m_ext.merge(base, experts)
     got = load_file(out / "model.safetensors")
@@ -259,7 +273,7 @@ def test_hugging_face_cache_snapshot_reads_its_blobs(files):
         blob.write_bytes(file.read_bytes())
         (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
     out = tmp / "out"
-    assert run_cli(*merge_args(snapshot, expert_paths, out, "--quiet")).returncode == 0
+    assert run_main(*merge_args(snapshot, expert_paths, out, "--quiet")).returncode == 0
     want = r2m_ext.merge(base, experts)
     got = load_file(out / "model.safetensors")
     assert all(torch.equal(got[n], want[n]) for n in want)
@@ -277,7 +291,7 @@ def test_files_are_read_by_their_content_not_their_name(files):
     weight_map = {n: "part1.bin" for n in first} | {n: "part2.safetensors" for n in second}
     (model / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     out = tmp / "out"
-    result = run_cli(*merge_args(model, expert_paths, out, "--quiet"))
+    result = run_main(*merge_args(model, expert_paths, out, "--quiet"))
     assert result.returncode == 0, result.stderr
     want = r2m_ext.merge(base, experts)
     got = load_file(out / "model.safetensors")
@@ -286,7 +300,7 @@ def test_files_are_read_by_their_content_not_their_name(files):
     evil = tmp / "evil.safetensors"
     torch.save({"w": torch.zeros(1), "run": print}, evil)
     assert_clean_failure(
-        run_cli(*merge_args(base_path, [evil], tmp / "out2")),
+        run_main(*merge_args(base_path, [evil], tmp / "out2")),
         tmp / "out2",
         "evil.safetensors",
         "weights_only=True",
@@ -360,7 +374,7 @@ def test_allow_nonfinite_carries_nan_through_arithmetic_and_refuses_where_a_meth
     poisoned[where].view(-1)[3] = float("nan")
     save_single(poisoned, expert_paths[1])
     out = tmp / "out"
-    result = run_cli(
+    result = run_main(
         *merge_args(base_path, expert_paths, out, "--method", method, "--allow-nonfinite")
     )
     factored = where.endswith("weight") and method in ("tsv", "cart")
@@ -386,7 +400,7 @@ def test_nan_in_a_head_passes_with_allow_nonfinite_under_r2m(files):
     poisoned = dict(experts[1], **{"head.bias": torch.tensor([float("nan"), 1.0])})
     save_single(poisoned, expert_paths[1])
     out = tmp / "out"
-    result = run_cli(*merge_args(base_path, expert_paths, out, "--allow-nonfinite", "--quiet"))
+    result = run_main(*merge_args(base_path, expert_paths, out, "--allow-nonfinite", "--quiet"))
     assert result.returncode == 0, result.stderr
     head = load_file(out / "model.safetensors")["head.bias"]
     assert head[0].isnan() and head[1] == (experts[0]["head.bias"][1] + 1.0) / 2
@@ -403,7 +417,7 @@ def test_index_whose_weight_map_value_is_not_a_string(files):
     index["weight_map"]["pos_embed"] = ["model-00001-of-00002.safetensors"]
     index_path.write_text(json.dumps(index))
     out = tmp / "out"
-    result = run_cli(*merge_args(model, expert_paths, out))
+    result = run_main(*merge_args(model, expert_paths, out))
     assert_clean_failure(result, out, str(index_path), "'pos_embed'", "not a file name")
 
 
@@ -420,7 +434,7 @@ def test_pickled_entries_that_are_not_dense_named_tensors(files, entry, fragment
     tmp, base, experts, base_path, expert_paths = files
     bad = save_pickled({**experts[0], **entry}, tmp / "bad.pt")
     out = tmp / "out"
-    result = run_cli(*merge_args(base_path, [bad], out))
+    result = run_main(*merge_args(base_path, [bad], out))
     assert_clean_failure(result, out, "bad.pt", *fragments)
 
 
@@ -428,11 +442,11 @@ def test_seed_is_any_64_bit_integer_with_every_method(files):
     tmp, base, experts, base_path, expert_paths = files
     for method in ("r2m", "dare", "tsv", "cart"):
         out = tmp / f"out_{method}"
-        result = run_cli(
+        result = run_main(
             *merge_args(base_path, expert_paths, out, "--method", method, "--seed", str(2**64))
         )
         assert_clean_failure(result, out, "option seed", "[0, 2**64)")
-        top = run_cli(
+        top = run_main(
             *merge_args(
                 base_path,
                 expert_paths,
@@ -461,7 +475,7 @@ def test_over_long_paths_are_one_line_errors(files):
         merge_args(base_path, expert_paths, long_name),
         merge_args(base_path, expert_paths, tmp / ("d" * 300) / "out"),
     ):
-        result = run_cli(*args)
+        result = run_main(*args)
         assert_refused(result, tmp, "File name too long")
 
 
@@ -485,7 +499,7 @@ def test_recipe_that_is_not_utf8_or_has_wrong_types(files):
         recipe.write_bytes(text)
         args = ["merge", "--config", recipe, "--base", base_path, "--out", out]
         args += [part for path in expert_paths for part in ("--expert", path)]
-        assert_clean_failure(run_cli(*args), out, fragment)
+        assert_clean_failure(run_main(*args), out, fragment)
 
 
 @pytest.mark.parametrize(
@@ -503,7 +517,7 @@ def test_resume_with_a_progress_file_of_the_wrong_types(files, progress):
     partial = partial_dir(out)
     partial.mkdir()
     (partial / "r2m_progress.json").write_text(json.dumps(progress))
-    result = run_cli(*merge_args(base_path, expert_paths, out, "--resume"))
+    result = run_main(*merge_args(base_path, expert_paths, out, "--resume"))
     assert result.returncode == 1 and "no readable r2m_progress.json" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
 
@@ -511,7 +525,7 @@ def test_resume_with_a_progress_file_of_the_wrong_types(files, progress):
 def test_resume_ignores_shard_numbers_that_are_not_in_the_layout(files):
     tmp, base, experts, base_path, expert_paths = files
     first = tmp / "first"
-    assert run_cli(*merge_args(base_path, expert_paths, first, "--quiet")).returncode == 0
+    assert run_main(*merge_args(base_path, expert_paths, first, "--quiet")).returncode == 0
     out = tmp / "out"
     partial = partial_dir(out)
     partial.mkdir()
@@ -519,7 +533,7 @@ def test_resume_ignores_shard_numbers_that_are_not_in_the_layout(files):
     (partial / "r2m_progress.json").write_text(
         json.dumps({"identity": identity, "complete": [5, -1, 0, 0]})
     )
-    result = run_cli(*merge_args(base_path, expert_paths, out, "--resume", "--quiet"))
+    result = run_main(*merge_args(base_path, expert_paths, out, "--resume", "--quiet"))
     assert result.returncode == 0, result.stderr
     assert (out / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
 
@@ -558,7 +572,7 @@ def test_headers_the_reference_reader_rejects_are_rejected_in_its_words(
     with pytest.raises(SafetensorError, match=reference_words):
         safe_open(str(bad), "pt")
     out = tmp / "out"
-    result = run_cli(*merge_args(base_path, [bad], out))
+    result = run_main(*merge_args(base_path, [bad], out))
     assert_clean_failure(result, out, "bad.safetensors", "not a readable safetensors", fragment)
 
 
@@ -568,7 +582,7 @@ def test_data_beyond_what_the_header_describes(files):
     with pytest.raises(SafetensorError, match="file not fully covered"):
         safe_open(str(bad), "pt")
     out = tmp / "out"
-    result = run_cli(*merge_args(base_path, [bad], out))
+    result = run_main(*merge_args(base_path, [bad], out))
     assert_clean_failure(result, out, "long.safetensors", "file not fully covered")
 
 
@@ -577,7 +591,7 @@ def test_header_over_the_size_limit_says_so(files):
     bad = tmp / "big.safetensors"
     bad.write_bytes(struct.pack("<Q", 100_000_001) + b"{}")
     out = tmp / "out"
-    result = run_cli(*merge_args(base_path, [bad], out))
+    result = run_main(*merge_args(base_path, [bad], out))
     assert_clean_failure(result, out, "big.safetensors", "header too large", "over the limit")
 
 
@@ -589,7 +603,10 @@ def test_tensor_listed_twice_in_a_header(files):
     )
     out = tmp / "out"
     assert_clean_failure(
-        run_cli(*merge_args(base_path, [bad], out)), out, "twice.safetensors", "'w' is listed twice"
+        run_main(*merge_args(base_path, [bad], out)),
+        out,
+        "twice.safetensors",
+        "'w' is listed twice",
     )
 
 
@@ -599,7 +616,7 @@ def test_non_finite_scales_are_rejected_up_front(files, flag, value):
     tmp, base, experts, base_path, expert_paths = files
     method = "r2m" if flag == "--alpha" else "task_arithmetic"
     out = tmp / "out"
-    result = run_cli(
+    result = run_main(
         *merge_args(base_path, expert_paths, out, "--method", method, f"{flag}={value}")
     )
     assert_clean_failure(result, out, f"option {flag[2:]}", "not a finite number")
@@ -608,9 +625,11 @@ def test_non_finite_scales_are_rejected_up_front(files, flag, value):
 def test_k_larger_than_the_number_of_experts(files):
     tmp, base, experts, base_path, expert_paths = files
     out = tmp / "out"
-    result = run_cli(*merge_args(base_path, expert_paths, out, "--k", "3"))
+    result = run_main(*merge_args(base_path, expert_paths, out, "--k", "3"))
     assert_clean_failure(result, out, "option k: 3 is more than the 2 experts")
-    assert run_cli(*merge_args(base_path, expert_paths, out, "--k", "2", "--quiet")).returncode == 0
+    assert (
+        run_main(*merge_args(base_path, expert_paths, out, "--k", "2", "--quiet")).returncode == 0
+    )
 
 
 def test_exit_codes_unknown_method_on_the_command_line_and_in_a_recipe(files):
