@@ -659,3 +659,11 @@ def test_error_naming_a_path_with_a_newline_stays_one_line(files):
     out = tmp / "out"
     result = run_cli(*merge_args(base_path, [odd], out))
     assert_clean_failure(result, out, "two\\nlines.safetensors")
+
+
+@pytest.mark.parametrize("flag", ["--max-memory", "--shard-size"])
+def test_sizes_beyond_any_machine_are_one_line_errors(files, flag):
+    tmp, base, experts, base_path, expert_paths = files
+    out = tmp / "out"
+    result = run_main(*merge_args(base_path, expert_paths, out, flag, "9" * 400))
+    assert_clean_failure(result, out, "beyond 2**63 bytes")

@@ -56,6 +56,9 @@ _SIZE_UNITS = {
     "TIB": 2**40,
 }
 
+# Sizes are byte counts in int64 (and mixed with float shares of the budget).
+_MAX_SIZE = 2**63
+
 Layout = Sequence[tuple[str, Sequence[int], torch.dtype]]
 
 
@@ -71,6 +74,8 @@ def parse_size(text: str | int) -> int:
         value = int(Fraction(match.group(1)) * _SIZE_UNITS[unit])
     if value <= 0:
         raise R2MError(f"size {text!r} must be positive")
+    if value >= _MAX_SIZE:
+        raise R2MError(f"size {text!r} is beyond 2**63 bytes, more than any machine holds")
     return value
 
 
