@@ -27,6 +27,12 @@ TORCH_LIBRARY(r2m_ext, m) {
   m.def(
       "lowrank_accumulate(Tensor base, Tensor left, Tensor right, Tensor weights, "
       "ScalarType out_dtype) -> Tensor");
+  // Per task, counts [N, 2^width] of the digit bits[shift, shift + width) of the float32 bit
+  // patterns of |experts[i] - base| among the entries whose higher bits equal prefixes[i]: one
+  // pass of an exact radix select of the k-th largest magnitude.
+  m.def(
+      "magnitude_histogram(Tensor base, Tensor[] experts, Tensor prefixes, int shift, int width) "
+      "-> Tensor");
   // The sketch's Gaussian test matrix, rows x columns float32, a function of (seed, key) alone.
   m.def("sketch_matrix(int seed, int key, int rows, int columns) -> Tensor");
   // Orthonormal basis of the columns of y [..., m, l] with no host synchronisation (the CUDA

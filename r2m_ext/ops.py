@@ -42,6 +42,10 @@ if native_module() is not None:
     def _combine_into_fake(base, experts, weights, base_weight, compute_dtype, out):
         return None
 
+    @torch.library.register_fake("r2m_ext::magnitude_histogram")
+    def _magnitude_histogram_fake(base, experts, prefixes, shift, width):
+        return base.new_empty((len(experts), 1 << width), dtype=torch.int64)
+
     @torch.library.register_fake("r2m_ext::shifted_cholesky_qr3")
     def _shifted_cholesky_qr3_fake(y):
         return y.new_empty(
@@ -116,6 +120,29 @@ def combine(
             base, list(experts), weights, float(base_weight), compute_dtype, out_dtype
         )
     return reference.combine(base, experts, weights, base_weight, compute_dtype, out_dtype)
+
+
+def magnitude_histogram(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    prefixes: torch.Tensor,
+    shift: int,
+    width: int,
+) -> torch.Tensor:
+    """One pass of an exact radix select of the k-th largest |experts[i] - base| per task.
+
+    The difference is formed in float32 (inputs widened, or float64 rounded, to float32 as the
+    merge computes it) and its magnitude's bit pattern read as an integer, which orders like the
+    value. Returns int64 counts [N, 2^width]: for task i, of the digit bits[shift, shift + width)
+    among the entries whose bits above shift + width equal prefixes[i] (int64 [N]). Integer
+    counts, so the same for any thread count or split of the tensor; row blocks may be summed.
+    Native on the CPU; elsewhere the pure-torch reference.
+    """
+    if base.device.type == "cpu" and _native_supports(base, experts):
+        return torch.ops.r2m_ext.magnitude_histogram.default(
+            base, list(experts), prefixes, shift, width
+        )
+    return reference.magnitude_histogram(base, experts, prefixes, shift, width)
 
 
 def lowrank_accumulate(

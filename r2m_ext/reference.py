@@ -137,3 +137,21 @@ def randomized_svd(
     u_small, s, vh = torch.linalg.svd(q.mT @ a, full_matrices=False)
     kept = min(rank, width)
     return (q @ u_small)[..., :kept], s[..., :kept], vh[..., :kept, :].mT
+
+
+def magnitude_histogram(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    prefixes: torch.Tensor,
+    shift: int,
+    width: int,
+) -> torch.Tensor:
+    """The oracle of ops.magnitude_histogram: bincount of the float32 magnitude bit patterns."""
+    tau = torch.stack([e.to(torch.float32) for e in experts]) - base.to(torch.float32)
+    bits = (tau.reshape(len(experts), -1).view(torch.int32).long()) & 0x7FFFFFFF
+    bins = 1 << width
+    counts = torch.zeros(len(experts), bins, dtype=torch.int64, device=base.device)
+    for i, row in enumerate(bits):
+        matches = row[(row >> (shift + width)) == int(prefixes[i])]
+        counts[i] += torch.bincount((matches >> shift) & (bins - 1), minlength=bins)
+    return counts

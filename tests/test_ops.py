@@ -493,3 +493,79 @@ def test_lowrank_accumulate_opcheck_and_errors():
         )
     with pytest.raises(RuntimeError, match=r"weights must be \[3\], got \[2\]"):
         torch.ops.r2m_ext.lowrank_accumulate.default(base, left, right, weights[:2], torch.float32)
+
+
+def _magnitude_bits_by_hand(expert: float, base: float) -> int:
+    """The float32 bit pattern of |f32(expert) - f32(base)|, with Python's struct."""
+    import struct
+
+    as_f32 = lambda v: struct.unpack("<f", struct.pack("<f", v))[0]  # noqa: E731
+    difference = struct.unpack("<f", struct.pack("<f", as_f32(expert) - as_f32(base)))[0]
+    return struct.unpack("<I", struct.pack("<f", difference))[0] & 0x7FFFFFFF
+
+
+def test_magnitude_histogram_by_brute_force_on_edge_values():
+    # Ties, zeros of both signs, a subnormal difference, Inf and NaN, counted digit by digit.
+    tiny = 1e-45  # the smallest float32 subnormal
+    base = torch.tensor([0.0, 1.0, -0.0, 2.0, 0.0, 5.0, 1.0, 3.0, 0.0])
+    experts = [
+        torch.tensor([1.0, 2.0, 0.0, 1.0, tiny, float("inf"), 1.0, 3.5, float("nan")]),
+        torch.tensor([-1.0, 0.0, -0.0, 2.0, -tiny, 5.0, 1.5, 2.5, 1.0]),
+    ]
+    for shift, width, prefixes in [(15, 16, [0, 0]), (0, 15, [0x7F00, 0x7F00]), (20, 11, [0, 0])]:
+        counts = torch.zeros(2, 1 << width, dtype=torch.int64)
+        for i, expert in enumerate(experts):
+            for x, b in zip(expert.tolist(), base.tolist(), strict=True):
+                bits = _magnitude_bits_by_hand(x, b)
+                if bits >> (shift + width) == prefixes[i]:
+                    counts[i, (bits >> shift) & ((1 << width) - 1)] += 1
+        p = torch.tensor(prefixes)
+        assert torch.equal(ops.magnitude_histogram(base, experts, p, shift, width), counts)
+        assert torch.equal(reference.magnitude_histogram(base, experts, p, shift, width), counts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_magnitude_histogram_matches_the_reference_and_sums_over_blocks(dtype):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(300, 257, generator=g).to(dtype)
+    experts = [(base.double() + 0.01 * torch.randn(300, 257, generator=g)).to(dtype) for _ in "abc"]
+    prefixes = torch.tensor([0, 0, 0])
+    whole = ops.magnitude_histogram(base, experts, prefixes, 15, 16)
+    assert torch.equal(whole, reference.magnitude_histogram(base, experts, prefixes, 15, 16))
+    assert int(whole.sum()) == 3 * base.numel()
+    halves = sum(
+        ops.magnitude_histogram(base[rows], [e[rows] for e in experts], prefixes, 15, 16)
+        for rows in (slice(0, 137), slice(137, 300))
+    )
+    assert torch.equal(halves, whole)
+    # The second pass counts only the entries under each task's chosen 16-bit prefix.
+    top = whole.nonzero()[-1].tolist()
+    second = ops.magnitude_histogram(base, experts, torch.tensor([top[1]] * 3), 0, 15)
+    assert int(second[top[0]].sum()) == int(whole[top[0], top[1]])
+
+
+@needs_native
+def test_magnitude_histogram_is_the_same_for_any_thread_count():
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(4, 300000, generator=g)
+    experts = [base + torch.randn(4, 300000, generator=g) for _ in range(4)]
+    prefixes = torch.zeros(4, dtype=torch.int64)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(ops.magnitude_histogram(base, experts, prefixes, 15, 16))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results)
+
+
+@needs_native
+def test_magnitude_histogram_opcheck():
+    base = torch.randn(6, 5)
+    experts = [torch.randn(6, 5), torch.randn(6, 5)]
+    torch.library.opcheck(
+        torch.ops.r2m_ext.magnitude_histogram.default,
+        (base, experts, torch.zeros(2, dtype=torch.int64), 15, 16),
+    )

@@ -428,3 +428,34 @@ def test_report_prints_the_gpu_peak_of_each_pass():
     assert "GPU memory" not in format_report(
         {"method": "r2m", "memory": {**memory, "device_peak_after_pass": {}}}
     )
+
+
+@pytest.mark.parametrize("budget", [None, "24kB"])
+def test_global_ties_thresholds_from_native_histograms_are_the_selector_s(files, budget, tmp_path):
+    # The two histogram passes over raw inputs give the exact k-th largest magnitudes: the merge
+    # equals the one whose thresholds come from torch.kthvalue over every magnitude at once.
+    import r2m_ext.methods.baselines as baselines
+
+    _, base, experts, base_path, expert_paths = files
+    got = read_dir(
+        r2m_ext.merge_files(
+            base_path, expert_paths, tmp_path / "native", "ties", density=0.3, max_memory=budget
+        )
+    )
+    body = [n for n, v in base.items() if v.is_floating_point() and not n.startswith("head")]
+    magnitudes = torch.cat(
+        [
+            torch.stack([e[n].float() - base[n].float() for e in experts]).abs().flatten(1)
+            for n in body
+        ],
+        dim=1,
+    )
+    thresholds = baselines._per_task_kth_largest(magnitudes, 0.3)
+    want = {}
+    for name in body:
+        tau = torch.stack([e[name].float() - base[name].float() for e in experts])
+        want[name] = (base[name].float() + baselines.ties_combine(tau, thresholds)).to(
+            base[name].dtype
+        )
+    for name in body:
+        assert torch.equal(got[name], want[name]), name

@@ -4,6 +4,7 @@ tensor."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -20,7 +21,7 @@ from r2m_ext.methods.common import (
     svd_workspace_stacks,
     truncates,
 )
-from r2m_ext.methods.select import KthLargestMagnitude
+from r2m_ext.methods.select import KthLargestMagnitude, counts_nonfinite
 from r2m_ext.options import MergeOptions
 from r2m_ext.plan import TensorPlan
 from r2m_ext.reference import name_key, sketch_stream, splitmix64_uniform
@@ -62,9 +63,33 @@ def _per_task_kth_largest(magnitudes: torch.Tensor, density: float) -> torch.Ten
 _TIES_STACKS = 4
 
 
+def _global_thresholds_native(tensors: TaskTensors, keep: int, label: str) -> torch.Tensor:
+    """The exact float32 thresholds in two passes of ops.magnitude_histogram over the raw inputs,
+    the subtraction and absolute value fused into the counting (no task vector is formed)."""
+    selector = KthLargestMagnitude([keep] * tensors.n_experts, torch.float32, collect_limit=-1)
+    number = 1
+    while not selector.done:
+        prefixes, shift, width = selector.histogram_digit()
+        for entry in tensors.pass_over(tensors.body, f"{label} threshold pass {number}"):
+            for rows, base, experts in tensors.raw_blocks(entry, outputs=0):
+                counts = ops.magnitude_histogram(base, experts, prefixes, shift, width)
+                if number == 1:  # the pass that sees every entry checks them for NaN/Inf
+                    proof = torch.full(
+                        (), math.inf if counts_nonfinite(counts, shift, width) else 0
+                    )
+                    tensors.check_finite(entry, rows, proof)
+                selector.add_counts(counts.cpu())
+                del base, experts  # one block at a time (MergeInputs.raw_blocks)
+        selector.finish_pass()
+        number += 1
+    return selector.values()
+
+
 def _global_thresholds(tensors: TaskTensors, options: MergeOptions, sparsify: Sparsify, label):
     total = sum(_numel(entry) for entry in tensors.body)
     keep = max(1, exact_ceil(options.density, total))
+    if sparsify is _keep_all and tensors.compute_dtype == torch.float32:
+        return _global_thresholds_native(tensors, keep, label)
     selector = KthLargestMagnitude([keep] * tensors.n_experts, tensors.compute_dtype)
     number = 1
     while not selector.done:
@@ -118,8 +143,12 @@ def _ties(tensors: TaskTensors, options: MergeOptions, sparsify: Sparsify, label
             del base, tau
 
 
+def _keep_all(entry: TensorPlan, rows: slice | None, tau: torch.Tensor) -> torch.Tensor:
+    return tau
+
+
 def merge_ties(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
-    return _ties(tensors, options, lambda entry, rows, tau: tau, "TIES")
+    return _ties(tensors, options, _keep_all, "TIES")
 
 
 def dare_keep_mask(

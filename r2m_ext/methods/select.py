@@ -15,8 +15,19 @@ _DIGIT_BITS = 16
 COLLECT_LIMIT = 1 << 20
 
 
+# The smallest bit pattern of a non-finite float32 magnitude (Inf; NaN above it).
+_FLOAT32_INF_BITS = 0x7F800000
+
+
 class KthLargestMagnitude:
-    def __init__(self, ks: list[int], dtype: torch.dtype):
+    """Feed it magnitudes block by block with `observe` (or, from a native kernel, histograms of
+    the digits `histogram_digit` names with `add_counts`), call `finish_pass` after each pass
+    over the whole model, until `done`."""
+
+    def __init__(self, ks: list[int], dtype: torch.dtype, collect_limit: int = COLLECT_LIMIT):
+        """`collect_limit`: entries per task a pass may collect to finish by sorting (-1: never,
+        every pass a histogram)."""
+        self._collect_limit = collect_limit
         self._ks = list(ks)  # rank still sought within the entries matching the prefix
         self._int_dtype = torch.int32 if dtype == torch.float32 else torch.int64
         self._dtype = dtype
@@ -31,7 +42,7 @@ class KthLargestMagnitude:
         self._histograms = [None] * len(self._ks)
         self._collected: list[list[torch.Tensor]] = [[] for _ in self._ks]
         for i, count in enumerate(self._matching):
-            self._collecting[i] = count is not None and count <= COLLECT_LIMIT
+            self._collecting[i] = count is not None and count <= self._collect_limit
 
     @property
     def done(self) -> bool:
@@ -53,6 +64,21 @@ class KthLargestMagnitude:
             counts = torch.bincount(digits, minlength=1 << width)
             self._histograms[i] = (
                 counts if self._histograms[i] is None else self._histograms[i] + counts
+            )
+
+    def histogram_digit(self) -> tuple[torch.Tensor, int, int]:
+        """(prefixes int64 [N], shift, width) of the next histogram pass, for
+        ops.magnitude_histogram; float32 magnitudes, no task collecting."""
+        assert self._dtype == torch.float32 and not any(self._collecting), "histogram passes only"
+        (free_bits,) = set(self._free_bits)  # every task pins the same bits each pass
+        width = min(_DIGIT_BITS, free_bits)
+        return torch.tensor(self._prefix, dtype=torch.int64), free_bits - width, width
+
+    def add_counts(self, counts: torch.Tensor) -> None:
+        """Counts [N, 2^width] of the digits `histogram_digit` names, over one block."""
+        for i in range(len(self._ks)):
+            self._histograms[i] = (
+                counts[i] if self._histograms[i] is None else self._histograms[i] + counts[i]
             )
 
     def finish_pass(self) -> None:
@@ -78,3 +104,10 @@ class KthLargestMagnitude:
     def values(self) -> torch.Tensor:
         bits = torch.tensor(self._prefix, dtype=torch.int64).to(self._int_dtype)
         return bits.view(self._dtype)
+
+
+def counts_nonfinite(counts: torch.Tensor, shift: int, width: int) -> bool:
+    """Whether histogram counts of a pass over every entry (shift + width = 31, no prefix) hold a
+    non-finite magnitude: Inf and NaN have the largest float32 bit patterns."""
+    assert shift + width == 31, "only a first pass sees every entry"
+    return bool(counts[:, _FLOAT32_INF_BITS >> shift :].any())

@@ -1,0 +1,42 @@
+// magnitude_histogram: one pass of an exact radix select of the k-th largest task-vector magnitude
+// per task (the global TIES threshold). For every element e and task i it forms
+// |x_i[e] - b[e]| in float32 (inputs widened or rounded to float32 on load, as the merge computes),
+// reads its bit pattern as an integer (non-negative floats order like their bits), and counts the
+// digit bits[shift, shift + width) of the entries whose bits above shift + width equal the task's
+// prefix. Counts are integers: the result does not depend on threads or how the input is split.
+#pragma once
+
+#include <cstdint>
+
+#include "common/scalar.h"
+
+namespace r2m {
+
+struct MagnitudeHistogramParams {
+  const void* base;            // numel elements of `kind`
+  const void* const* experts;  // n_experts pointers, numel elements each, same kind
+  int64_t n_experts;
+  int64_t numel;
+  ScalarKind kind;
+  const int64_t* prefixes;  // n_experts: the known high bits (bits >> (shift + width)) per task
+  int shift;
+  int width;  // bits per digit, 1..16: 2^width bins per task
+};
+
+// The float32 bit pattern of |expert - base| computed in float32: the sign bit cleared.
+R2M_HOST_DEVICE uint32_t magnitude_bits(float expert, float base) {
+  const float difference = expert - base;
+  uint32_t bits;
+#if defined(__CUDA_ARCH__)
+  bits = __float_as_uint(difference);
+#else
+  std::memcpy(&bits, &difference, sizeof(bits));
+#endif
+  return bits & 0x7fffffffu;
+}
+
+// Adds elements [begin, end) into counts (n_experts rows of 2^width int64, row-major).
+void magnitude_histogram_cpu(const MagnitudeHistogramParams& params, int64_t begin, int64_t end,
+                             int64_t* counts);
+
+}  // namespace r2m

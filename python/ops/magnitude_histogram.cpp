@@ -1,0 +1,72 @@
+// Torch-facing entry of magnitude_histogram: checks, and a parallel loop over fixed-size blocks of
+// the Python-free core (csrc/merge/magnitude_histogram_cpu.cpp), one histogram per thread, added
+// at the end (integer counts: the same result for any thread count).
+#include "merge/magnitude_histogram.h"
+
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "ops/checks.h"
+#include "ops/scalar_kind.h"
+
+namespace r2m {
+
+namespace {
+
+constexpr int64_t kBlock = 1 << 16;
+
+}  // namespace
+
+at::Tensor magnitude_histogram_cpu_entry(const at::Tensor& base, at::TensorList experts,
+                                         const at::Tensor& prefixes, int64_t shift, int64_t width) {
+  const std::vector<at::Tensor> contiguous = checked_experts("magnitude_histogram", base, experts);
+  TORCH_CHECK(base.device().is_cpu(), "magnitude_histogram (CPU): base is on ", base.device());
+  const ScalarKind kind = scalar_kind_of(base, "magnitude_histogram", "base");
+  const int64_t n = static_cast<int64_t>(experts.size());
+  TORCH_CHECK(width >= 1 && width <= 16 && shift >= 0 && shift + width <= 32,
+              "magnitude_histogram: the digit bits [shift, shift + width) must lie in 32 bits, "
+              "width 1-16; got shift ",
+              shift, ", width ", width);
+  TORCH_CHECK(prefixes.dim() == 1 && prefixes.size(0) == n && prefixes.scalar_type() == at::kLong,
+              "magnitude_histogram: prefixes must be int64 [", n, "], got ", prefixes.scalar_type(),
+              " ", prefixes.sizes());
+  const at::Tensor prefixes_cpu = prefixes.to(at::kCPU).contiguous();
+  std::vector<const void*> pointers;
+  for (const at::Tensor& expert : contiguous) pointers.push_back(expert.const_data_ptr());
+  const at::Tensor base_contiguous = base.contiguous();
+  const int64_t bins = int64_t{1} << width;
+  at::Tensor counts = at::zeros({n, bins}, base.options().dtype(at::kLong));
+  const int64_t numel = base.numel();
+  if (numel == 0) return counts;
+
+  const MagnitudeHistogramParams params{base_contiguous.const_data_ptr(),
+                                        pointers.data(),
+                                        n,
+                                        numel,
+                                        kind,
+                                        prefixes_cpu.const_data_ptr<int64_t>(),
+                                        static_cast<int>(shift),
+                                        static_cast<int>(width)};
+  const int64_t blocks = (numel + kBlock - 1) / kBlock;
+  const int threads = at::get_num_threads();
+  std::vector<std::vector<int64_t>> partial(static_cast<size_t>(threads));
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t>& mine = partial[static_cast<size_t>(at::get_thread_num())];
+    if (mine.empty()) mine.assign(static_cast<size_t>(n * bins), 0);
+    magnitude_histogram_cpu(params, begin * kBlock, std::min(numel, end * kBlock), mine.data());
+  });
+  int64_t* out = counts.data_ptr<int64_t>();
+  for (const std::vector<int64_t>& mine : partial) {
+    for (size_t k = 0; k < mine.size(); ++k) out[k] += mine[k];
+  }
+  return counts;
+}
+
+TORCH_LIBRARY_IMPL(r2m_ext, CPU, m) {
+  m.impl("magnitude_histogram", &magnitude_histogram_cpu_entry);
+}
+
+}  // namespace r2m
