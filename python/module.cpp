@@ -33,6 +33,9 @@ TORCH_LIBRARY(r2m_ext, m) {
   m.def(
       "magnitude_histogram(Tensor base, Tensor[] experts, Tensor prefixes, int shift, int width) "
       "-> Tensor");
+  // TIES-Merging in one pass, in float32: base + lam * the disjoint mean of the task vectors
+  // trimmed below thresholds[i] that agree with the elected sign (sums over experts in order).
+  m.def("ties_merge(Tensor base, Tensor[] experts, Tensor thresholds, float lam) -> Tensor");
   // The sketch's Gaussian test matrix, rows x columns float32, a function of (seed, key) alone.
   m.def("sketch_matrix(int seed, int key, int rows, int columns) -> Tensor");
   // Orthonormal basis of the columns of y [..., m, l] with no host synchronisation (the CUDA

@@ -46,6 +46,10 @@ if native_module() is not None:
     def _magnitude_histogram_fake(base, experts, prefixes, shift, width):
         return base.new_empty((len(experts), 1 << width), dtype=torch.int64)
 
+    @torch.library.register_fake("r2m_ext::ties_merge")
+    def _ties_merge_fake(base, experts, thresholds, lam):
+        return base.new_empty(base.shape, dtype=torch.float32)
+
     @torch.library.register_fake("r2m_ext::shifted_cholesky_qr3")
     def _shifted_cholesky_qr3_fake(y):
         return y.new_empty(
@@ -143,6 +147,21 @@ def magnitude_histogram(
             base, list(experts), prefixes, shift, width
         )
     return reference.magnitude_histogram(base, experts, prefixes, shift, width)
+
+
+def ties_merge(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], thresholds: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """TIES-Merging in one pass over the inputs, in float32 (spec §6): per task the entries of
+    experts[i] - base below thresholds[i] (float32 [N]) in magnitude are trimmed, the sign is
+    elected per entry (sum of the trimmed task vectors >= 0: +), and base + lam * the mean of the
+    trimmed entries agreeing with it (0 where none) is returned, float32, base's shape. Sums run
+    over the experts in order, so each element's bits depend on its inputs alone (any thread
+    count, any split into blocks). Native on the CPU; elsewhere the pure-torch reference.
+    """
+    if base.device.type == "cpu" and _native_supports(base, experts):
+        return torch.ops.r2m_ext.ties_merge.default(base, list(experts), thresholds, float(lam))
+    return reference.ties_merge(base, experts, thresholds, lam)
 
 
 def lowrank_accumulate(

@@ -155,3 +155,27 @@ def magnitude_histogram(
         matches = row[(row >> (shift + width)) == int(prefixes[i])]
         counts[i] += torch.bincount((matches >> shift) & (bins - 1), minlength=bins)
     return counts
+
+
+def ties_merge(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], thresholds: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """The oracle of ops.ties_merge, in float32 with the kernel's order of every sum."""
+    b = base.to(torch.float32)
+    limits = thresholds.to(device=b.device, dtype=torch.float32)
+    trimmed = []
+    for i, expert in enumerate(experts):
+        task = expert.to(torch.float32) - b
+        trimmed.append(torch.where(task.abs() >= limits[i], task, torch.zeros_like(task)))
+    total = torch.zeros_like(b)
+    for values in trimmed:
+        total = total + values
+    positive = total >= 0
+    agreeing = torch.zeros_like(b)
+    count = torch.zeros_like(b)
+    for values in trimmed:
+        agrees = torch.where(positive, values > 0, values < 0)
+        agreeing = agreeing + torch.where(agrees, values, torch.zeros_like(values))
+        count = count + agrees.to(torch.float32)
+    mean = agreeing / count.clamp_min(1)
+    return b + torch.tensor(lam, dtype=torch.float32) * mean

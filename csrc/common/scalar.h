@@ -76,6 +76,13 @@ R2M_HOST_DEVICE double widen(double value) { return value; }
 R2M_HOST_DEVICE double widen(BFloat16Bits value) { return bf16_bits_to_float(value.bits); }
 R2M_HOST_DEVICE double widen(Float16Bits value) { return fp16_bits_to_float(value.bits); }
 
+// The float32 value the merge computes with: 16-bit kinds widen exactly, float64 rounds to
+// nearest (as torch's .to(float32) does).
+R2M_HOST_DEVICE float to_float(float value) { return value; }
+R2M_HOST_DEVICE float to_float(double value) { return static_cast<float>(value); }
+R2M_HOST_DEVICE float to_float(BFloat16Bits value) { return bf16_bits_to_float(value.bits); }
+R2M_HOST_DEVICE float to_float(Float16Bits value) { return fp16_bits_to_float(value.bits); }
+
 // Loads element `i` of a buffer of the given kind as a double.
 R2M_HOST_DEVICE double load_as_double(const void* data, ScalarKind kind, int64_t i) {
   switch (kind) {

@@ -9,13 +9,6 @@ namespace {
 // Elements whose float32 inputs are formed at once and reused by every task from the L1 cache.
 constexpr int64_t kChunk = 1024;
 
-// The merge's float32 value of a stored element: 16-bit kinds widen exactly, float64 rounds to
-// nearest (as torch's .to(float32) does before the merge subtracts).
-R2M_HOST_DEVICE float as_float(float value) { return value; }
-R2M_HOST_DEVICE float as_float(double value) { return static_cast<float>(value); }
-R2M_HOST_DEVICE float as_float(BFloat16Bits value) { return bf16_bits_to_float(value.bits); }
-R2M_HOST_DEVICE float as_float(Float16Bits value) { return fp16_bits_to_float(value.bits); }
-
 template <typename In>
 void histogram(const MagnitudeHistogramParams& params, int64_t begin, int64_t end,
                int64_t* counts) {
@@ -26,13 +19,13 @@ void histogram(const MagnitudeHistogramParams& params, int64_t begin, int64_t en
   float base_chunk[kChunk];
   for (int64_t start = begin; start < end; start += kChunk) {
     const int64_t count = std::min(kChunk, end - start);
-    for (int64_t e = 0; e < count; ++e) base_chunk[e] = as_float(base[start + e]);
+    for (int64_t e = 0; e < count; ++e) base_chunk[e] = to_float(base[start + e]);
     for (int64_t i = 0; i < params.n_experts; ++i) {
       const In* expert = static_cast<const In*>(params.experts[i]) + start;
       const uint64_t prefix = static_cast<uint64_t>(params.prefixes[i]);
       int64_t* row = counts + i * bins;
       for (int64_t e = 0; e < count; ++e) {
-        const uint64_t bits = magnitude_bits(as_float(expert[e]), base_chunk[e]);
+        const uint64_t bits = magnitude_bits(to_float(expert[e]), base_chunk[e]);
         // 64-bit: a first pass may ask for every bit above the digit (`above` up to 32).
         if ((bits >> above) == prefix) ++row[(bits >> params.shift) & digit_mask];
       }

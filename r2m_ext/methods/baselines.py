@@ -5,7 +5,7 @@ tensor."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -63,33 +63,85 @@ def _per_task_kth_largest(magnitudes: torch.Tensor, density: float) -> torch.Ten
 _TIES_STACKS = 4
 
 
-def _global_thresholds_native(tensors: TaskTensors, keep: int, label: str) -> torch.Tensor:
-    """The exact float32 thresholds in two passes of ops.magnitude_histogram over the raw inputs,
-    the subtraction and absolute value fused into the counting (no task vector is formed)."""
+# One block of a tensor's raw inputs: (entry, rows, base, [experts]).
+RawBlock = tuple[TensorPlan, "slice | None", torch.Tensor, list[torch.Tensor]]
+
+
+def _histogram_thresholds(
+    tensors: TaskTensors, keep: int, passes: Callable[[int], Iterable[RawBlock]]
+) -> torch.Tensor:
+    """The exact keep-th largest float32 |tau| per task, from two passes of
+    ops.magnitude_histogram (subtraction, absolute value and counting fused; no task vector is
+    formed). `passes(number)` yields the raw blocks of pass `number`. The first pass sees every
+    entry, so it also does the NaN/Inf check of the inputs."""
     selector = KthLargestMagnitude([keep] * tensors.n_experts, torch.float32, collect_limit=-1)
     number = 1
     while not selector.done:
         prefixes, shift, width = selector.histogram_digit()
-        for entry in tensors.pass_over(tensors.body, f"{label} threshold pass {number}"):
-            for rows, base, experts in tensors.raw_blocks(entry, outputs=0):
-                counts = ops.magnitude_histogram(base, experts, prefixes, shift, width)
-                if number == 1:  # the pass that sees every entry checks them for NaN/Inf
-                    proof = torch.full(
-                        (), math.inf if counts_nonfinite(counts, shift, width) else 0
-                    )
-                    tensors.check_finite(entry, rows, proof)
-                selector.add_counts(counts.cpu())
-                del base, experts  # one block at a time (MergeInputs.raw_blocks)
+        for entry, rows, base, experts in passes(number):
+            counts = ops.magnitude_histogram(base, experts, prefixes, shift, width)
+            if number == 1:
+                nonfinite = counts_nonfinite(counts, shift, width)
+                tensors.check_finite(entry, rows, torch.full((), math.inf if nonfinite else 0))
+            selector.add_counts(counts.cpu())
+            del base, experts  # one block at a time (MergeInputs.raw_blocks)
         selector.finish_pass()
         number += 1
     return selector.values()
 
 
+def _raw_blocks_of(tensors: TaskTensors, entries, description: str) -> Iterator[RawBlock]:
+    for entry in tensors.pass_over(entries, description):
+        for rows, base, experts in tensors.raw_blocks(entry):
+            yield entry, rows, base, experts
+
+
+def _fused_ties(tensors: TaskTensors, options: MergeOptions, label: str) -> Merged:
+    """TIES in float32 on native kernels: thresholds by histogram passes over the raw inputs,
+    then one ops.ties_merge pass. Global scope: two threshold passes over the model; per-tensor
+    scope: a tensor that fits whole is read once for its thresholds and its merge."""
+    if options.ties_scope == "global":
+        total = sum(_numel(entry) for entry in tensors.body)
+        keep = max(1, exact_ceil(options.density, total))
+        thresholds = _histogram_thresholds(
+            tensors,
+            keep,
+            lambda number: _raw_blocks_of(
+                tensors, tensors.body, f"{label} threshold pass {number}"
+            ),
+        )
+        # The threshold passes checked every input for NaN/Inf (and TIES may trim a NaN away,
+        # so a finite result would prove nothing).
+        for entry, rows, base, experts in _raw_blocks_of(tensors, tensors.outputs, label):
+            yield entry.name, rows, ops.ties_merge(base, experts, thresholds, options.lam)
+            del base, experts
+        return
+    for entry in tensors.pass_over(tensors.outputs, label):
+        keep = max(1, exact_ceil(options.density, _numel(entry)))
+        blocks = tensors.raw_blocks(entry)
+        rows, base, experts = next(blocks)
+        if rows is None:  # whole: every pass over the same inputs
+            held = [(entry, None, base, experts)]
+            thresholds = _histogram_thresholds(tensors, keep, lambda number, held=held: held)
+            yield entry.name, None, ops.ties_merge(base, experts, thresholds, options.lam)
+            del held, base, experts
+            continue
+        blocks.close()
+        del rows, base, experts
+
+        def tensor_blocks(number: int, entry: TensorPlan = entry) -> Iterator[RawBlock]:
+            for rows, base, experts in tensors.raw_blocks(entry):
+                yield entry, rows, base, experts
+
+        thresholds = _histogram_thresholds(tensors, keep, tensor_blocks)
+        for _, rows, base, experts in tensor_blocks(0):
+            yield entry.name, rows, ops.ties_merge(base, experts, thresholds, options.lam)
+            del base, experts
+
+
 def _global_thresholds(tensors: TaskTensors, options: MergeOptions, sparsify: Sparsify, label):
     total = sum(_numel(entry) for entry in tensors.body)
     keep = max(1, exact_ceil(options.density, total))
-    if sparsify is _keep_all and tensors.compute_dtype == torch.float32:
-        return _global_thresholds_native(tensors, keep, label)
     selector = KthLargestMagnitude([keep] * tensors.n_experts, tensors.compute_dtype)
     number = 1
     while not selector.done:
@@ -148,6 +200,8 @@ def _keep_all(entry: TensorPlan, rows: slice | None, tau: torch.Tensor) -> torch
 
 
 def merge_ties(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
+    if tensors.compute_dtype == torch.float32:
+        return _fused_ties(tensors, options, "TIES")
     return _ties(tensors, options, _keep_all, "TIES")
 
 
