@@ -31,6 +31,8 @@ METHODS = {
     "r2m": ["--method", "r2m"],
     "r2m_exact": ["--method", "r2m", "--svd", "exact"],
     "ties": ["--method", "ties"],
+    "ties_tensor": ["--method", "ties", "--ties-scope", "tensor"],
+    "dare": ["--method", "dare"],
 }
 
 

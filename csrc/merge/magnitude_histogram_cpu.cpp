@@ -1,5 +1,6 @@
 #include <algorithm>
 
+#include "common/cpu_clones.h"
 #include "merge/magnitude_histogram.h"
 
 namespace r2m {
@@ -9,25 +10,35 @@ namespace {
 // Elements whose float32 inputs are formed at once and reused by every task from the L1 cache.
 constexpr int64_t kChunk = 1024;
 
+// Each chunk's bins are computed first, in a loop of integer operations the compiler vectorises
+// (`bins` marks an entry whose prefix does not match), and counted after. The count skips the
+// marked entries with a branch, which is predictable in both passes (the first matches every
+// entry, the second few): counting them in a spare bin made the second pass 50% slower, every
+// increment waiting on the last one to the same counter.
 template <typename In>
-void histogram(const MagnitudeHistogramParams& params, int64_t begin, int64_t end,
-               int64_t* counts) {
+R2M_ALWAYS_INLINE void histogram(const MagnitudeHistogramParams& params, int64_t begin, int64_t end,
+                                 int64_t* counts) {
   const In* base = static_cast<const In*>(params.base);
-  const int64_t bins = int64_t{1} << params.width;
-  const uint32_t digit_mask = static_cast<uint32_t>(bins - 1);
+  const uint32_t bins = uint32_t{1} << params.width;
+  const uint32_t digit_mask = bins - 1;
+  // 64-bit: a first pass asks for every bit above the digit (shift + width up to 32).
   const int above = params.shift + params.width;
   float base_chunk[kChunk];
+  uint32_t bin[kChunk];
   for (int64_t start = begin; start < end; start += kChunk) {
     const int64_t count = std::min(kChunk, end - start);
     for (int64_t e = 0; e < count; ++e) base_chunk[e] = to_float(base[start + e]);
     for (int64_t i = 0; i < params.n_experts; ++i) {
       const In* expert = static_cast<const In*>(params.experts[i]) + start;
       const uint64_t prefix = static_cast<uint64_t>(params.prefixes[i]);
-      int64_t* row = counts + i * bins;
       for (int64_t e = 0; e < count; ++e) {
         const uint64_t bits = magnitude_bits(to_float(expert[e]), base_chunk[e]);
-        // 64-bit: a first pass may ask for every bit above the digit (`above` up to 32).
-        if ((bits >> above) == prefix) ++row[(bits >> params.shift) & digit_mask];
+        const uint32_t digit = static_cast<uint32_t>(bits >> params.shift) & digit_mask;
+        bin[e] = (bits >> above) == prefix ? digit : bins;
+      }
+      int64_t* row = counts + i * bins;
+      for (int64_t e = 0; e < count; ++e) {
+        if (bin[e] != bins) ++row[bin[e]];
       }
     }
   }
@@ -35,8 +46,8 @@ void histogram(const MagnitudeHistogramParams& params, int64_t begin, int64_t en
 
 }  // namespace
 
-void magnitude_histogram_cpu(const MagnitudeHistogramParams& params, int64_t begin, int64_t end,
-                             int64_t* counts) {
+R2M_CPU_CLONES void magnitude_histogram_cpu(const MagnitudeHistogramParams& params, int64_t begin,
+                                            int64_t end, int64_t* counts) {
   switch (params.kind) {
     case ScalarKind::kFloat32:
       return histogram<float>(params, begin, end, counts);

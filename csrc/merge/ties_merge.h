@@ -7,7 +7,6 @@
 // the same for any thread count, block split or device.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 
 #include "common/scalar.h"
@@ -23,29 +22,6 @@ struct TiesMergeParams {
   const float* thresholds;  // n_experts: entries below a task's threshold are trimmed
   float lam;
 };
-
-template <typename In>
-R2M_HOST_DEVICE float ties_merge_element(const TiesMergeParams& params, int64_t e) {
-  const float base = to_float(static_cast<const In*>(params.base)[e]);
-  float sum = 0.0f;
-  for (int64_t i = 0; i < params.n_experts; ++i) {
-    const float task = to_float(static_cast<const In*>(params.experts[i])[e]) - base;
-    sum += std::fabs(task) >= params.thresholds[i] ? task : 0.0f;
-  }
-  const bool positive = sum >= 0.0f;  // false for NaN, as in the torch composition
-  float agreeing = 0.0f;
-  int64_t count = 0;
-  for (int64_t i = 0; i < params.n_experts; ++i) {
-    const float task = to_float(static_cast<const In*>(params.experts[i])[e]) - base;
-    const float trimmed = std::fabs(task) >= params.thresholds[i] ? task : 0.0f;
-    const bool agrees = positive ? trimmed > 0.0f : trimmed < 0.0f;
-    agreeing += agrees ? trimmed : 0.0f;
-    count += agrees ? 1 : 0;
-  }
-  const float mean = agreeing / static_cast<float>(count > 0 ? count : 1);
-  const float scaled = params.lam * mean;  // rounded, then added: never a fused multiply-add
-  return base + scaled;
-}
 
 // Writes elements [begin, end) of the float32 result into out.
 void ties_merge_cpu(const TiesMergeParams& params, int64_t begin, int64_t end, float* out);
