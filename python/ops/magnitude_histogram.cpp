@@ -50,7 +50,12 @@ at::Tensor magnitude_histogram_cpu_entry(const at::Tensor& base, at::TensorList 
                                         prefixes_cpu.const_data_ptr<int64_t>(),
                                         static_cast<int>(shift),
                                         static_cast<int>(width)};
+  int64_t* out = counts.data_ptr<int64_t>();
   const int64_t blocks = (numel + kBlock - 1) / kBlock;
+  if (blocks == 1) {  // a bias or a norm: no thread's histogram to clear (n x 2^width) and add
+    magnitude_histogram_cpu(params, 0, numel, out);
+    return counts;
+  }
   const int threads = at::get_num_threads();
   std::vector<std::vector<int64_t>> partial(static_cast<size_t>(threads));
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -58,7 +63,6 @@ at::Tensor magnitude_histogram_cpu_entry(const at::Tensor& base, at::TensorList 
     if (mine.empty()) mine.assign(static_cast<size_t>(n * bins), 0);
     magnitude_histogram_cpu(params, begin * kBlock, std::min(numel, end * kBlock), mine.data());
   });
-  int64_t* out = counts.data_ptr<int64_t>();
   for (const std::vector<int64_t>& mine : partial) {
     for (size_t k = 0; k < mine.size(); ++k) out[k] += mine[k];
   }
