@@ -236,6 +236,18 @@ def test_ties(models, scope, density):
     assert_matches(merged, numpy_ties(base, experts, density=density, lam=0.9, scope=scope))
 
 
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@pytest.mark.parametrize("density", [0.2, 0.55, 1.0])
+def test_ties_on_the_native_float32_kernels(models, scope, density):
+    # Thresholds by magnitude_histogram, the merge by ties_merge: float32 rounding of the same
+    # selection as the float64 oracle.
+    base, experts = models
+    merged = r2m_ext.merge(base, experts, "ties", density=density, ties_scope=scope, lam=0.9)
+    assert_matches(
+        merged, numpy_ties(base, experts, density=density, lam=0.9, scope=scope), tol=1e-6
+    )
+
+
 def mirrored_experts(dtype, seed):
     """theta_0 + a + d and theta_0 + a - d on one 64 x 32 matrix: the core is ~ a and the residuals
     ~ +d and -d, which cancel in tau_res down to 2e-5-2e-4 of their norms (float64)."""

@@ -167,29 +167,35 @@ TIES_EXPERTS = [
 ]
 
 
-def test_ties_tensor_scope_by_hand():
+# float64 compute runs the pure-torch TIES, float32 the native kernels (ops.ties_merge).
+TIES_COMPUTE = pytest.mark.parametrize("compute,tol", [("float64", 1e-12), ("float32", 1e-6)])
+
+
+@TIES_COMPUTE
+def test_ties_tensor_scope_by_hand(compute, tol):
     # density 0.5, per tensor. a: keep ceil(0.5 * 4) = 2 largest |tau| per task (ties kept):
     #   [3, 0, 0, 2], [-2, 4, 0, 0], [0, -3, 2, -2] (|1|, |3|, |2|, |2|: threshold 2, a tie).
     #   sum [1, 1, 2, 0] -> elected signs +, +, +, + (0 -> +); agreeing means [3, 4, 2, 2].
     # b: keep 1: [10, 0], [0.1, 0.1], [0.1, 0.1] (ties); signs +, +; means [10.2 / 3, 0.1].
     merged = r2m_ext.merge(
-        TIES_BASE, TIES_EXPERTS, "ties", density=0.5, ties_scope="tensor", compute_dtype="float64"
+        TIES_BASE, TIES_EXPERTS, "ties", density=0.5, ties_scope="tensor", compute_dtype=compute
     )
-    torch.testing.assert_close(merged["a"], t([3, 4, 2, 2]), rtol=0, atol=1e-12)
-    torch.testing.assert_close(merged["b"], t([10.2 / 3, 0.1]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(merged["a"], t([3, 4, 2, 2]), rtol=0, atol=tol)
+    torch.testing.assert_close(merged["b"], t([10.2 / 3, 0.1]), rtol=0, atol=tol)
 
 
-def test_ties_global_scope_by_hand():
+@TIES_COMPUTE
+def test_ties_global_scope_by_hand(compute, tol):
     # All 6 entries per task: keep ceil(0.5 * 6) = 3.
     #   task 1: |.| 3, 1, .5, 2, 10, .1 -> threshold 2: a [3, 0, 0, 2], b [10, 0]
     #   task 2: 2, 4, 1, 1, .1, .1 -> threshold 1: a [-2, 4, -1, -1], b [0, 0]
     #   task 3: 1, 3, 2, 2, .1, .1 -> threshold 2: a [0, -3, 2, -2], b [0, 0]
     # a: sum [1, 1, 1, -1] -> +, +, +, -: means [3, 4, 2, -1.5]; b: [10, 0]. lam = 2.
     merged = r2m_ext.merge(
-        TIES_BASE, TIES_EXPERTS, "ties", density=0.5, lam=2.0, compute_dtype="float64"
+        TIES_BASE, TIES_EXPERTS, "ties", density=0.5, lam=2.0, compute_dtype=compute
     )
-    torch.testing.assert_close(merged["a"], 2 * t([3, 4, 2, -1.5]), rtol=0, atol=1e-12)
-    torch.testing.assert_close(merged["b"], 2 * t([10, 0]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(merged["a"], 2 * t([3, 4, 2, -1.5]), rtol=0, atol=tol)
+    torch.testing.assert_close(merged["b"], 2 * t([10, 0]), rtol=0, atol=tol)
 
 
 def test_cart_by_hand():
