@@ -62,6 +62,14 @@ def assert_refused(result, tmp, *fragments):
 
 
 def _make_special(path, kind):
+    """A special file of `kind` at path; the test is skipped where this sandbox may not make one."""
+    try:
+        _make(path, kind)
+    except PermissionError:
+        pytest.skip(f"cannot make a {kind} here")
+
+
+def _make(path, kind):
     if kind == "character device":
         os.mknod(path, 0o644 | stat.S_IFCHR, os.makedev(1, 3))  # a copy of /dev/null
     elif kind == "FIFO":
@@ -84,10 +92,7 @@ def _make_special(path, kind):
 def test_out_that_is_not_a_directory_is_never_replaced(files, kind, overwrite):
     tmp, base, experts, base_path, expert_paths = files
     out = tmp / "out"
-    try:
-        _make_special(out, kind)
-    except PermissionError:
-        pytest.skip(f"cannot make a {kind} here")
+    _make_special(out, kind)
     before = fingerprint(tmp)
     extra = ["--overwrite"] if overwrite else []
     result = run_main(*merge_args(base_path, expert_paths, out, *extra))
@@ -99,10 +104,7 @@ def test_out_that_is_not_a_directory_is_never_replaced(files, kind, overwrite):
 def test_overwrite_onto_a_device_or_fifo_in_a_real_process(files, kind):
     tmp, base, experts, base_path, expert_paths = files
     out = tmp / "out"
-    try:
-        _make_special(out, kind)
-    except PermissionError:
-        pytest.skip(f"cannot make a {kind} here")
+    _make_special(out, kind)
     before = fingerprint(tmp)
     result = run_cli(*merge_args(base_path, expert_paths, out, "--overwrite"))
     assert_refused(result, tmp, f"output {out} is a {kind}")
@@ -311,10 +313,7 @@ def test_files_are_read_by_their_content_not_their_name(files):
 def test_special_files_as_inputs_are_refused_without_blocking(files, kind):
     tmp, base, experts, base_path, expert_paths = files
     special = tmp / "special.safetensors"
-    try:
-        _make_special(special, kind)
-    except PermissionError:
-        pytest.skip(f"cannot make a {kind} here")
+    _make_special(special, kind)
     out = tmp / "out"
     result = run_cli(*merge_args(base_path, [special], out))
     assert_clean_failure(result, out, str(special), f"is a {kind}, not a checkpoint")
