@@ -142,11 +142,17 @@ def magnitude_histogram(
     counts, so the same for any thread count or split of the tensor; row blocks may be summed.
     Native on the CPU; elsewhere the pure-torch reference.
     """
-    if base.device.type == "cpu" and _native_supports(base, experts):
+    if ties_kernels_native(base.device) and _native_supports(base, experts):
         return torch.ops.r2m_ext.magnitude_histogram.default(
             base, list(experts), prefixes, shift, width
         )
     return reference.magnitude_histogram(base, experts, prefixes, shift, width)
+
+
+def ties_kernels_native(device: torch.device | str) -> bool:
+    """Whether magnitude_histogram and ties_merge run as native kernels on `device` (the CPU so
+    far), holding no [N, ...] temporaries."""
+    return torch.device(device).type == "cpu" and native_module() is not None
 
 
 def ties_merge(
@@ -159,7 +165,7 @@ def ties_merge(
     over the experts in order, so each element's bits depend on its inputs alone (any thread
     count, any split into blocks). Native on the CPU; elsewhere the pure-torch reference.
     """
-    if base.device.type == "cpu" and _native_supports(base, experts):
+    if ties_kernels_native(base.device) and _native_supports(base, experts):
         return torch.ops.r2m_ext.ties_merge.default(base, list(experts), thresholds, float(lam))
     return reference.ties_merge(base, experts, thresholds, lam)
 

@@ -200,7 +200,9 @@ def _keep_all(entry: TensorPlan, rows: slice | None, tau: torch.Tensor) -> torch
 
 
 def merge_ties(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
-    if tensors.compute_dtype == torch.float32:
+    # The fused path sizes its blocks for kernels that hold no [N, ...] temporaries: only native
+    # ones do (the ops' pure-torch references would overrun the budget).
+    if tensors.compute_dtype == torch.float32 and ops.ties_kernels_native(tensors.device):
         return _fused_ties(tensors, options, "TIES")
     return _ties(tensors, options, _keep_all, "TIES")
 

@@ -31,6 +31,7 @@ class TaskTensors(Protocol):
     outputs: tuple[TensorPlan, ...]
     n_experts: int
     compute_dtype: torch.dtype
+    device: torch.device  # where the compute-dtype tensors live
     timings: dict[str, float]
 
     def pass_over(self, items: Iterable[TensorPlan], description: str) -> Iterator[TensorPlan]: ...
