@@ -36,6 +36,12 @@ TORCH_LIBRARY(r2m_ext, m) {
   // TIES-Merging in one pass, in float32: base + lam * the disjoint mean of the task vectors
   // trimmed below thresholds[i] that agree with the elected sign (sums over experts in order).
   m.def("ties_merge(Tensor base, Tensor[] experts, Tensor thresholds, float lam) -> Tensor");
+  // DARE with task arithmetic in one pass, in float32: base + lam * sum_i of experts[i] - base
+  // kept where the SplitMix64 uniform of (streams[i], first_index + e) >= drop_rate, rescaled by
+  // 1 / (1 - drop_rate). Also returns 0 when every input is finite, else NaN.
+  m.def(
+      "dare_merge(Tensor base, Tensor[] experts, int[] streams, int first_index, float drop_rate, "
+      "float lam) -> (Tensor, Tensor)");
   // The sketch's Gaussian test matrix, rows x columns float32, a function of (seed, key) alone.
   m.def("sketch_matrix(int seed, int key, int rows, int columns) -> Tensor");
   // Orthonormal basis of the columns of y [..., m, l] with no host synchronisation (the CUDA

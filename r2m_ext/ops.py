@@ -50,6 +50,13 @@ if native_module() is not None:
     def _ties_merge_fake(base, experts, thresholds, lam):
         return base.new_empty(base.shape, dtype=torch.float32)
 
+    @torch.library.register_fake("r2m_ext::dare_merge")
+    def _dare_merge_fake(base, experts, streams, first_index, drop_rate, lam):
+        return (
+            base.new_empty(base.shape, dtype=torch.float32),
+            base.new_empty((), dtype=torch.float32),
+        )
+
     @torch.library.register_fake("r2m_ext::shifted_cholesky_qr3")
     def _shifted_cholesky_qr3_fake(y):
         return y.new_empty(
@@ -150,8 +157,8 @@ def magnitude_histogram(
 
 
 def ties_kernels_native(device: torch.device | str) -> bool:
-    """Whether magnitude_histogram and ties_merge run as native kernels on `device` (the CPU so
-    far), holding no [N, ...] temporaries."""
+    """Whether magnitude_histogram, ties_merge and dare_merge run as native kernels on `device`
+    (the CPU so far), holding no [N, ...] temporaries."""
     return torch.device(device).type == "cpu" and native_module() is not None
 
 
@@ -168,6 +175,33 @@ def ties_merge(
     if ties_kernels_native(base.device) and _native_supports(base, experts):
         return torch.ops.r2m_ext.ties_merge.default(base, list(experts), thresholds, float(lam))
     return reference.ties_merge(base, experts, thresholds, lam)
+
+
+def dare_merge(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    streams: Sequence[int],
+    first_index: int,
+    drop_rate: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DARE with task arithmetic in one pass over the inputs, in float32 (spec §6): entry e of
+    experts[i] - base is kept where the SplitMix64 uniform of (streams[i], first_index + e) is
+    >= drop_rate, rescaled by 1 / (1 - drop_rate); returns base + lam * the sum over the experts
+    in order (float32, base's shape), and a float32 scalar that is 0 when every input is finite
+    and NaN otherwise (dropped entries included). Streams are 64-bit; `first_index` is the
+    tensor's index of base's first element, so a block draws what the whole tensor would.
+    Native on the CPU; elsewhere the pure-torch reference."""
+    if ties_kernels_native(base.device) and _native_supports(base, experts):
+        return torch.ops.r2m_ext.dare_merge.default(
+            base,
+            list(experts),
+            [reference.signed64(s) for s in streams],
+            first_index,
+            float(drop_rate),
+            float(lam),
+        )
+    return reference.dare_merge(base, experts, streams, first_index, drop_rate, lam)
 
 
 def lowrank_accumulate(

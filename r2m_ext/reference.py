@@ -179,3 +179,25 @@ def ties_merge(
         count = count + agrees.to(torch.float32)
     mean = agreeing / count.clamp_min(1)
     return b + torch.tensor(lam, dtype=torch.float32) * mean
+
+
+def dare_merge(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    streams: Sequence[int],
+    first_index: int,
+    drop_rate: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle of ops.dare_merge, in float32 with the kernel's order of the sum."""
+    b = base.to(torch.float32)
+    index = torch.arange(first_index, first_index + b.numel(), dtype=torch.int64).view(b.shape)
+    total = torch.zeros_like(b)
+    probe = torch.zeros((), dtype=torch.float32, device=b.device)
+    for expert, stream in zip(experts, streams, strict=True):
+        task = expert.to(torch.float32) - b
+        probe = probe + (task * 0).sum()
+        kept = splitmix64_uniform(stream, index).to(b.device) >= drop_rate
+        total = total + torch.where(kept, task / (1.0 - drop_rate), torch.zeros_like(task))
+    probe = torch.where(probe.isnan(), probe, torch.zeros_like(probe))
+    return b + torch.tensor(lam, dtype=torch.float32) * total, probe

@@ -569,3 +569,62 @@ def test_magnitude_histogram_opcheck():
         torch.ops.r2m_ext.magnitude_histogram.default,
         (base, experts, torch.zeros(2, dtype=torch.int64), 15, 16),
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_dare_merge_matches_its_oracle_and_draws_blocks_as_the_whole(dtype):
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(200, 33, generator=g).to(dtype)
+    experts = [(base.double() + torch.randn(200, 33, generator=g)).to(dtype) for _ in range(3)]
+    streams = [2**64 - 1, 12345, 2**63 + 7]  # 64-bit streams cross torch's int64 schema
+    merged, probe = ops.dare_merge(base, experts, streams, 0, 0.6, 0.3)
+    want, want_probe = reference.dare_merge(base, experts, streams, 0, 0.6, 0.3)
+    assert torch.equal(merged, want) and float(probe) == 0 and float(want_probe) == 0
+    # Rows 0-89 then 90-199, each told where it starts, draw what the whole tensor draws.
+    parts = [
+        ops.dare_merge(base[rows], [e[rows] for e in experts], streams, rows.start * 33, 0.6, 0.3)
+        for rows in (slice(0, 90), slice(90, 200))
+    ]
+    assert torch.equal(torch.cat([p[0] for p in parts]), merged)
+    # drop_rate 0 keeps everything: base + lam * sum of the task vectors, in float32.
+    kept, _ = ops.dare_merge(base, experts, streams, 0, 0.0, 0.3)
+    b = base.float()
+    total = torch.zeros_like(b)
+    for e in experts:
+        total = total + (e.float() - b)
+    assert torch.equal(kept, b + torch.tensor(0.3) * total)
+
+
+def test_dare_merge_probe_sees_a_nan_even_where_it_is_dropped():
+    base = torch.zeros(1000)
+    experts = [torch.ones(1000), torch.ones(1000)]
+    experts[1][17] = float("nan")
+    for drop_rate in (0.0, 0.999999):
+        merged, probe = ops.dare_merge(base, experts, [1, 2], 0, drop_rate, 1.0)
+        assert probe.isnan()
+        assert reference.dare_merge(base, experts, [1, 2], 0, drop_rate, 1.0)[1].isnan()
+
+
+@needs_native
+def test_dare_merge_is_the_same_for_any_thread_count():
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(4, 200000, generator=g)
+    experts = [base + torch.randn(4, 200000, generator=g) for _ in range(3)]
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(ops.dare_merge(base, experts, [3, 4, 5], 0, 0.9, 0.3)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results)
+
+
+@needs_native
+def test_dare_merge_opcheck():
+    base = torch.randn(6, 5)
+    experts = [torch.randn(6, 5), torch.randn(6, 5)]
+    torch.library.opcheck(
+        torch.ops.r2m_ext.dare_merge.default, (base, experts, [1, -2], 0, 0.5, 0.3)
+    )

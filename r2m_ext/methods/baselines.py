@@ -216,10 +216,32 @@ def dare_keep_mask(
     start, stop = (
         (0, _numel(entry)) if rows is None else (rows.start * row_numel, rows.stop * row_numel)
     )
-    stream = sketch_stream(seed, name_key(f"dare/{task}/{entry.name}", entry.shape))
-    uniform = splitmix64_uniform(stream, torch.arange(start, stop, dtype=torch.int64))
+    uniform = splitmix64_uniform(
+        _dare_stream(seed, entry, task), torch.arange(start, stop, dtype=torch.int64)
+    )
     shape = entry.shape if rows is None else (rows.stop - rows.start, *entry.shape[1:])
     return (uniform >= drop_rate).reshape(shape)
+
+
+def _dare_stream(seed: int, entry: TensorPlan, task: int) -> int:
+    """The SplitMix64 stream of task `task`'s DARE mask on `entry`."""
+    return sketch_stream(seed, name_key(f"dare/{task}/{entry.name}", entry.shape))
+
+
+def _fused_dare(tensors: TaskTensors, options: MergeOptions) -> Merged:
+    """DARE with task arithmetic as one ops.dare_merge pass over the raw inputs; the op's probe
+    checks every input for NaN/Inf, dropped entries included."""
+    for entry in tensors.pass_over(tensors.outputs, "DARE"):
+        streams = [_dare_stream(options.seed, entry, i) for i in range(tensors.n_experts)]
+        row_numel = _numel(entry) // entry.shape[0] if entry.shape else 1
+        for rows, base, experts in tensors.raw_blocks(entry):
+            first = 0 if rows is None else rows.start * row_numel
+            merged, probe = ops.dare_merge(
+                base, experts, streams, first, options.drop_rate, options.lam
+            )
+            tensors.check_finite(entry, rows, probe)
+            yield entry.name, rows, merged
+            del base, experts, merged
 
 
 def merge_dare(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
@@ -234,6 +256,9 @@ def merge_dare(tensors: TaskTensors, options: MergeOptions, report: dict) -> Mer
 
     if options.dare_combine == "ties":
         yield from _ties(tensors, options, sparsify, "DARE-TIES")
+        return
+    if tensors.compute_dtype == torch.float32 and ops.ties_kernels_native(tensors.device):
+        yield from _fused_dare(tensors, options)
         return
     for entry in tensors.pass_over(tensors.outputs, "DARE"):
         for rows, base, experts in tensors.blocks(entry, extra_stacks=3):

@@ -1,0 +1,64 @@
+#include <algorithm>
+
+#include "common/cpu_clones.h"
+#include "merge/dare_merge.h"
+#include "sketch/gaussian.h"
+
+namespace r2m {
+
+namespace {
+
+// Elements handled together: their base and sums stay in the L1 cache while each expert's row
+// streams through once.
+constexpr int64_t kChunk = 256;
+
+template <typename In>
+R2M_ALWAYS_INLINE float dare_merge_typed(const DareMergeParams& params, int64_t begin, int64_t end,
+                                         float* out) {
+  float base[kChunk], total[kChunk];
+  float probe = 0.0f;
+  for (int64_t start = begin; start < end; start += kChunk) {
+    const int64_t n = std::min(kChunk, end - start);
+    const In* base_in = static_cast<const In*>(params.base) + start;
+    for (int64_t e = 0; e < n; ++e) {
+      base[e] = to_float(base_in[e]);
+      total[e] = 0.0f;
+    }
+    for (int64_t i = 0; i < params.n_experts; ++i) {
+      const In* expert = static_cast<const In*>(params.experts[i]) + start;
+      const uint64_t stream = params.streams[i];
+      const uint64_t first = static_cast<uint64_t>(params.first_index + start);
+      for (int64_t e = 0; e < n; ++e) {
+        const float task = to_float(expert[e]) - base[e];
+        probe += task * 0.0f;
+        const bool kept =
+            splitmix64_uniform(stream, first + static_cast<uint64_t>(e)) >= params.drop_rate;
+        total[e] += kept ? task / params.keep_scale : 0.0f;
+      }
+    }
+    for (int64_t e = 0; e < n; ++e) {
+      const float scaled = params.lam * total[e];
+      out[start + e] = base[e] + scaled;
+    }
+  }
+  return probe == 0.0f ? 0.0f : probe;
+}
+
+}  // namespace
+
+R2M_CPU_CLONES float dare_merge_cpu(const DareMergeParams& params, int64_t begin, int64_t end,
+                                    float* out) {
+  switch (params.kind) {
+    case ScalarKind::kFloat32:
+      return dare_merge_typed<float>(params, begin, end, out);
+    case ScalarKind::kFloat64:
+      return dare_merge_typed<double>(params, begin, end, out);
+    case ScalarKind::kBFloat16:
+      return dare_merge_typed<BFloat16Bits>(params, begin, end, out);
+    case ScalarKind::kFloat16:
+      return dare_merge_typed<Float16Bits>(params, begin, end, out);
+  }
+  return 0.0f;
+}
+
+}  // namespace r2m
