@@ -1,0 +1,109 @@
+// Native tests of the torch-free TIES and DARE cores (magnitude_histogram, ties_merge, dare_merge)
+// on hand-computed cases.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "merge/dare_merge.h"
+#include "merge/magnitude_histogram.h"
+#include "merge/ties_merge.h"
+#include "sketch/gaussian.h"
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const char* what) {
+  if (!ok) {
+    std::printf("FAIL %s\n", what);
+    ++failures;
+  }
+}
+
+void histogram_by_hand() {
+  // |1 - 0| has bits 0x3F800000 and |-0.5 - 0| 0x3F000000: their top 16 bits below the sign,
+  // bits [30, 15), are 0x7F00 and 0x7E00. Under the prefix 0x7F00 only 1.0 is left, with low
+  // bits 0.
+  const float base[] = {0.0f, 0.0f};
+  const float expert[] = {1.0f, -0.5f};
+  const void* experts[] = {expert};
+  int64_t prefix = 0;
+  std::vector<int64_t> counts(1 << 16, 0);
+  r2m::MagnitudeHistogramParams params{base,    experts, 1, 2, r2m::ScalarKind::kFloat32,
+                                       &prefix, 15,      16};
+  r2m::magnitude_histogram_cpu(params, 0, 2, counts.data());
+  int64_t total = 0;
+  for (int64_t count : counts) total += count;
+  expect(counts[0x7F00] == 1 && counts[0x7E00] == 1 && total == 2, "histogram high digit");
+  prefix = 0x7F00;
+  std::vector<int64_t> low(1 << 15, 0);
+  params.shift = 0;
+  params.width = 15;
+  r2m::magnitude_histogram_cpu(params, 0, 2, low.data());
+  total = 0;
+  for (int64_t count : low) total += count;
+  expect(low[0] == 1 && total == 1, "histogram low digit under a prefix");
+}
+
+void ties_by_hand() {
+  // Per-tensor TIES at density 0.5 (tests/test_formulas.py): every task's threshold is 2, so
+  // the trimmed vectors are [3, 0, 0, 2], [-2, 4, 0, 0], [0, -3, 2, -2]; sums [1, 1, 2, 0] elect
+  // +, +, +, + (0 counts as +), and the agreeing means are [3, 4, 2, 2].
+  const float base[] = {0, 0, 0, 0};
+  const float e0[] = {3, -1, 0.5f, 2};
+  const float e1[] = {-2, 4, -1, -1};
+  const float e2[] = {1, -3, 2, -2};
+  const void* experts[] = {e0, e1, e2};
+  const float thresholds[] = {2, 2, 2};
+  float out[4];
+  r2m::ties_merge_cpu({base, experts, 3, 4, r2m::ScalarKind::kFloat32, thresholds, 1.0f}, 0, 4,
+                      out);
+  expect(out[0] == 3 && out[1] == 4 && out[2] == 2 && out[3] == 2, "ties_merge by hand");
+}
+
+void dare_by_hand() {
+  // drop_rate 0 keeps every entry: 1 + 0.5 * ((3 - 1) + (5 - 1)) = 4, and the probe is 0.
+  const float base[] = {1};
+  float e0[] = {3};
+  const float e1[] = {5};
+  const void* experts[] = {e0, e1};
+  const uint64_t streams[] = {11, 12};
+  float out[1];
+  r2m::DareMergeParams params{base,    experts, 2,   1,    r2m::ScalarKind::kFloat32,
+                              streams, 0,       0.0, 1.0f, 0.5f};
+  expect(r2m::dare_merge_cpu(params, 0, 1, out) == 0.0f && out[0] == 4.0f, "dare keeps all");
+  // A NaN input shows in the probe even where its entry is dropped (drop_rate near 1).
+  e0[0] = NAN;
+  params.drop_rate = 0.999999;
+  params.keep_scale = static_cast<float>(1.0 - params.drop_rate);
+  expect(std::isnan(r2m::dare_merge_cpu(params, 0, 1, out)), "dare probe sees a dropped NaN");
+  // drop_rate 0.5 on 1000 entries: each is the base (dropped) or base + lam * 2 / 0.5 (kept),
+  // kept exactly where the stream's uniform is >= 0.5.
+  std::vector<float> zeros(1000, 0.0f), ones(1000, 1.0f), merged(1000);
+  const void* one_expert[] = {ones.data()};
+  r2m::DareMergeParams half{zeros.data(), one_expert, 1,   1000, r2m::ScalarKind::kFloat32,
+                            streams,      250,        0.5, 0.5f, 1.0f};
+  r2m::dare_merge_cpu(half, 0, 1000, merged.data());
+  int kept = 0;
+  for (int e = 0; e < 1000; ++e) {
+    const bool want = r2m::splitmix64_uniform(streams[0], 250 + e) >= 0.5;
+    expect(merged[e] == (want ? 2.0f : 0.0f), "dare mask by element index");
+    kept += want ? 1 : 0;
+  }
+  expect(kept > 400 && kept < 600, "dare keeps about half");
+}
+
+}  // namespace
+
+int main() {
+  histogram_by_hand();
+  ties_by_hand();
+  dare_by_hand();
+  if (failures != 0) {
+    std::printf("%d native check(s) failed\n", failures);
+    return EXIT_FAILURE;
+  }
+  std::printf("native TIES and DARE checks passed\n");
+  return EXIT_SUCCESS;
+}
