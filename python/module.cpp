@@ -31,11 +31,15 @@ TORCH_LIBRARY(r2m_ext, m) {
   // patterns of |experts[i] - base| among the entries whose higher bits equal prefixes[i]: one
   // pass of an exact radix select of the k-th largest magnitude.
   m.def(
-      "magnitude_histogram(Tensor base, Tensor[] experts, Tensor prefixes, int shift, int width) "
-      "-> Tensor");
+      "magnitude_histogram(Tensor base, Tensor[] experts, Tensor prefixes, int shift, int width, "
+      "int[] dare_streams=[], int first_index=0, float drop_rate=0.) -> Tensor");
   // TIES-Merging in one pass, in float32: base + lam * the disjoint mean of the task vectors
   // trimmed below thresholds[i] that agree with the elected sign (sums over experts in order).
-  m.def("ties_merge(Tensor base, Tensor[] experts, Tensor thresholds, float lam) -> Tensor");
+  // With dare_streams (one per expert), on the task vectors after DARE's mask (DARE-TIES); so
+  // does magnitude_histogram.
+  m.def(
+      "ties_merge(Tensor base, Tensor[] experts, Tensor thresholds, float lam, "
+      "int[] dare_streams=[], int first_index=0, float drop_rate=0.) -> Tensor");
   // DARE with task arithmetic in one pass, in float32: base + lam * sum_i of experts[i] - base
   // kept where the SplitMix64 uniform of (streams[i], first_index + e) >= drop_rate, rescaled by
   // 1 / (1 - drop_rate). Also returns 0 when every input is finite, else NaN.

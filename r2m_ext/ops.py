@@ -9,6 +9,7 @@ import torch
 
 from r2m_ext import reference
 from r2m_ext._backend import native_module
+from r2m_ext.reference import DareMask
 
 _NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -43,11 +44,15 @@ if native_module() is not None:
         return None
 
     @torch.library.register_fake("r2m_ext::magnitude_histogram")
-    def _magnitude_histogram_fake(base, experts, prefixes, shift, width):
+    def _magnitude_histogram_fake(
+        base, experts, prefixes, shift, width, dare_streams=(), first_index=0, drop_rate=0.0
+    ):
         return base.new_empty((len(experts), 1 << width), dtype=torch.int64)
 
     @torch.library.register_fake("r2m_ext::ties_merge")
-    def _ties_merge_fake(base, experts, thresholds, lam):
+    def _ties_merge_fake(
+        base, experts, thresholds, lam, dare_streams=(), first_index=0, drop_rate=0.0
+    ):
         return base.new_empty(base.shape, dtype=torch.float32)
 
     @torch.library.register_fake("r2m_ext::dare_merge")
@@ -139,6 +144,7 @@ def magnitude_histogram(
     prefixes: torch.Tensor,
     shift: int,
     width: int,
+    dare: DareMask | None = None,
 ) -> torch.Tensor:
     """One pass of an exact radix select of the k-th largest |experts[i] - base| per task.
 
@@ -147,13 +153,14 @@ def magnitude_histogram(
     value. Returns int64 counts [N, 2^width]: for task i, of the digit bits[shift, shift + width)
     among the entries whose bits above shift + width equal prefixes[i] (int64 [N]). Integer
     counts, so the same for any thread count or split of the tensor; row blocks may be summed.
-    Native on the CPU; elsewhere the pure-torch reference.
+    With `dare`, the task vectors after DARE's mask (DARE-TIES). Native on the CPU; elsewhere
+    the pure-torch reference.
     """
     if ties_kernels_native(base.device) and _native_supports(base, experts):
         return torch.ops.r2m_ext.magnitude_histogram.default(
-            base, list(experts), prefixes, shift, width
+            base, list(experts), prefixes, shift, width, *_dare_arguments(dare)
         )
-    return reference.magnitude_histogram(base, experts, prefixes, shift, width)
+    return reference.magnitude_histogram(base, experts, prefixes, shift, width, dare)
 
 
 def ties_kernels_native(device: torch.device | str) -> bool:
@@ -163,45 +170,47 @@ def ties_kernels_native(device: torch.device | str) -> bool:
 
 
 def ties_merge(
-    base: torch.Tensor, experts: Sequence[torch.Tensor], thresholds: torch.Tensor, lam: float
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    thresholds: torch.Tensor,
+    lam: float,
+    dare: DareMask | None = None,
 ) -> torch.Tensor:
     """TIES-Merging in one pass over the inputs, in float32 (spec §6): per task the entries of
     experts[i] - base below thresholds[i] (float32 [N]) in magnitude are trimmed, the sign is
     elected per entry (sum of the trimmed task vectors >= 0: +), and base + lam * the mean of the
     trimmed entries agreeing with it (0 where none) is returned, float32, base's shape. Sums run
     over the experts in order, so each element's bits depend on its inputs alone (any thread
-    count, any split into blocks). Native on the CPU; elsewhere the pure-torch reference.
+    count, any split into blocks). With `dare`, on the task vectors after DARE's mask
+    (DARE-TIES). Native on the CPU; elsewhere the pure-torch reference.
     """
     if ties_kernels_native(base.device) and _native_supports(base, experts):
-        return torch.ops.r2m_ext.ties_merge.default(base, list(experts), thresholds, float(lam))
-    return reference.ties_merge(base, experts, thresholds, lam)
+        return torch.ops.r2m_ext.ties_merge.default(
+            base, list(experts), thresholds, float(lam), *_dare_arguments(dare)
+        )
+    return reference.ties_merge(base, experts, thresholds, lam, dare)
 
 
 def dare_merge(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    streams: Sequence[int],
-    first_index: int,
-    drop_rate: float,
-    lam: float,
+    base: torch.Tensor, experts: Sequence[torch.Tensor], dare: DareMask, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DARE with task arithmetic in one pass over the inputs, in float32 (spec §6): entry e of
-    experts[i] - base is kept where the SplitMix64 uniform of (streams[i], first_index + e) is
-    >= drop_rate, rescaled by 1 / (1 - drop_rate); returns base + lam * the sum over the experts
-    in order (float32, base's shape), and a float32 scalar that is 0 when every input is finite
-    and NaN otherwise (dropped entries included). Streams are 64-bit; `first_index` is the
-    tensor's index of base's first element, so a block draws what the whole tensor would.
-    Native on the CPU; elsewhere the pure-torch reference."""
+    """DARE with task arithmetic in one pass over the inputs, in float32 (spec §6): the task
+    vectors experts[i] - base after DARE's mask (`dare`), summed over the experts in order;
+    returns base + lam * that sum (float32, base's shape), and a float32 scalar that is 0 when
+    every input is finite and NaN otherwise (dropped entries included). Native on the CPU;
+    elsewhere the pure-torch reference."""
     if ties_kernels_native(base.device) and _native_supports(base, experts):
         return torch.ops.r2m_ext.dare_merge.default(
-            base,
-            list(experts),
-            [reference.signed64(s) for s in streams],
-            first_index,
-            float(drop_rate),
-            float(lam),
+            base, list(experts), *_dare_arguments(dare), float(lam)
         )
-    return reference.dare_merge(base, experts, streams, first_index, drop_rate, lam)
+    return reference.dare_merge(base, experts, dare, lam)
+
+
+def _dare_arguments(dare: DareMask | None) -> tuple[list[int], int, float]:
+    """A DareMask as the ops' (dare_streams, first_index, drop_rate): 64-bit streams as int64."""
+    if dare is None:
+        return [], 0, 0.0
+    return [reference.signed64(s) for s in dare.streams], dare.first_index, float(dare.drop_rate)
 
 
 def lowrank_accumulate(

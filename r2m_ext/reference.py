@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -139,15 +140,43 @@ def randomized_svd(
     return (q @ u_small)[..., :kept], s[..., :kept], vh[..., :kept, :].mT
 
 
+@dataclass(frozen=True)
+class DareMask:
+    """DARE's mask on a block of a tensor: entry `index` of task i is kept where the SplitMix64
+    uniform of (streams[i], index) >= drop_rate, then rescaled by 1 / (1 - drop_rate); the block
+    starts at the tensor's element `first_index`."""
+
+    streams: tuple[int, ...]  # 64-bit, one per expert
+    first_index: int
+    drop_rate: float
+
+
+def _masked_tasks(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], dare: DareMask | None
+) -> list[torch.Tensor]:
+    """The float32 task vectors of a block, after DARE's mask when one is given."""
+    b = base.to(torch.float32)
+    tasks = [expert.to(torch.float32) - b for expert in experts]
+    if dare is None:
+        return tasks
+    index = torch.arange(dare.first_index, dare.first_index + b.numel(), dtype=torch.int64)
+    masked = []
+    for task, stream in zip(tasks, dare.streams, strict=True):
+        kept = (splitmix64_uniform(stream, index) >= dare.drop_rate).view(b.shape).to(b.device)
+        masked.append(torch.where(kept, task / (1.0 - dare.drop_rate), torch.zeros_like(task)))
+    return masked
+
+
 def magnitude_histogram(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
     prefixes: torch.Tensor,
     shift: int,
     width: int,
+    dare: DareMask | None = None,
 ) -> torch.Tensor:
     """The oracle of ops.magnitude_histogram: bincount of the float32 magnitude bit patterns."""
-    tau = torch.stack([e.to(torch.float32) for e in experts]) - base.to(torch.float32)
+    tau = torch.stack(_masked_tasks(base, experts, dare))
     bits = (tau.reshape(len(experts), -1).view(torch.int32).long()) & 0x7FFFFFFF
     bins = 1 << width
     counts = torch.zeros(len(experts), bins, dtype=torch.int64, device=base.device)
@@ -158,14 +187,17 @@ def magnitude_histogram(
 
 
 def ties_merge(
-    base: torch.Tensor, experts: Sequence[torch.Tensor], thresholds: torch.Tensor, lam: float
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    thresholds: torch.Tensor,
+    lam: float,
+    dare: DareMask | None = None,
 ) -> torch.Tensor:
     """The oracle of ops.ties_merge, in float32 with the kernel's order of every sum."""
     b = base.to(torch.float32)
     limits = thresholds.to(device=b.device, dtype=torch.float32)
     trimmed = []
-    for i, expert in enumerate(experts):
-        task = expert.to(torch.float32) - b
+    for i, task in enumerate(_masked_tasks(base, experts, dare)):
         trimmed.append(torch.where(task.abs() >= limits[i], task, torch.zeros_like(task)))
     total = torch.zeros_like(b)
     for values in trimmed:
@@ -182,22 +214,15 @@ def ties_merge(
 
 
 def dare_merge(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    streams: Sequence[int],
-    first_index: int,
-    drop_rate: float,
-    lam: float,
+    base: torch.Tensor, experts: Sequence[torch.Tensor], dare: DareMask, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The oracle of ops.dare_merge, in float32 with the kernel's order of the sum."""
     b = base.to(torch.float32)
-    index = torch.arange(first_index, first_index + b.numel(), dtype=torch.int64).view(b.shape)
-    total = torch.zeros_like(b)
     probe = torch.zeros((), dtype=torch.float32, device=b.device)
-    for expert, stream in zip(experts, streams, strict=True):
-        task = expert.to(torch.float32) - b
-        probe = probe + (task * 0).sum()
-        kept = splitmix64_uniform(stream, index).to(b.device) >= drop_rate
-        total = total + torch.where(kept, task / (1.0 - drop_rate), torch.zeros_like(task))
+    for expert in experts:
+        probe = probe + ((expert.to(torch.float32) - b) * 0).sum()
+    total = torch.zeros_like(b)
+    for task in _masked_tasks(base, experts, dare):
+        total = total + task
     probe = torch.where(probe.isnan(), probe, torch.zeros_like(probe))
     return b + torch.tensor(lam, dtype=torch.float32) * total, probe

@@ -241,16 +241,20 @@ def test_dare_by_hand():
     assert torch.equal(x, again) and not torch.equal(x, other)
 
 
-def test_dare_on_the_native_float32_kernel_is_the_float64_merge_rounded():
-    # float32 DARE runs ops.dare_merge, float64 the pure-torch masks and sum: the same masks.
+@pytest.mark.parametrize(
+    "combine,extra",
+    [("task_arithmetic", {}), ("ties", {"density": 0.4}), ("ties", {"ties_scope": "tensor"})],
+)
+def test_dare_on_the_native_float32_kernels_is_the_float64_merge_rounded(combine, extra):
+    # float32 DARE runs ops.dare_merge (DARE-TIES: magnitude_histogram and ties_merge under the
+    # mask), float64 the pure-torch masks and sums: the same masks, the same selection.
     g = torch.Generator().manual_seed(7)
     base = {"w": torch.randn(300, 40, generator=g, dtype=F64), "b": torch.randn(40, dtype=F64)}
     experts = [{k: v + torch.randn(v.shape, generator=g, dtype=F64) for k, v in base.items()}]
     experts.append({k: v - 0.5 for k, v in experts[0].items()})
-    fused = r2m_ext.merge(base, experts, "dare", drop_rate=0.8, lam=0.5, seed=9)
-    exact = r2m_ext.merge(
-        base, experts, "dare", drop_rate=0.8, lam=0.5, seed=9, compute_dtype="float64"
-    )
+    options = {"drop_rate": 0.8, "lam": 0.5, "seed": 9, "dare_combine": combine, **extra}
+    fused = r2m_ext.merge(base, experts, "dare", **options)
+    exact = r2m_ext.merge(base, experts, "dare", compute_dtype="float64", **options)
     for name in base:
         torch.testing.assert_close(fused[name], exact[name], rtol=1e-6, atol=1e-6)
 

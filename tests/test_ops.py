@@ -9,6 +9,7 @@ import torch
 
 from r2m_ext import ops, reference
 from r2m_ext._backend import native_module
+from r2m_ext.reference import DareMask
 
 NATIVE = native_module() is not None
 NAME_KEY_PIN = 2046361011703837434
@@ -577,17 +578,19 @@ def test_dare_merge_matches_its_oracle_and_draws_blocks_as_the_whole(dtype):
     base = torch.randn(200, 33, generator=g).to(dtype)
     experts = [(base.double() + torch.randn(200, 33, generator=g)).to(dtype) for _ in range(3)]
     streams = [2**64 - 1, 12345, 2**63 + 7]  # 64-bit streams cross torch's int64 schema
-    merged, probe = ops.dare_merge(base, experts, streams, 0, 0.6, 0.3)
-    want, want_probe = reference.dare_merge(base, experts, streams, 0, 0.6, 0.3)
+    merged, probe = ops.dare_merge(base, experts, DareMask(streams, 0, 0.6), 0.3)
+    want, want_probe = reference.dare_merge(base, experts, DareMask(streams, 0, 0.6), 0.3)
     assert torch.equal(merged, want) and float(probe) == 0 and float(want_probe) == 0
     # Rows 0-89 then 90-199, each told where it starts, draw what the whole tensor draws.
     parts = [
-        ops.dare_merge(base[rows], [e[rows] for e in experts], streams, rows.start * 33, 0.6, 0.3)
+        ops.dare_merge(
+            base[rows], [e[rows] for e in experts], DareMask(streams, rows.start * 33, 0.6), 0.3
+        )
         for rows in (slice(0, 90), slice(90, 200))
     ]
     assert torch.equal(torch.cat([p[0] for p in parts]), merged)
     # drop_rate 0 keeps everything: base + lam * sum of the task vectors, in float32.
-    kept, _ = ops.dare_merge(base, experts, streams, 0, 0.0, 0.3)
+    kept, _ = ops.dare_merge(base, experts, DareMask(streams, 0, 0.0), 0.3)
     b = base.float()
     total = torch.zeros_like(b)
     for e in experts:
@@ -600,9 +603,9 @@ def test_dare_merge_probe_sees_a_nan_even_where_it_is_dropped():
     experts = [torch.ones(1000), torch.ones(1000)]
     experts[1][17] = float("nan")
     for drop_rate in (0.0, 0.999999):
-        merged, probe = ops.dare_merge(base, experts, [1, 2], 0, drop_rate, 1.0)
+        merged, probe = ops.dare_merge(base, experts, DareMask((1, 2), 0, drop_rate), 1.0)
         assert probe.isnan()
-        assert reference.dare_merge(base, experts, [1, 2], 0, drop_rate, 1.0)[1].isnan()
+        assert reference.dare_merge(base, experts, DareMask((1, 2), 0, drop_rate), 1.0)[1].isnan()
 
 
 @needs_native
@@ -615,7 +618,7 @@ def test_dare_merge_is_the_same_for_any_thread_count():
         results = []
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            results.append(ops.dare_merge(base, experts, [3, 4, 5], 0, 0.9, 0.3)[0])
+            results.append(ops.dare_merge(base, experts, DareMask((3, 4, 5), 0, 0.9), 0.3)[0])
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(r, results[0]) for r in results)
@@ -628,3 +631,32 @@ def test_dare_merge_opcheck():
     torch.library.opcheck(
         torch.ops.r2m_ext.dare_merge.default, (base, experts, [1, -2], 0, 0.5, 0.3)
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dare_masked_histogram_and_ties_merge_match_their_oracles(dtype):
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(150, 40, generator=g).to(dtype)
+    experts = [(base.double() + torch.randn(150, 40, generator=g)).to(dtype) for _ in range(3)]
+    mask = DareMask((5, 2**64 - 3, 77), 40 * 10, 0.7)
+    prefixes = torch.zeros(3, dtype=torch.int64)
+    counts = ops.magnitude_histogram(base, experts, prefixes, 15, 16, mask)
+    assert torch.equal(counts, reference.magnitude_histogram(base, experts, prefixes, 15, 16, mask))
+    # Dropped entries count as magnitude 0: about 70% of each task's entries in digit 0.
+    zeros = counts[:, 0].double() / base.numel()
+    assert bool(((zeros > 0.6) & (zeros < 0.8)).all()), zeros
+    thresholds = torch.tensor([0.5, 1.0, 0.0])
+    merged = ops.ties_merge(base, experts, thresholds, 0.9, mask)
+    assert torch.equal(merged, reference.ties_merge(base, experts, thresholds, 0.9, mask))
+    # With the mask's kept entries and rescale spelled out, TIES of the unmasked kernel.
+    index = torch.arange(400, 400 + base.numel())
+    masked = [
+        torch.where(
+            (reference.splitmix64_uniform(s, index) >= 0.7).view(base.shape),
+            base.float() + (e.float() - base.float()) / (1.0 - 0.7),
+            base.float(),
+        )
+        for s, e in zip(mask.streams, experts, strict=True)
+    ]
+    unmasked = ops.ties_merge(base.float(), masked, thresholds, 0.9)
+    torch.testing.assert_close(merged, unmasked, rtol=1e-6, atol=1e-6)

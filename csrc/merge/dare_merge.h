@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common/scalar.h"
+#include "merge/dare_mask.h"
 
 namespace r2m {
 
@@ -18,10 +19,7 @@ struct DareMergeParams {
   int64_t n_experts;
   int64_t numel;
   ScalarKind kind;
-  const uint64_t* streams;  // n_experts: each task's mask stream
-  int64_t first_index;      // the tensor's element index of this block's first element
-  double drop_rate;
-  float keep_scale;  // 1 - drop_rate, rounded to float32 as the task vectors are divided by it
+  DareMask mask;  // its streams are required here
   float lam;
 };
 

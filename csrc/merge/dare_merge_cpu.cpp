@@ -2,7 +2,6 @@
 
 #include "common/cpu_clones.h"
 #include "merge/dare_merge.h"
-#include "sketch/gaussian.h"
 
 namespace r2m {
 
@@ -26,14 +25,11 @@ R2M_ALWAYS_INLINE float dare_merge_typed(const DareMergeParams& params, int64_t 
     }
     for (int64_t i = 0; i < params.n_experts; ++i) {
       const In* expert = static_cast<const In*>(params.experts[i]) + start;
-      const uint64_t stream = params.streams[i];
-      const uint64_t first = static_cast<uint64_t>(params.first_index + start);
+      const uint64_t first = static_cast<uint64_t>(params.mask.first_index + start);
       for (int64_t e = 0; e < n; ++e) {
         const float task = to_float(expert[e]) - base[e];
         probe += task * 0.0f;
-        const bool kept =
-            splitmix64_uniform(stream, first + static_cast<uint64_t>(e)) >= params.drop_rate;
-        total[e] += kept ? task / params.keep_scale : 0.0f;
+        total[e] += dare_masked(params.mask, i, first + static_cast<uint64_t>(e), task);
       }
     }
     for (int64_t e = 0; e < n; ++e) {

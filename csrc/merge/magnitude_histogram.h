@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common/scalar.h"
+#include "merge/dare_mask.h"
 
 namespace r2m {
 
@@ -20,12 +21,12 @@ struct MagnitudeHistogramParams {
   ScalarKind kind;
   const int64_t* prefixes;  // n_experts: the known high bits (bits >> (shift + width)) per task
   int shift;
-  int width;  // bits per digit, 1..16: 2^width bins per task
+  int width;      // bits per digit, 1..16: 2^width bins per task
+  DareMask mask;  // DARE-TIES: the task vectors after DARE's mask (streams nullptr: none)
 };
 
-// The float32 bit pattern of |expert - base| computed in float32: the sign bit cleared.
-R2M_HOST_DEVICE uint32_t magnitude_bits(float expert, float base) {
-  const float difference = expert - base;
+// The float32 bit pattern of |difference|: the sign bit cleared.
+R2M_HOST_DEVICE uint32_t magnitude_bits(float difference) {
   uint32_t bits;
 #if defined(__CUDA_ARCH__)
   bits = __float_as_uint(difference);

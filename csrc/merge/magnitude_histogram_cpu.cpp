@@ -31,8 +31,13 @@ R2M_ALWAYS_INLINE void histogram(const MagnitudeHistogramParams& params, int64_t
     for (int64_t i = 0; i < params.n_experts; ++i) {
       const In* expert = static_cast<const In*>(params.experts[i]) + start;
       const uint64_t prefix = static_cast<uint64_t>(params.prefixes[i]);
+      const uint64_t first = static_cast<uint64_t>(params.mask.first_index + start);
       for (int64_t e = 0; e < count; ++e) {
-        const uint64_t bits = magnitude_bits(to_float(expert[e]), base_chunk[e]);
+        float task = to_float(expert[e]) - base_chunk[e];
+        if (params.mask.streams != nullptr) {
+          task = dare_masked(params.mask, i, first + static_cast<uint64_t>(e), task);
+        }
+        const uint64_t bits = magnitude_bits(task);
         const uint32_t digit = static_cast<uint32_t>(bits >> params.shift) & digit_mask;
         bin[e] = (bits >> above) == prefix ? digit : bins;
       }

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "common/scalar.h"
+#include "merge/dare_mask.h"
 
 namespace r2m {
 
@@ -21,6 +22,7 @@ struct TiesMergeParams {
   ScalarKind kind;
   const float* thresholds;  // n_experts: entries below a task's threshold are trimmed
   float lam;
+  DareMask mask;  // DARE-TIES: the task vectors after DARE's mask (streams nullptr: none)
 };
 
 // Writes elements [begin, end) of the float32 result into out.

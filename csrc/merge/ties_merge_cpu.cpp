@@ -30,6 +30,14 @@ R2M_ALWAYS_INLINE float float_of(uint32_t bits) {
 // All-ones where `condition`, else zero.
 R2M_ALWAYS_INLINE uint32_t mask_of(bool condition) { return 0u - static_cast<uint32_t>(condition); }
 
+// Task `i`'s value at element `e`: the difference, or with a DARE mask what the mask leaves.
+R2M_ALWAYS_INLINE float task_value(const TiesMergeParams& params, int64_t i, int64_t e,
+                                   float difference) {
+  if (params.mask.streams == nullptr) return difference;
+  return dare_masked(params.mask, i, static_cast<uint64_t>(params.mask.first_index + e),
+                     difference);
+}
+
 // Every choice below is made on bit patterns with integer compares and masks: a float compare
 // may raise an exception flag, so without -fno-trapping-math the compiler keeps each one a branch
 // and vectorises none of these loops (35x slower than combine). The float arithmetic (the
@@ -52,7 +60,7 @@ R2M_ALWAYS_INLINE void ties_merge_typed(const TiesMergeParams& params, int64_t b
       const In* expert = static_cast<const In*>(params.experts[i]) + start;
       const uint32_t threshold = bits_of(params.thresholds[i]);  // >= 0
       for (int64_t e = 0; e < n; ++e) {
-        const float task = to_float(expert[e]) - base[e];
+        const float task = task_value(params, i, start + e, to_float(expert[e]) - base[e]);
         const uint32_t magnitude = bits_of(task) & ~kSignBit;
         // |task| >= threshold, false for NaN: non-negative floats order like their bits.
         const uint32_t kept = mask_of(magnitude >= threshold && magnitude <= kInfBits);
@@ -63,7 +71,7 @@ R2M_ALWAYS_INLINE void ties_merge_typed(const TiesMergeParams& params, int64_t b
       const In* expert = static_cast<const In*>(params.experts[i]) + start;
       const uint32_t threshold = bits_of(params.thresholds[i]);
       for (int64_t e = 0; e < n; ++e) {
-        const float task = to_float(expert[e]) - base[e];
+        const float task = task_value(params, i, start + e, to_float(expert[e]) - base[e]);
         const uint32_t magnitude = bits_of(task) & ~kSignBit;
         const uint32_t trimmed =
             bits_of(task) & mask_of(magnitude >= threshold && magnitude <= kInfBits);

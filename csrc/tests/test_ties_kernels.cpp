@@ -30,8 +30,9 @@ void histogram_by_hand() {
   const void* experts[] = {expert};
   int64_t prefix = 0;
   std::vector<int64_t> counts(1 << 16, 0);
-  r2m::MagnitudeHistogramParams params{base,    experts, 1, 2, r2m::ScalarKind::kFloat32,
-                                       &prefix, 15,      16};
+  const r2m::DareMask no_mask{nullptr, 0, 0.0, 1.0f};
+  r2m::MagnitudeHistogramParams params{base,    experts, 1,  2,      r2m::ScalarKind::kFloat32,
+                                       &prefix, 15,      16, no_mask};
   r2m::magnitude_histogram_cpu(params, 0, 2, counts.data());
   int64_t total = 0;
   for (int64_t count : counts) total += count;
@@ -57,8 +58,9 @@ void ties_by_hand() {
   const void* experts[] = {e0, e1, e2};
   const float thresholds[] = {2, 2, 2};
   float out[4];
-  r2m::ties_merge_cpu({base, experts, 3, 4, r2m::ScalarKind::kFloat32, thresholds, 1.0f}, 0, 4,
-                      out);
+  const r2m::DareMask no_mask{nullptr, 0, 0.0, 1.0f};
+  r2m::ties_merge_cpu({base, experts, 3, 4, r2m::ScalarKind::kFloat32, thresholds, 1.0f, no_mask},
+                      0, 4, out);
   expect(out[0] == 3 && out[1] == 4 && out[2] == 2 && out[3] == 2, "ties_merge by hand");
 }
 
@@ -75,15 +77,16 @@ void dare_by_hand() {
   expect(r2m::dare_merge_cpu(params, 0, 1, out) == 0.0f && out[0] == 4.0f, "dare keeps all");
   // A NaN input shows in the probe even where its entry is dropped (drop_rate near 1).
   e0[0] = NAN;
-  params.drop_rate = 0.999999;
-  params.keep_scale = static_cast<float>(1.0 - params.drop_rate);
+  params.mask.drop_rate = 0.999999;
+  params.mask.keep_scale = static_cast<float>(1.0 - params.mask.drop_rate);
   expect(std::isnan(r2m::dare_merge_cpu(params, 0, 1, out)), "dare probe sees a dropped NaN");
   // drop_rate 0.5 on 1000 entries: each is the base (dropped) or base + lam * 2 / 0.5 (kept),
   // kept exactly where the stream's uniform is >= 0.5.
   std::vector<float> zeros(1000, 0.0f), ones(1000, 1.0f), merged(1000);
   const void* one_expert[] = {ones.data()};
-  r2m::DareMergeParams half{zeros.data(), one_expert, 1,   1000, r2m::ScalarKind::kFloat32,
-                            streams,      250,        0.5, 0.5f, 1.0f};
+  r2m::DareMergeParams half{
+      zeros.data(), one_expert, 1, 1000, r2m::ScalarKind::kFloat32, {streams, 250, 0.5, 0.5f},
+      1.0f};
   r2m::dare_merge_cpu(half, 0, 1000, merged.data());
   int kept = 0;
   for (int e = 0; e < 1000; ++e) {

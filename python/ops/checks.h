@@ -5,7 +5,10 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
 #include <vector>
+
+#include "merge/dare_mask.h"
 
 namespace r2m {
 
@@ -54,6 +57,22 @@ inline void check_combine_arguments(const at::Tensor& weights, int64_t n_experts
               "combine: compute_dtype must be float32 or float64, got ", compute_dtype);
   TORCH_CHECK(at::isFloatingType(out_dtype), "combine: out_dtype must be floating, got ",
               out_dtype);
+}
+
+// DARE's mask from an op's optional arguments: no streams, no mask; else one stream per expert.
+// `bits` keeps the streams alive while kernels use the mask.
+inline DareMask checked_dare_mask(const char* op, at::IntArrayRef streams, int64_t first_index,
+                                  double drop_rate, int64_t n_experts,
+                                  std::vector<uint64_t>& bits) {
+  if (streams.empty()) return DareMask{nullptr, 0, 0.0, 1.0f};
+  TORCH_CHECK(static_cast<int64_t>(streams.size()) == n_experts, op,
+              ": needs one DARE stream per expert (", n_experts, "), got ", streams.size());
+  TORCH_CHECK(drop_rate >= 0.0 && drop_rate < 1.0, op, ": drop_rate must be in [0, 1), got ",
+              drop_rate);
+  TORCH_CHECK(first_index >= 0, op, ": first_index must be >= 0, got ", first_index);
+  bits.clear();
+  for (int64_t stream : streams) bits.push_back(static_cast<uint64_t>(stream));
+  return DareMask{bits.data(), first_index, drop_rate, static_cast<float>(1.0 - drop_rate)};
 }
 
 }  // namespace r2m

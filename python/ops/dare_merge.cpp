@@ -31,28 +31,18 @@ std::tuple<at::Tensor, at::Tensor> dare_merge_cpu_entry(const at::Tensor& base,
   TORCH_CHECK(base.device().is_cpu(), "dare_merge (CPU): base is on ", base.device());
   const ScalarKind kind = scalar_kind_of(base, "dare_merge", "base");
   const int64_t n = static_cast<int64_t>(experts.size());
-  TORCH_CHECK(static_cast<int64_t>(streams.size()) == n,
-              "dare_merge: needs one stream per expert (", n, "), got ", streams.size());
-  TORCH_CHECK(drop_rate >= 0.0 && drop_rate < 1.0, "dare_merge: drop_rate must be in [0, 1), got ",
-              drop_rate);
-  TORCH_CHECK(first_index >= 0, "dare_merge: first_index must be >= 0, got ", first_index);
+  TORCH_CHECK(!streams.empty(), "dare_merge: needs one stream per expert, got none");
   std::vector<uint64_t> stream_bits;
-  for (int64_t stream : streams) stream_bits.push_back(static_cast<uint64_t>(stream));
+  const DareMask mask =
+      checked_dare_mask("dare_merge", streams, first_index, drop_rate, n, stream_bits);
   std::vector<const void*> pointers;
   for (const at::Tensor& expert : contiguous) pointers.push_back(expert.const_data_ptr());
   const at::Tensor base_contiguous = base.contiguous();
   at::Tensor out = at::empty(base.sizes(), base.options().dtype(at::kFloat));
   const int64_t numel = base.numel();
-  const DareMergeParams params{base_contiguous.const_data_ptr(),
-                               pointers.data(),
-                               n,
-                               numel,
-                               kind,
-                               stream_bits.data(),
-                               first_index,
-                               drop_rate,
-                               static_cast<float>(1.0 - drop_rate),
-                               static_cast<float>(lam)};
+  const DareMergeParams params{
+      base_contiguous.const_data_ptr(), pointers.data(), n, numel, kind, mask,
+      static_cast<float>(lam)};
   float* result = out.data_ptr<float>();
   std::vector<float> probes(static_cast<size_t>(at::get_num_threads()), 0.0f);
   if (numel > 0) {

@@ -21,7 +21,9 @@ constexpr int64_t kBlock = 1 << 16;
 }  // namespace
 
 at::Tensor magnitude_histogram_cpu_entry(const at::Tensor& base, at::TensorList experts,
-                                         const at::Tensor& prefixes, int64_t shift, int64_t width) {
+                                         const at::Tensor& prefixes, int64_t shift, int64_t width,
+                                         at::IntArrayRef dare_streams, int64_t first_index,
+                                         double drop_rate) {
   const std::vector<at::Tensor> contiguous = checked_experts("magnitude_histogram", base, experts);
   TORCH_CHECK(base.device().is_cpu(), "magnitude_histogram (CPU): base is on ", base.device());
   const ScalarKind kind = scalar_kind_of(base, "magnitude_histogram", "base");
@@ -34,6 +36,9 @@ at::Tensor magnitude_histogram_cpu_entry(const at::Tensor& base, at::TensorList 
               "magnitude_histogram: prefixes must be int64 [", n, "], got ", prefixes.scalar_type(),
               " ", prefixes.sizes());
   const at::Tensor prefixes_cpu = prefixes.to(at::kCPU).contiguous();
+  std::vector<uint64_t> stream_bits;
+  const DareMask mask = checked_dare_mask("magnitude_histogram", dare_streams, first_index,
+                                          drop_rate, n, stream_bits);
   std::vector<const void*> pointers;
   for (const at::Tensor& expert : contiguous) pointers.push_back(expert.const_data_ptr());
   const at::Tensor base_contiguous = base.contiguous();
@@ -49,7 +54,8 @@ at::Tensor magnitude_histogram_cpu_entry(const at::Tensor& base, at::TensorList 
                                         kind,
                                         prefixes_cpu.const_data_ptr<int64_t>(),
                                         static_cast<int>(shift),
-                                        static_cast<int>(width)};
+                                        static_cast<int>(width),
+                                        mask};
   int64_t* out = counts.data_ptr<int64_t>();
   const int64_t blocks = (numel + kBlock - 1) / kBlock;
   if (blocks == 1) {  // a bias or a norm: no thread's histogram to clear (n x 2^width) and add

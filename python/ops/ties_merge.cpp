@@ -20,7 +20,9 @@ constexpr int64_t kGrain = 1 << 14;
 }  // namespace
 
 at::Tensor ties_merge_cpu_entry(const at::Tensor& base, at::TensorList experts,
-                                const at::Tensor& thresholds, double lam) {
+                                const at::Tensor& thresholds, double lam,
+                                at::IntArrayRef dare_streams, int64_t first_index,
+                                double drop_rate) {
   const std::vector<at::Tensor> contiguous = checked_experts("ties_merge", base, experts);
   TORCH_CHECK(base.device().is_cpu(), "ties_merge (CPU): base is on ", base.device());
   const ScalarKind kind = scalar_kind_of(base, "ties_merge", "base");
@@ -30,6 +32,9 @@ at::Tensor ties_merge_cpu_entry(const at::Tensor& base, at::TensorList experts,
       "ties_merge: thresholds must be float32 [", n, "], got ", thresholds.scalar_type(), " ",
       thresholds.sizes());
   const at::Tensor thresholds_cpu = thresholds.to(at::kCPU).contiguous();
+  std::vector<uint64_t> stream_bits;
+  const DareMask mask =
+      checked_dare_mask("ties_merge", dare_streams, first_index, drop_rate, n, stream_bits);
   std::vector<const void*> pointers;
   for (const at::Tensor& expert : contiguous) pointers.push_back(expert.const_data_ptr());
   const at::Tensor base_contiguous = base.contiguous();
@@ -37,8 +42,8 @@ at::Tensor ties_merge_cpu_entry(const at::Tensor& base, at::TensorList experts,
   const int64_t numel = base.numel();
   if (numel == 0) return out;
   const TiesMergeParams params{
-      base_contiguous.const_data_ptr(),       pointers.data(),        n, numel, kind,
-      thresholds_cpu.const_data_ptr<float>(), static_cast<float>(lam)};
+      base_contiguous.const_data_ptr(),       pointers.data(),         n,   numel, kind,
+      thresholds_cpu.const_data_ptr<float>(), static_cast<float>(lam), mask};
   float* result = out.data_ptr<float>();
   at::parallel_for(0, numel, kGrain,
                    [&](int64_t begin, int64_t end) { ties_merge_cpu(params, begin, end, result); });

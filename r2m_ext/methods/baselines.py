@@ -24,7 +24,7 @@ from r2m_ext.methods.common import (
 from r2m_ext.methods.select import KthLargestMagnitude, counts_nonfinite
 from r2m_ext.options import MergeOptions
 from r2m_ext.plan import TensorPlan
-from r2m_ext.reference import name_key, sketch_stream, splitmix64_uniform
+from r2m_ext.reference import DareMask, name_key, sketch_stream, splitmix64_uniform
 
 # tau [N, rows...] of a block -> the task vectors a method combines (DARE drops entries).
 Sparsify = Callable[[TensorPlan, "slice | None", torch.Tensor], torch.Tensor]
@@ -67,22 +67,37 @@ _TIES_STACKS = 4
 RawBlock = tuple[TensorPlan, "slice | None", torch.Tensor, list[torch.Tensor]]
 
 
+# DARE's mask of a block of a tensor (DARE-TIES), or None (TIES).
+MaskOf = Callable[[TensorPlan, "slice | None"], "DareMask | None"]
+
+
+def _no_mask(entry: TensorPlan, rows: slice | None) -> None:
+    return None
+
+
 def _histogram_thresholds(
-    tensors: TaskTensors, keep: int, passes: Callable[[int], Iterable[RawBlock]]
+    tensors: TaskTensors,
+    keep: int,
+    passes: Callable[[int], Iterable[RawBlock]],
+    mask_of: MaskOf = _no_mask,
 ) -> torch.Tensor:
     """The exact keep-th largest float32 |tau| per task, from two passes of
     ops.magnitude_histogram (subtraction, absolute value and counting fused; no task vector is
     formed). `passes(number)` yields the raw blocks of pass `number`. The first pass sees every
-    entry, so it also does the NaN/Inf check of the inputs."""
+    entry, so it also does the NaN/Inf check of the inputs (under a DARE mask, which may drop a
+    NaN, by reading the inputs)."""
     selector = KthLargestMagnitude([keep] * tensors.n_experts, torch.float32, collect_limit=-1)
     number = 1
     while not selector.done:
         prefixes, shift, width = selector.histogram_digit()
         for entry, rows, base, experts in passes(number):
-            counts = ops.magnitude_histogram(base, experts, prefixes, shift, width)
+            mask = mask_of(entry, rows)
+            counts = ops.magnitude_histogram(base, experts, prefixes, shift, width, mask)
             if number == 1:
                 nonfinite = counts_nonfinite(counts, shift, width)
-                tensors.check_finite(entry, rows, torch.full((), math.inf if nonfinite else 0))
+                suspects = range(tensors.n_experts + 1) if mask is not None else ()
+                proof = torch.full((), math.inf if nonfinite else 0)
+                tensors.check_finite(entry, rows, proof, suspects)
             selector.add_counts(counts.cpu())
             del base, experts  # one block at a time (MergeInputs.raw_blocks)
         selector.finish_pass()
@@ -96,10 +111,13 @@ def _raw_blocks_of(tensors: TaskTensors, entries, description: str) -> Iterator[
             yield entry, rows, base, experts
 
 
-def _fused_ties(tensors: TaskTensors, options: MergeOptions, label: str) -> Merged:
+def _fused_ties(
+    tensors: TaskTensors, options: MergeOptions, label: str, mask_of: MaskOf = _no_mask
+) -> Merged:
     """TIES in float32 on native kernels: thresholds by histogram passes over the raw inputs,
     then one ops.ties_merge pass. Global scope: two threshold passes over the model; per-tensor
-    scope: a tensor that fits whole is read once for its thresholds and its merge."""
+    scope: a tensor that fits whole is read once for its thresholds and its merge. With
+    `mask_of`, on the task vectors after DARE's mask (DARE-TIES)."""
     if options.ties_scope == "global":
         total = sum(_numel(entry) for entry in tensors.body)
         keep = max(1, exact_ceil(options.density, total))
@@ -109,11 +127,13 @@ def _fused_ties(tensors: TaskTensors, options: MergeOptions, label: str) -> Merg
             lambda number: _raw_blocks_of(
                 tensors, tensors.body, f"{label} threshold pass {number}"
             ),
+            mask_of,
         )
         # The threshold passes checked every input for NaN/Inf (and TIES may trim a NaN away,
         # so a finite result would prove nothing).
         for entry, rows, base, experts in _raw_blocks_of(tensors, tensors.outputs, label):
-            yield entry.name, rows, ops.ties_merge(base, experts, thresholds, options.lam)
+            mask = mask_of(entry, rows)
+            yield entry.name, rows, ops.ties_merge(base, experts, thresholds, options.lam, mask)
             del base, experts
         return
     for entry in tensors.pass_over(tensors.outputs, label):
@@ -122,8 +142,11 @@ def _fused_ties(tensors: TaskTensors, options: MergeOptions, label: str) -> Merg
         rows, base, experts = next(blocks)
         if rows is None:  # whole: every pass over the same inputs
             held = [(entry, None, base, experts)]
-            thresholds = _histogram_thresholds(tensors, keep, lambda number, held=held: held)
-            yield entry.name, None, ops.ties_merge(base, experts, thresholds, options.lam)
+            thresholds = _histogram_thresholds(
+                tensors, keep, lambda number, held=held: held, mask_of
+            )
+            mask = mask_of(entry, None)
+            yield entry.name, None, ops.ties_merge(base, experts, thresholds, options.lam, mask)
             del held, base, experts
             continue
         blocks.close()
@@ -133,9 +156,10 @@ def _fused_ties(tensors: TaskTensors, options: MergeOptions, label: str) -> Merg
             for rows, base, experts in tensors.raw_blocks(entry):
                 yield entry, rows, base, experts
 
-        thresholds = _histogram_thresholds(tensors, keep, tensor_blocks)
+        thresholds = _histogram_thresholds(tensors, keep, tensor_blocks, mask_of)
         for _, rows, base, experts in tensor_blocks(0):
-            yield entry.name, rows, ops.ties_merge(base, experts, thresholds, options.lam)
+            mask = mask_of(entry, rows)
+            yield entry.name, rows, ops.ties_merge(base, experts, thresholds, options.lam, mask)
             del base, experts
 
 
@@ -228,20 +252,31 @@ def _dare_stream(seed: int, entry: TensorPlan, task: int) -> int:
     return sketch_stream(seed, name_key(f"dare/{task}/{entry.name}", entry.shape))
 
 
+def _dare_mask_of(tensors: TaskTensors, options: MergeOptions) -> MaskOf:
+    """DARE's mask of each block, its streams computed once per tensor."""
+    streams: dict[str, tuple[int, ...]] = {}
+
+    def mask_of(entry: TensorPlan, rows: slice | None) -> DareMask:
+        if entry.name not in streams:
+            streams[entry.name] = tuple(
+                _dare_stream(options.seed, entry, i) for i in range(tensors.n_experts)
+            )
+        row_numel = _numel(entry) // entry.shape[0] if entry.shape else 1
+        first = 0 if rows is None else rows.start * row_numel
+        return DareMask(streams[entry.name], first, options.drop_rate)
+
+    return mask_of
+
+
 def _fused_dare(tensors: TaskTensors, options: MergeOptions) -> Merged:
     """DARE with task arithmetic as one ops.dare_merge pass over the raw inputs; the op's probe
     checks every input for NaN/Inf, dropped entries included."""
-    for entry in tensors.pass_over(tensors.outputs, "DARE"):
-        streams = [_dare_stream(options.seed, entry, i) for i in range(tensors.n_experts)]
-        row_numel = _numel(entry) // entry.shape[0] if entry.shape else 1
-        for rows, base, experts in tensors.raw_blocks(entry):
-            first = 0 if rows is None else rows.start * row_numel
-            merged, probe = ops.dare_merge(
-                base, experts, streams, first, options.drop_rate, options.lam
-            )
-            tensors.check_finite(entry, rows, probe)
-            yield entry.name, rows, merged
-            del base, experts, merged
+    mask_of = _dare_mask_of(tensors, options)
+    for entry, rows, base, experts in _raw_blocks_of(tensors, tensors.outputs, "DARE"):
+        merged, probe = ops.dare_merge(base, experts, mask_of(entry, rows), options.lam)
+        tensors.check_finite(entry, rows, probe)
+        yield entry.name, rows, merged
+        del base, experts, merged
 
 
 def merge_dare(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
@@ -254,11 +289,14 @@ def merge_dare(tensors: TaskTensors, options: MergeOptions, report: dict) -> Mer
         ).to(tau.device)
         return torch.where(masks, tau / (1.0 - options.drop_rate), torch.zeros_like(tau))
 
+    if tensors.compute_dtype == torch.float32 and ops.ties_kernels_native(tensors.device):
+        if options.dare_combine == "ties":
+            yield from _fused_ties(tensors, options, "DARE-TIES", _dare_mask_of(tensors, options))
+        else:
+            yield from _fused_dare(tensors, options)
+        return
     if options.dare_combine == "ties":
         yield from _ties(tensors, options, sparsify, "DARE-TIES")
-        return
-    if tensors.compute_dtype == torch.float32 and ops.ties_kernels_native(tensors.device):
-        yield from _fused_dare(tensors, options)
         return
     for entry in tensors.pass_over(tensors.outputs, "DARE"):
         for rows, base, experts in tensors.blocks(entry, extra_stacks=3):
