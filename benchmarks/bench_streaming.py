@@ -33,6 +33,7 @@ METHODS = {
     "ties": ["--method", "ties"],
     "ties_tensor": ["--method", "ties", "--ties-scope", "tensor"],
     "dare": ["--method", "dare"],
+    "dare_ties": ["--method", "dare", "--dare-combine", "ties"],
 }
 
 
