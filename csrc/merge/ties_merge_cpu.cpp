@@ -30,10 +30,13 @@ R2M_ALWAYS_INLINE float float_of(uint32_t bits) {
 // All-ones where `condition`, else zero.
 R2M_ALWAYS_INLINE uint32_t mask_of(bool condition) { return 0u - static_cast<uint32_t>(condition); }
 
-// Task `i`'s value at element `e`: the difference, or with a DARE mask what the mask leaves.
+// Task `i`'s value at element `e`: the difference, or under DARE's mask what the mask leaves. A
+// template argument, not a test per element: the test kept the unmasked loops from vectorising
+// (the merge pass of TIES on ViT-B/16 x 8 went from 1.0 to 1.9 s).
+template <bool Masked>
 R2M_ALWAYS_INLINE float task_value(const TiesMergeParams& params, int64_t i, int64_t e,
                                    float difference) {
-  if (params.mask.streams == nullptr) return difference;
+  if constexpr (!Masked) return difference;
   return dare_masked(params.mask, i, static_cast<uint64_t>(params.mask.first_index + e),
                      difference);
 }
@@ -43,7 +46,7 @@ R2M_ALWAYS_INLINE float task_value(const TiesMergeParams& params, int64_t i, int
 // and vectorises none of these loops (35x slower than combine). The float arithmetic (the
 // subtraction, the sums in expert order, the division, the product and the final sum) is that of
 // the spec's formula, element by element.
-template <typename In>
+template <typename In, bool Masked>
 R2M_ALWAYS_INLINE void ties_merge_typed(const TiesMergeParams& params, int64_t begin, int64_t end,
                                         float* out) {
   float base[kChunk], sum[kChunk], agreeing[kChunk], count[kChunk];
@@ -60,7 +63,7 @@ R2M_ALWAYS_INLINE void ties_merge_typed(const TiesMergeParams& params, int64_t b
       const In* expert = static_cast<const In*>(params.experts[i]) + start;
       const uint32_t threshold = bits_of(params.thresholds[i]);  // >= 0
       for (int64_t e = 0; e < n; ++e) {
-        const float task = task_value(params, i, start + e, to_float(expert[e]) - base[e]);
+        const float task = task_value<Masked>(params, i, start + e, to_float(expert[e]) - base[e]);
         const uint32_t magnitude = bits_of(task) & ~kSignBit;
         // |task| >= threshold, false for NaN: non-negative floats order like their bits.
         const uint32_t kept = mask_of(magnitude >= threshold && magnitude <= kInfBits);
@@ -71,7 +74,7 @@ R2M_ALWAYS_INLINE void ties_merge_typed(const TiesMergeParams& params, int64_t b
       const In* expert = static_cast<const In*>(params.experts[i]) + start;
       const uint32_t threshold = bits_of(params.thresholds[i]);
       for (int64_t e = 0; e < n; ++e) {
-        const float task = task_value(params, i, start + e, to_float(expert[e]) - base[e]);
+        const float task = task_value<Masked>(params, i, start + e, to_float(expert[e]) - base[e]);
         const uint32_t magnitude = bits_of(task) & ~kSignBit;
         const uint32_t trimmed =
             bits_of(task) & mask_of(magnitude >= threshold && magnitude <= kInfBits);
@@ -94,20 +97,27 @@ R2M_ALWAYS_INLINE void ties_merge_typed(const TiesMergeParams& params, int64_t b
   }
 }
 
+template <bool Masked>
+R2M_ALWAYS_INLINE void ties_merge_kind(const TiesMergeParams& params, int64_t begin, int64_t end,
+                                       float* out) {
+  switch (params.kind) {
+    case ScalarKind::kFloat32:
+      return ties_merge_typed<float, Masked>(params, begin, end, out);
+    case ScalarKind::kFloat64:
+      return ties_merge_typed<double, Masked>(params, begin, end, out);
+    case ScalarKind::kBFloat16:
+      return ties_merge_typed<BFloat16Bits, Masked>(params, begin, end, out);
+    case ScalarKind::kFloat16:
+      return ties_merge_typed<Float16Bits, Masked>(params, begin, end, out);
+  }
+}
+
 }  // namespace
 
 R2M_CPU_CLONES void ties_merge_cpu(const TiesMergeParams& params, int64_t begin, int64_t end,
                                    float* out) {
-  switch (params.kind) {
-    case ScalarKind::kFloat32:
-      return ties_merge_typed<float>(params, begin, end, out);
-    case ScalarKind::kFloat64:
-      return ties_merge_typed<double>(params, begin, end, out);
-    case ScalarKind::kBFloat16:
-      return ties_merge_typed<BFloat16Bits>(params, begin, end, out);
-    case ScalarKind::kFloat16:
-      return ties_merge_typed<Float16Bits>(params, begin, end, out);
-  }
+  if (params.mask.streams != nullptr) return ties_merge_kind<true>(params, begin, end, out);
+  return ties_merge_kind<false>(params, begin, end, out);
 }
 
 }  // namespace r2m
