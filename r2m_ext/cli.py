@@ -304,6 +304,8 @@ def _run_report(args: argparse.Namespace) -> None:
         if args.plot:
             for path in save_plots(report, args.plot, args.tensor):
                 print(f"saved {path}")
+    except R2MError:  # a ValueError too, with its own message
+        raise
     except MALFORMED_REPORT_ERRORS as error:
         raise R2MError(
             f"{args.out}: not a report r2m_ext wrote ({type(error).__name__}: {error})"

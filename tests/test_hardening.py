@@ -666,3 +666,34 @@ def test_sizes_beyond_any_machine_are_one_line_errors(files, flag):
     out = tmp / "out"
     result = run_main(*merge_args(base_path, expert_paths, out, flag, "9" * 400))
     assert_clean_failure(result, out, "beyond 2**63 bytes")
+
+
+def test_overwrite_deletes_nothing_a_manifest_names_outside_the_output(files):
+    # An edited manifest listing "../victim.txt" still describes the directory's own files, so
+    # the output is replaced; the file it names beside the output must survive.
+    tmp, base, experts, base_path, expert_paths = files
+    out = tmp / "out"
+    assert run_main(*merge_args(base_path, expert_paths, out, "--quiet")).returncode == 0
+    victim = tmp / "victim.txt"
+    victim.write_text("my only copy")
+    found = victim.stat()
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest["files"]["../victim.txt"] = {"size": found.st_size, "mtime_ns": found.st_mtime_ns}
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    result = run_main(*merge_args(base_path, expert_paths, out, "--overwrite", "--quiet"))
+    assert result.returncode == 0, result.stderr
+    assert victim.read_text() == "my only copy"
+    assert (out / "model.safetensors").is_file() and not list(tmp.glob(".out.r2m-*"))
+
+
+def test_report_errors_of_its_own_keep_their_words(files):
+    # A report without per-tensor statistics cannot be plotted: the report's own error, not
+    # "not a report r2m_ext wrote" (R2MError is a ValueError, which malformed JSON raises too).
+    tmp, base, experts, base_path, expert_paths = files
+    out = tmp / "out"
+    assert (
+        run_main(*merge_args(base_path, expert_paths, out, "--method", "average")).returncode == 0
+    )
+    result = run_main("report", out, "--plot", tmp / "plots")
+    assert result.returncode == 1 and "only R²M records them" in result.stderr, result.stderr
+    assert "not a report r2m_ext wrote" not in result.stderr

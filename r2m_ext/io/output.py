@@ -108,10 +108,14 @@ def check_output_target(out: Path, overwrite: bool) -> bool:
 
 
 def remove_replaced(directory: Path, out: Path) -> None:
-    """Deletes a replaced output that `check_output_target` accepted, by the names in its
-    manifest only: anything that appeared in it meanwhile stays, and is reported."""
-    for name in [*(_manifest_files(directory) or {}), MANIFEST_FILE]:
-        (directory / name).unlink(missing_ok=True)
+    """Deletes a replaced output that `check_output_target` accepted: its entries that the
+    manifest lists, and the manifest. Names come from the directory, never from the manifest (a
+    listed "../x" would reach outside it); anything that appeared meanwhile stays, and is
+    reported."""
+    listed = {*(_manifest_files(directory) or {}), MANIFEST_FILE}
+    for name in os.listdir(directory):
+        if name in listed:
+            (directory / name).unlink()
     try:
         os.rmdir(directory)
     except OSError:
