@@ -3,7 +3,6 @@ writes it beside every output and `r2m merge --config` reads the same format."""
 
 from __future__ import annotations
 
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import yaml
 
 from r2m_ext._version import __version__
 from r2m_ext.errors import R2MError
-from r2m_ext.io.paths import kind_name, resolved, stat_path
+from r2m_ext.io.paths import require_regular_file, resolved
 from r2m_ext.options import MergeOptions
 
 RECIPE_FILE = "r2m_recipe.yaml"
@@ -50,11 +49,7 @@ class Recipe:
 
 
 def _read_document(path: Path) -> dict:
-    found = stat_path(path)
-    if found is None:
-        raise R2MError(f"{path}: cannot read recipe (no such file)")
-    if not stat.S_ISREG(found.st_mode):
-        raise R2MError(f"{path}: the recipe is a {kind_name(found.st_mode)}, not a regular file")
+    require_regular_file(path, "recipe")
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as error:

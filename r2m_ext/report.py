@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import json
-import stat
 from pathlib import Path
 
 from r2m_ext.engine.budget import format_bytes
 from r2m_ext.errors import R2MError
-from r2m_ext.io.paths import kind_name, stat_path
+from r2m_ext.io.paths import require_regular_file
 
 REPORT_FILE = "report.json"
 
@@ -20,11 +19,7 @@ MALFORMED_REPORT_ERRORS = (KeyError, TypeError, ValueError, AttributeError, Inde
 
 def load_report(out: str | Path) -> dict:
     path = Path(out) / REPORT_FILE if Path(out).is_dir() else Path(out)
-    found = stat_path(path)
-    if found is None:
-        raise R2MError(f"{path}: cannot read merge report (no such file)")
-    if not stat.S_ISREG(found.st_mode):
-        raise R2MError(f"{path}: the merge report is a {kind_name(found.st_mode)}")
+    require_regular_file(path, "merge report")
     try:
         report = json.loads(path.read_bytes().decode("utf-8"))
     except OSError as error:

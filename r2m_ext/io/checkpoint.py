@@ -20,7 +20,7 @@ import torch
 
 from r2m_ext.errors import R2MError
 from r2m_ext.io.buffers import HostBuffers
-from r2m_ext.io.paths import is_within, kind_name, resolved, stat_path
+from r2m_ext.io.paths import is_within, kind_name, require_regular_file, resolved, stat_path
 from r2m_ext.io.safetensors_format import DTYPE_CODES, MAX_HEADER_BYTES, SafetensorsFile
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -91,7 +91,7 @@ class Checkpoint:
         )
 
     def _files_from_index(self, index: Path) -> list[Path]:
-        _require_regular_file(index, "index")
+        require_regular_file(index, "index")
         try:
             document = json.loads(index.read_bytes().decode("utf-8"))
         except OSError as error:
@@ -124,7 +124,7 @@ class Checkpoint:
         return paths
 
     def _index_file(self, file: Path) -> None:
-        _require_regular_file(file, "weight file")
+        require_regular_file(file, "weight file")
         if _holds_safetensors(file):
             handle = SafetensorsFile(file, self._buffers)
             metas = {name: (shape, dtype) for name, (dtype, shape, _, _) in handle.entries.items()}
@@ -226,14 +226,6 @@ def _load_pickled_mapped(file: Path):
             raise
         # Legacy (pre-zip) serialization cannot be memory-mapped.
         return torch.load(file, map_location="cpu", weights_only=True)
-
-
-def _require_regular_file(path: Path, role: str) -> None:
-    found = stat_path(path)
-    if found is None:
-        raise R2MError(f"{path}: no such file")
-    if not stat.S_ISREG(found.st_mode):
-        raise R2MError(f"{path}: the {role} is a {kind_name(found.st_mode)}, not a regular file")
 
 
 def _model_root(directory: Path) -> Path:

@@ -42,6 +42,16 @@ def stat_path(path: Path, follow_symlinks: bool = True) -> os.stat_result | None
         raise R2MError(f"{path}: {error.strerror or error}") from None
 
 
+def require_regular_file(path: Path, what: str) -> None:
+    """Raises, naming the path and what it should be, unless a regular file is there (following
+    links): a FIFO or a device would block a read or never end it."""
+    found = stat_path(path)
+    if found is None:
+        raise R2MError(f"{path}: cannot read {what} (no such file)")
+    if not stat.S_ISREG(found.st_mode):
+        raise R2MError(f"{path}: the {what} is a {kind_name(found.st_mode)}, not a regular file")
+
+
 def resolved(path: Path) -> Path:
     """The absolute path with every symbolic link resolved (the file a read really reaches)."""
     try:
