@@ -210,8 +210,8 @@ def merge_files(
     try:
         for path in [base_path, *expert_paths]:
             checkpoints.append(Checkpoint(path, buffers, allow_external_shards))
-        files_read = [f for c in checkpoints for f in c.files_read]
-        files_read += _copied_files(checkpoints[0])
+        copied = _copied_files(checkpoints[0])
+        files_read = [f for c in checkpoints for f in c.files_read] + copied
         check_inputs_apart(out, [base_path, *expert_paths], files_read)
         check_output_target(out, overwrite)
         if overwrite and not resume:
@@ -257,7 +257,7 @@ def merge_files(
                     writer.write(name, values.cpu())
             finally:
                 inputs.close()
-            for path in _copied_files(checkpoints[0]):
+            for path in copied:
                 writer.copy_file(path)
             writer.add_file(RECIPE_FILE, recipe.to_yaml())
             report.update(

@@ -151,20 +151,26 @@ class DareMask:
     drop_rate: float
 
 
+def dare_masked(tasks: torch.Tensor, dare: DareMask) -> torch.Tensor:
+    """A block's task vectors [N, ...] after DARE's mask: kept entries rescaled, dropped ones 0."""
+    shape = tasks.shape[1:]
+    index = torch.arange(dare.first_index, dare.first_index + shape.numel(), dtype=torch.int64)
+    kept = torch.stack(
+        [
+            (splitmix64_uniform(stream, index) >= dare.drop_rate).view(shape)
+            for stream in dare.streams
+        ]
+    ).to(tasks.device)
+    return torch.where(kept, tasks / (1.0 - dare.drop_rate), torch.zeros_like(tasks))
+
+
 def _masked_tasks(
     base: torch.Tensor, experts: Sequence[torch.Tensor], dare: DareMask | None
 ) -> list[torch.Tensor]:
     """The float32 task vectors of a block, after DARE's mask when one is given."""
     b = base.to(torch.float32)
-    tasks = [expert.to(torch.float32) - b for expert in experts]
-    if dare is None:
-        return tasks
-    index = torch.arange(dare.first_index, dare.first_index + b.numel(), dtype=torch.int64)
-    masked = []
-    for task, stream in zip(tasks, dare.streams, strict=True):
-        kept = (splitmix64_uniform(stream, index) >= dare.drop_rate).view(b.shape).to(b.device)
-        masked.append(torch.where(kept, task / (1.0 - dare.drop_rate), torch.zeros_like(task)))
-    return masked
+    tasks = torch.stack([expert.to(torch.float32) - b for expert in experts])
+    return list(tasks if dare is None else dare_masked(tasks, dare))
 
 
 def magnitude_histogram(

@@ -24,7 +24,7 @@ from r2m_ext.methods.common import (
 from r2m_ext.methods.select import KthLargestMagnitude, counts_nonfinite
 from r2m_ext.options import MergeOptions
 from r2m_ext.plan import TensorPlan
-from r2m_ext.reference import DareMask, name_key, sketch_stream, splitmix64_uniform
+from r2m_ext.reference import DareMask, dare_masked, name_key, sketch_stream
 
 # tau [N, rows...] of a block -> the task vectors a method combines (DARE drops entries).
 Sparsify = Callable[[TensorPlan, "slice | None", torch.Tensor], torch.Tensor]
@@ -231,22 +231,6 @@ def merge_ties(tensors: TaskTensors, options: MergeOptions, report: dict) -> Mer
     return _ties(tensors, options, _keep_all, "TIES")
 
 
-def dare_keep_mask(
-    seed: int, entry: TensorPlan, task: int, rows: slice | None, drop_rate: float
-) -> torch.Tensor:
-    """The entries of task `task` DARE keeps in `rows` of `entry`: a function of (seed, tensor
-    name, shape, task, element index) alone, so independent of blocks, budget and order."""
-    row_numel = _numel(entry) // entry.shape[0] if entry.shape else 1
-    start, stop = (
-        (0, _numel(entry)) if rows is None else (rows.start * row_numel, rows.stop * row_numel)
-    )
-    uniform = splitmix64_uniform(
-        _dare_stream(seed, entry, task), torch.arange(start, stop, dtype=torch.int64)
-    )
-    shape = entry.shape if rows is None else (rows.stop - rows.start, *entry.shape[1:])
-    return (uniform >= drop_rate).reshape(shape)
-
-
 def _dare_stream(seed: int, entry: TensorPlan, task: int) -> int:
     """The SplitMix64 stream of task `task`'s DARE mask on `entry`."""
     return sketch_stream(seed, name_key(f"dare/{task}/{entry.name}", entry.shape))
@@ -280,18 +264,14 @@ def _fused_dare(tensors: TaskTensors, options: MergeOptions) -> Merged:
 
 
 def merge_dare(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
-    def sparsify(entry, rows, tau):
-        masks = torch.stack(
-            [
-                dare_keep_mask(options.seed, entry, i, rows, options.drop_rate)
-                for i in range(len(tau))
-            ]
-        ).to(tau.device)
-        return torch.where(masks, tau / (1.0 - options.drop_rate), torch.zeros_like(tau))
+    mask_of = _dare_mask_of(tensors, options)
+
+    def sparsify(entry: TensorPlan, rows: slice | None, tau: torch.Tensor) -> torch.Tensor:
+        return dare_masked(tau, mask_of(entry, rows))
 
     if tensors.compute_dtype == torch.float32 and ops.ties_kernels_native(tensors.device):
         if options.dare_combine == "ties":
-            yield from _fused_ties(tensors, options, "DARE-TIES", _dare_mask_of(tensors, options))
+            yield from _fused_ties(tensors, options, "DARE-TIES", mask_of)
         else:
             yield from _fused_dare(tensors, options)
         return
