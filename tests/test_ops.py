@@ -546,23 +546,6 @@ def test_magnitude_histogram_matches_the_reference_and_sums_over_blocks(dtype):
 
 
 @needs_native
-def test_magnitude_histogram_is_the_same_for_any_thread_count():
-    g = torch.Generator().manual_seed(4)
-    base = torch.randn(4, 300000, generator=g)
-    experts = [base + torch.randn(4, 300000, generator=g) for _ in range(4)]
-    prefixes = torch.zeros(4, dtype=torch.int64)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            results.append(ops.magnitude_histogram(base, experts, prefixes, 15, 16))
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(r, results[0]) for r in results)
-
-
-@needs_native
 def test_magnitude_histogram_opcheck():
     base = torch.randn(6, 5)
     experts = [torch.randn(6, 5), torch.randn(6, 5)]
@@ -608,17 +591,33 @@ def test_dare_merge_probe_sees_a_nan_even_where_it_is_dropped():
         assert reference.dare_merge(base, experts, DareMask((1, 2), 0, drop_rate), 1.0)[1].isnan()
 
 
+def _threshold_ops():
+    """Each TIES/DARE kernel on 4 x 300,000 entries of 3 experts, as a function of no argument."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(4, 300_000, generator=g)
+    experts = [base + torch.randn(4, 300_000, generator=g) for _ in range(3)]
+    zeros = torch.zeros(3, dtype=torch.int64)
+    mask = DareMask((3, 4, 5), 0, 0.9)
+    return {
+        "magnitude_histogram": lambda: ops.magnitude_histogram(base, experts, zeros, 15, 16),
+        "masked_histogram": lambda: ops.magnitude_histogram(base, experts, zeros, 15, 16, mask),
+        "ties_merge": lambda: ops.ties_merge(base, experts, torch.full((3,), 0.5), 0.7),
+        "dare_merge": lambda: ops.dare_merge(base, experts, mask, 0.3)[0],
+    }
+
+
 @needs_native
-def test_dare_merge_is_the_same_for_any_thread_count():
-    g = torch.Generator().manual_seed(6)
-    base = torch.randn(4, 200000, generator=g)
-    experts = [base + torch.randn(4, 200000, generator=g) for _ in range(3)]
+@pytest.mark.parametrize(
+    "op", ["magnitude_histogram", "masked_histogram", "ties_merge", "dare_merge"]
+)
+def test_ties_and_dare_kernels_are_the_same_for_any_thread_count(op):
+    compute = _threshold_ops()[op]
     threads = torch.get_num_threads()
     try:
         results = []
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            results.append(ops.dare_merge(base, experts, DareMask((3, 4, 5), 0, 0.9), 0.3)[0])
+            results.append(compute())
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(r, results[0]) for r in results)
