@@ -56,7 +56,8 @@ def test_pip_installs_a_working_package_without_make(tmp_path):
     environment = tmp_path / "venv"
     venv.create(environment, with_pip=True)
     python, pip = environment / "bin" / "python", [environment / "bin" / "python", "-m", "pip"]
-    _ok(_run(*pip, "install", "-q", f"torch=={TORCH_RELEASE}"))
+    # As the README says: a venv of Python 3.12+ comes without setuptools, which the build needs.
+    _ok(_run(*pip, "install", "-q", f"torch=={TORCH_RELEASE}", "setuptools"))
     source = _source_copy(tmp_path / "src")
 
     # With build isolation the build cannot see torch: one clear message, not a traceback.
