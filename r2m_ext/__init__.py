@@ -12,7 +12,16 @@ from r2m_ext._backend import backend_info
 from r2m_ext._version import __version__
 from r2m_ext.api import merge, merge_files
 from r2m_ext.errors import R2MError
-from r2m_ext.options import METHODS, MergeOptions, resolve_options
+from r2m_ext.methods.registry import method_names
+from r2m_ext.options import MergeOptions, resolve_options
+
+
+def __getattr__(name: str):
+    # METHODS is read when asked, so that methods registered by entry points are in it.
+    if name == "METHODS":
+        return method_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "METHODS",
@@ -22,5 +31,6 @@ __all__ = [
     "backend_info",
     "merge",
     "merge_files",
+    "method_names",
     "resolve_options",
 ]

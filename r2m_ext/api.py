@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from r2m_ext.io.output import (
     partial_dir,
 )
 from r2m_ext.io.paths import stat_path
+from r2m_ext.methods.registry import reserve
 from r2m_ext.options import resolve_options
 from r2m_ext.plan import plan_merge
 from r2m_ext.recipe import RECIPE_FILE, Recipe, load_recipe
@@ -318,3 +320,8 @@ def expand_files(
     return merge_files(
         fields["base"], [*fields["experts"], *added], target, fields["method"], **arguments
     )
+
+
+# A method option named like a keyword of these would be taken by the keyword.
+for _function in (merge, merge_files):
+    reserve(inspect.signature(_function).parameters, f"r2m_ext.{_function.__name__}()")

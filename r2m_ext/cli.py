@@ -16,28 +16,19 @@ import torch
 from r2m_ext._backend import backend_info, version_text
 from r2m_ext.api import DEFAULT_IO_THREADS, DEFAULT_SHARD_SIZE, expand_files, merge_files
 from r2m_ext.classify import TensorClass, classify
-from r2m_ext.detect.evaluate import (
-    BUILTIN_SPEC,
-    evaluate_images,
-    find_images,
-    format_metrics,
-    load_detector,
-    save_metrics,
-)
-from r2m_ext.detect.evaluate import __doc__ as EVAL_DOC
-from r2m_ext.detect.layouts import detect_layout
+from r2m_ext.detect import BUILTIN_SPEC, SPEC_FORMS
 from r2m_ext.engine.budget import format_bytes
 from r2m_ext.errors import R2MError
 from r2m_ext.io import Checkpoint, parse_size
 from r2m_ext.io.checkpoint import EXTERNAL_SHARDS_FLAG
 from r2m_ext.io.output import partial_dir
 from r2m_ext.io.writer import tensor_nbytes
+from r2m_ext.methods.registry import method_names, method_options
 from r2m_ext.options import (
     DEFAULT_EXCLUDE_TRUNCATION,
     DEFAULT_HEAD_PATTERNS,
-    METHODS,
-    OPTION_FIELDS,
-    method_defaults,
+    ENGINE_FIELDS,
+    option_fields,
 )
 from r2m_ext.recipe import RECIPE_FILE, load_recipe
 from r2m_ext.report import MALFORMED_REPORT_ERRORS, format_report, load_report, save_plots
@@ -56,50 +47,55 @@ baseline. Every expert must be fine-tuned from the same base model.
   r2m eval --checkpoint merged/ --data test_images/ --json auc.json      # AUC/AP/EER per subset
 """
 
-_OPTION_TYPES = {"int": int, "float": float, "str": str}
-EVAL_SPEC_HELP = EVAL_DOC.split("SPEC is one of\n", 1)[1].split("\n\n")[0].replace("%", "%%")
+
+def _shown(value) -> str:
+    return " ".join(value) if isinstance(value, tuple) else str(value)
 
 
-def _default_text(name: str) -> str:
-    per_method = {}
-    for method in METHODS:
-        defaults = method_defaults(method, "ties" if name in ("density", "ties_scope") else None)
-        if name in defaults:
-            value = defaults[name]
-            per_method[method] = " ".join(value) if isinstance(value, tuple) else value
-    values = set(map(str, per_method.values()))
-    if len(per_method) == len(METHODS) and len(values) == 1:
-        return f"default: {values.pop()}"
-    return "default: " + ", ".join(f"{m} {v}" for m, v in per_method.items())
+def _option_help(declared_by: dict) -> str:
+    """One flag's help: what it means for the methods that take it, and its defaults."""
+    by_text: dict[str, list[str]] = {}
+    for label, field in declared_by.items():
+        method = label.split(" ")[0]  # a variant ("dare with ...") means what its method means
+        users = by_text.setdefault(field.metadata["help"], [])
+        if method not in users:
+            users.append(method)
+    if list(declared_by) == ["engine"]:
+        (meaning,) = by_text
+    else:
+        meaning = "; ".join(f"{', '.join(users)}: {text}" for text, users in by_text.items())
+    defaults = {label: field.default for label, field in declared_by.items()}
+    if set(map(_shown, defaults.values())) == {"None"}:
+        return meaning.replace("%", "%%")
+    if len(set(map(_shown, defaults.values()))) == 1:
+        default = _shown(next(iter(defaults.values())))
+    else:
+        default = ", ".join(f"{label} {_shown(value)}" for label, value in defaults.items())
+    return f"{meaning} (default: {default})".replace("%", "%%")
 
 
 def _add_option_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "merge options (named as in the spec; omitted ones take the method's default)"
     )
-    for name, field in OPTION_FIELDS.items():
+    declarations = {**method_options(), **{n: {"engine": f} for n, f in ENGINE_FIELDS.items()}}
+    for name, declared_by in declarations.items():
         flag = "--" + name.replace("_", "-")
-        help_text = f"{field.metadata['help']} ({_default_text(name)})".replace("%", "%%")
-        kind = str(field.type).split(" ")[0]
-        if kind == "bool":
-            group.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=help_text,
-            )
-        elif kind.startswith("tuple"):
-            group.add_argument(
-                flag, nargs="+", metavar="GLOB", default=argparse.SUPPRESS, help=help_text
-            )
+        help_text = _option_help(declared_by)
+        meta = next(iter(declared_by.values())).metadata
+        if meta["kind"] is bool:
+            how = {"action": argparse.BooleanOptionalAction}
+        elif meta["kind"] is tuple:
+            how = {"nargs": "+", "metavar": "GLOB"}
         else:
-            group.add_argument(
-                flag,
-                type=_OPTION_TYPES[kind],
-                choices=field.metadata["choices"],
-                default=argparse.SUPPRESS,
-                help=help_text,
-            )
+            how = {"type": meta["kind"], "choices": meta["choices"]}
+        try:
+            group.add_argument(flag, default=argparse.SUPPRESS, help=help_text, **how)
+        except argparse.ArgumentError:
+            raise ValueError(
+                f"option {name!r} of method(s) {', '.join(declared_by)} collides with "
+                f"r2m merge's own {flag}"
+            ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a fine-tuned model (repeat: one per expert)",
     )
     merge.add_argument("--out", metavar="DIR", help="output directory (created atomically)")
-    merge.add_argument("--method", choices=METHODS, help="merge method (default: r2m)")
+    merge.add_argument("--method", choices=method_names(), help="merge method (default: r2m)")
     merge.add_argument(
         "--config",
         metavar="RECIPE",
@@ -214,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="AUC, AP, EER and accuracy of a detector checkpoint per data subset",
         description="Score labelled images with a detector and report AUC, AP, EER and accuracy\n"
         "per subset. DATA is a folder tree SUBSET/real|fake/*.png|jpg or a CSV with columns\n"
-        "path,label,subset.\n\nSPEC is one of\n" + EVAL_SPEC_HELP,
+        "path,label,subset.\n\nSPEC is one of\n" + SPEC_FORMS.replace("%", "%%"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     evaluate.add_argument(
@@ -250,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_merge(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.config) if args.config else {"options": {}, "experts": []}
     options = dict(recipe["options"])
-    options.update({name: getattr(args, name) for name in OPTION_FIELDS if hasattr(args, name)})
+    options.update({name: getattr(args, name) for name in option_fields() if hasattr(args, name)})
     method = args.method or recipe.get("method") or "r2m"
     base = args.base or recipe.get("base")
     experts = args.expert or recipe["experts"]
@@ -334,6 +330,15 @@ def _run_eval(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise R2MError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # The detector stack (networks, metrics, images) loads for this command alone.
+    from r2m_ext.detect.evaluate import (
+        evaluate_images,
+        find_images,
+        format_metrics,
+        load_detector,
+        save_metrics,
+    )
+
     model = load_detector(args.model, args.checkpoint)
     subsets = find_images(args.data)
     results = evaluate_images(model, subsets, args.batch_size, device, progress=sys.stderr.isatty())
@@ -381,6 +386,8 @@ def _run_inspect(args: argparse.Namespace) -> None:
             f"{format_bytes(sizes[tensor_class.value])}"
         )
     print(f"{'total':>9}: {len(metadata):5d} tensors, {format_bytes(sum(sizes.values()))}")
+    from r2m_ext.detect.layouts import detect_layout
+
     layout = detect_layout(metadata)
     print(f"   layout: {layout.description if layout else 'not a known detector layout'}")
 

@@ -3,6 +3,7 @@ shapes and dtypes alone, so file inputs are validated before any tensor is read.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +26,20 @@ class TensorPlan:
     in_core_set: bool
     # Head tensors in the base that no expert has: output as zeros (spec §4).
     head_only_in_base: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def rows(self) -> int:
+        """Its first dimension, over which it is split into row blocks (1 for a scalar)."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        """Elements per row: those of one row block of one row."""
+        return math.prod(self.shape[1:])
 
 
 @dataclass(frozen=True)

@@ -434,7 +434,7 @@ def test_report_prints_the_gpu_peak_of_each_pass():
 def test_global_ties_thresholds_from_native_histograms_are_the_selector_s(files, budget, tmp_path):
     # The two histogram passes over raw inputs give the exact k-th largest magnitudes: the merge
     # equals the one whose thresholds come from torch.kthvalue over every magnitude at once.
-    import r2m_ext.methods.baselines as baselines
+    import r2m_ext.methods.ties as ties
 
     _, base, experts, base_path, expert_paths = files
     got = read_dir(
@@ -450,12 +450,10 @@ def test_global_ties_thresholds_from_native_histograms_are_the_selector_s(files,
         ],
         dim=1,
     )
-    thresholds = baselines._per_task_kth_largest(magnitudes, 0.3)
+    thresholds = ties._per_task_kth_largest(magnitudes, 0.3)
     want = {}
     for name in body:
         tau = torch.stack([e[name].float() - base[name].float() for e in experts])
-        want[name] = (base[name].float() + baselines.ties_combine(tau, thresholds)).to(
-            base[name].dtype
-        )
+        want[name] = (base[name].float() + ties.ties_combine(tau, thresholds)).to(base[name].dtype)
     for name in body:
         assert torch.equal(got[name], want[name]), name

@@ -39,7 +39,7 @@ from r2m_ext.detect.synthetic import (
     real_images,
 )
 from r2m_ext.detect.train import finetune_detector, pretrain_backbone
-from r2m_ext.options import METHODS
+from r2m_ext.methods.registry import method_names
 from r2m_ext.recipe import RECIPE_FILE
 
 SETTINGS = ("in_distribution", "unseen_generator", "unseen_family")
@@ -58,7 +58,7 @@ class BenchmarkConfig:
     batch: int = 64
     test_images: int = 200  # per class and subset
     seed: int = 0
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = field(default_factory=method_names)
 
     @property
     def joint_training_steps(self) -> int:
@@ -306,7 +306,7 @@ def format_table(result: BenchmarkResult) -> str:
     )
     lines = [header, "-" * len(header)]
     order = [f"specialist {f}" for f in SEEN_FAMILIES] + ["specialists (mean)", "joint training"]
-    order += [m for m in result.rows if m in METHODS]
+    order += [m for m in result.rows if m in method_names()]
     for name in order:
         row = result.rows[name]
         label = "R²M" if name == "r2m" else name
@@ -343,7 +343,11 @@ def save_charts(result: BenchmarkResult, directory: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     directory.mkdir(parents=True, exist_ok=True)
-    names = ["specialists (mean)", "joint training", *[m for m in result.rows if m in METHODS]]
+    names = [
+        "specialists (mean)",
+        "joint training",
+        *[m for m in result.rows if m in method_names()],
+    ]
     figure, axis = plt.subplots(figsize=(9, 3.6))
     width = 0.8 / len(SETTINGS)
     for index, setting in enumerate(SETTINGS):

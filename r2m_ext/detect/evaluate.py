@@ -1,15 +1,6 @@
-"""`r2m eval`: build a detector network from a SPEC, load a checkpoint into it (any known layout),
-score a labelled image set per subset, and report AUC / AP / EER / accuracy.
-
-SPEC is one of
-- `r2m-vit`: the built-in CLIP-style ViT, its sizes read from the checkpoint's shapes;
-- `timm:NAME`: `timm.create_model(NAME, pretrained=False, num_classes=2)` (timm installed);
-- `transformers:MODEL_TYPE`: an image-classification model built from that config type with
-  2 labels, no download (transformers installed);
-- `module:function`: the user's own code; the function returns an `nn.Module` mapping images
-  [B, 3, S, S] to logits [B, 2] (softmax, class 1 = fake) or [B, 1] (sigmoid). The module may set
-  `input_size` (S) and `mean`/`std` (per-channel normalisation); otherwise images keep their
-  size and stay in [0, 1].
+"""`r2m eval`: build a detector network from a SPEC (r2m_ext.detect.SPEC_FORMS), load a
+checkpoint into it (any known layout), score a labelled image set per subset, and report AUC /
+AP / EER / accuracy.
 """
 
 from __future__ import annotations
@@ -26,13 +17,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from r2m_ext.detect import BUILTIN_SPEC
 from r2m_ext.detect.layouts import from_layout
 from r2m_ext.detect.metrics import DetectionMetrics, detection_metrics
 from r2m_ext.detect.model import DetectorViT, vit_config_from_shapes
 from r2m_ext.errors import R2MError
 from r2m_ext.io import Checkpoint
 
-BUILTIN_SPEC = "r2m-vit"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 LABELS = {"0": 0, "1": 1, "real": 0, "fake": 1}
 ALL_SUBSETS = "all"

@@ -16,7 +16,7 @@ import torch
 from r2m_ext.engine.budget import MemoryBudget, format_bytes
 from r2m_ext.errors import R2MError
 from r2m_ext.io.buffers import HostBuffers
-from r2m_ext.methods import why_finite_required
+from r2m_ext.methods.registry import get_method
 from r2m_ext.options import COMPUTE_DTYPES, MergeOptions
 from r2m_ext.plan import MergePlan, TensorPlan
 
@@ -42,21 +42,10 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
-def _rows_of(entry: TensorPlan) -> int:
-    return entry.shape[0] if entry.shape else 1
-
-
-def _numel(entry: TensorPlan) -> int:
-    count = 1
-    for size in entry.shape:
-        count *= size
-    return count
-
-
 def _elements(entry: TensorPlan, rows: slice | None) -> int:
     if rows is None:
-        return _numel(entry)
-    return (rows.stop - rows.start) * (_numel(entry) // _rows_of(entry))
+        return entry.numel
+    return (rows.stop - rows.start) * entry.row_numel
 
 
 class _Prefetcher:
@@ -149,7 +138,7 @@ class MergeInputs:
         self._read = read
         self._where = where
         self._allow_nonfinite = options.allow_nonfinite
-        self._method = options.method
+        self._method = get_method(options.method)
         self._show_progress = show_progress
         self._checked: set[tuple] = set()
         self._written_behind = written_behind  # bytes of merged blocks the writer still holds
@@ -183,7 +172,7 @@ class MergeInputs:
         return self.budget.free - int(self.budget.limit * (PREFETCH_SHARE + WRITE_BEHIND_SHARE))
 
     def whole_need(self, entry: TensorPlan, extra_stacks: float = 0) -> int:
-        return int(_numel(entry) * self.bytes_per_element(entry, extra_stacks))
+        return int(entry.numel * self.bytes_per_element(entry, extra_stacks))
 
     def fits_whole(self, entry: TensorPlan, extra_stacks: float = 0) -> bool:
         return self.whole_need(entry, extra_stacks) <= self.step_budget()
@@ -223,9 +212,12 @@ class MergeInputs:
 
     def _nonfinite_advice(self, entry: TensorPlan) -> str | None:
         """How the error for NaN/Inf in `entry`'s inputs ends, or None where they may pass."""
-        reason = why_finite_required(self._method, entry)
+        reason = self._method.why_finite_required(entry)
         if reason is not None:
-            return f"{self._method} cannot merge NaN or Inf, even with --allow-nonfinite: {reason}"
+            return (
+                f"{self._method.name} cannot merge NaN or Inf, even with --allow-nonfinite: "
+                + reason
+            )
         if self._allow_nonfinite:
             return None
         return "pass --allow-nonfinite / allow_nonfinite=True to merge anyway"
@@ -359,8 +351,8 @@ class MergeInputs:
 
     def _row_blocks(self, entry: TensorPlan, per_element: float) -> Iterator[slice | None]:
         """None (the whole tensor) when it fits the step budget, else slices of rows that do."""
-        rows = _rows_of(entry)
-        per_row = max(1, _numel(entry) // rows) * per_element
+        rows = entry.rows
+        per_row = max(1, entry.row_numel) * per_element
         fit = int(self.step_budget() // per_row)
         if fit >= rows or not entry.shape:
             yield None
@@ -423,7 +415,7 @@ class MergeInputs:
         items = list(items)
         if self._prefetcher is not None:
             raw_bytes = [
-                (t.name, (self.n_experts + 1) * _numel(t) * t.in_dtype.itemsize) for t in items
+                (t.name, (self.n_experts + 1) * t.numel * t.in_dtype.itemsize) for t in items
             ]
             fits = self.step_budget()
             self._prefetcher.plan(

@@ -10,15 +10,11 @@ import torch
 from r2m_ext.classify import TensorClass
 from r2m_ext.engine.inputs import MergeInputs, all_finite
 from r2m_ext.errors import R2MError
-from r2m_ext.methods import METHOD_FUNCTIONS
+from r2m_ext.methods.registry import get_method
 from r2m_ext.options import MergeOptions
 from r2m_ext.plan import MergePlan
 
 OutputBlock = tuple[str, "slice | None", torch.Tensor]
-
-
-def _rows_of(shape) -> int:
-    return shape[0] if shape else 1
 
 
 def run_merge(
@@ -30,7 +26,7 @@ def run_merge(
 ) -> Iterator[OutputBlock]:
     """Yields (name, rows, values) for every tensor of the plan not in `done`, in plan order;
     rows is None for a whole tensor, else the slice of its first dimension the block covers."""
-    merged_body = METHOD_FUNCTIONS[options.method](inputs, options, report)
+    merged_body = get_method(options.method).merge(inputs, options.method_options, report)
     for entry in plan.tensors:
         if entry.name in done:
             continue
@@ -58,11 +54,11 @@ def run_merge(
 
 def _body_blocks(entry, merged_body) -> Iterator[tuple[slice | None, torch.Tensor]]:
     covered = 0
-    while covered < _rows_of(entry.shape):
+    while covered < entry.rows:
         name, rows, values = next(merged_body)
         if name != entry.name or (rows is not None and rows.start != covered):
             raise AssertionError(
                 f"method produced {name!r} rows {rows}, expected {entry.name!r} from row {covered}"
             )
-        covered = _rows_of(entry.shape) if rows is None else rows.stop
+        covered = entry.rows if rows is None else rows.stop
         yield rows, values

@@ -12,6 +12,7 @@ for data whose offset does not suit its dtype's alignment."""
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -46,13 +47,6 @@ MAX_HEADER_BYTES = 100_000_000
 _MAX_READ = 1 << 30
 # madvise(MADV_POPULATE_READ), Linux 5.14+; Python 3.11's mmap module does not name it.
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 class _Malformed(Exception):
@@ -115,10 +109,10 @@ def _tensor_entry(name: str, info: object) -> tuple[torch.dtype, tuple[int, ...]
         )
     dtype = DTYPES[code]
     begin, end = offsets
-    if end - begin != _numel(shape) * dtype.itemsize:
+    if end - begin != math.prod(shape) * dtype.itemsize:
         raise _Malformed(
             f"tensor {name!r}: shape {list(shape)} of {code} needs "
-            f"{_numel(shape) * dtype.itemsize} bytes but its offsets span {end - begin}"
+            f"{math.prod(shape) * dtype.itemsize} bytes but its offsets span {end - begin}"
         )
     return dtype, tuple(shape), begin, end
 
@@ -189,7 +183,7 @@ class SafetensorsFile:
         asynchronously). Writable either way; writes never reach the file."""
         dtype, shape, begin, end = self.entries[name]
         if rows is not None:
-            row_bytes = _numel(shape[1:]) * dtype.itemsize
+            row_bytes = math.prod(shape[1:]) * dtype.itemsize
             begin, end = begin + rows.start * row_bytes, begin + rows.stop * row_bytes
             shape = (rows.stop - rows.start, *shape[1:])
         if end == begin:  # nothing to read (and a 0-byte buffer may not be viewable as dtype)
@@ -266,7 +260,7 @@ def header_bytes(layout: Sequence[tuple[str, Sequence[int], torch.dtype]]) -> by
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape, dtype in layout:
-        nbytes = _numel(shape) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         header[name] = {
             "dtype": DTYPE_CODES[dtype],
             "shape": [int(s) for s in shape],

@@ -1,9 +1,11 @@
-"""What the methods share: the source of task tensors they read from, and truncation."""
+"""What the methods share: the source of task tensors they read from, the SVD options, and
+truncation."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Protocol
 
@@ -11,7 +13,7 @@ import torch
 
 from r2m_ext import ops, reference
 from r2m_ext.classify import TensorClass
-from r2m_ext.options import MergeOptions
+from r2m_ext.methods.registry import Range, option
 from r2m_ext.plan import TensorPlan
 
 # What a method yields: (tensor name, rows or None for the whole tensor, merged values).
@@ -93,6 +95,28 @@ class TaskTensors(Protocol):
         """Returns bytes reserved by try_keep once the cache entry is used."""
 
 
+@dataclass(frozen=True)
+class SvdOptions:
+    """How the methods that factor matrices (R²M, TSV-M, CART) compute their truncations."""
+
+    svd: str = option(
+        "randomized",
+        "how truncations are computed: 'randomized' (seeded sketch) or 'exact' (full SVD)",
+        choices=("randomized", "exact"),
+    )
+    oversample: int = option(
+        8,
+        "randomized SVD: extra sketch columns beyond the kept rank",
+        check=Range(0, 2**31, high_open=True),
+    )
+    n_iter: int = option(
+        2,
+        "randomized SVD: power iterations (re-orthonormalised after every product)",
+        check=Range(0, 2**31, high_open=True),
+    )
+    seed: int = option(0, "seed of the randomized sketch", check=Range(0, 2**64, high_open=True))
+
+
 def exact_floor(ratio: float, count: int) -> int:
     """floor(ratio * count) with `ratio` read as the decimal the user wrote: 0.29 * 100 is 29,
     not float's 28.999999999999996."""
@@ -108,7 +132,12 @@ def kept_rank(shape: tuple[int, ...], rank_ratio: float) -> int:
     return max(1, exact_floor(rank_ratio, min(shape)))
 
 
-def svd_workspace_stacks(options: MergeOptions) -> float:
+def truncation_rank(entry: TensorPlan, rank_ratio: float) -> int:
+    """The kept rank of a 2-D tensor, 0 for any other (which no truncation touches)."""
+    return kept_rank(entry.shape, rank_ratio) if len(entry.shape) == 2 else 0
+
+
+def svd_workspace_stacks(options: SvdOptions) -> float:
     """[N, m, n] stacks an SVD adds beyond the matrices it factors: an exact SVD (one matrix at
     a time) its input copy and one matrix's factors and workspace; a randomized one works in
     rank + oversample columns, plus products."""
@@ -116,7 +145,7 @@ def svd_workspace_stacks(options: MergeOptions) -> float:
 
 
 def low_rank_factors(
-    matrices: torch.Tensor, rank: int, options: MergeOptions, key: str
+    matrices: torch.Tensor, rank: int, options: SvdOptions, key: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-`rank` factors U [N, m, r], S [N, r], V [N, n, r] of each matrix [N, m, n], by the
     method `options.svd` names. `key` (the tensor name) with the shape keys the sketch."""
@@ -148,12 +177,18 @@ def truncates(entry: TensorPlan, rank: int) -> bool:
     return entry.tensor_class is TensorClass.MATRIX and rank < min(entry.shape)
 
 
+def finite_if_factored(entry: TensorPlan) -> str | None:
+    """Why a method that factors every matrix needs its inputs finite even with allow_nonfinite:
+    an SVD of a non-finite matrix has no meaning."""
+    return "it factors this matrix" if entry.tensor_class is TensorClass.MATRIX else None
+
+
 # [N, ...] row blocks yield their rows and the matrices' values there: [N, rows, n].
 RowBlocks = Callable[[], Iterator[tuple["slice | None", torch.Tensor]]]
 
 
 def streamed_workspace_bytes(
-    n_tasks: int, shape: tuple[int, int], rank: int, options: MergeOptions, itemsize: int
+    n_tasks: int, shape: tuple[int, int], rank: int, options: SvdOptions, itemsize: int
 ) -> int:
     """What `streamed_low_rank_factors` holds besides one row block: the range basis and its
     product [N, m, l] (twice), the co-range [N, n, l] and the projected matrix [N, l, n]."""
@@ -163,7 +198,7 @@ def streamed_workspace_bytes(
 
 
 def streamed_low_rank_factors(
-    row_blocks: RowBlocks, shape: tuple[int, int], rank: int, options: MergeOptions, key: str
+    row_blocks: RowBlocks, shape: tuple[int, int], rank: int, options: SvdOptions, key: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The randomized SVD of `low_rank_factors`, for matrices too large to hold whole: each
     product with the matrices is a pass over their row blocks (`row_blocks()` starts one), so

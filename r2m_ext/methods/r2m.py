@@ -9,21 +9,59 @@ or N x N matrix, so a streaming source can serve the tensors.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from r2m_ext import ops
+from r2m_ext.classify import TensorClass
 from r2m_ext.errors import R2MError
 from r2m_ext.methods.common import (
     Merged,
+    SvdOptions,
     TaskTensors,
-    kept_rank,
     low_rank_factors,
     streamed_low_rank_factors,
     streamed_workspace_bytes,
     svd_workspace_stacks,
     truncates,
+    truncation_rank,
 )
-from r2m_ext.options import MergeOptions
+from r2m_ext.methods.registry import MergeMethod, Range, option, register
+
+
+@dataclass(frozen=True)
+class R2mOptions(SvdOptions):
+    k: int = option(
+        1,
+        "number of top eigenpairs of the task-vector Gram kept as the Real core",
+        check=Range(1),
+    )
+    center: bool = option(
+        False, "center task vectors before estimating the core (the paper's equation; see spec §1)"
+    )
+    residual: str = option(
+        "core",
+        "'core' (r_i = tau_i - tau_core) or 'projection' (r_i = tau_i - P tau_i)",
+        choices=("core", "projection"),
+    )
+    rank_ratio: float = option(
+        0.1,
+        "kept rank = max(1, floor(rank_ratio * min(m, n))) per matrix",
+        check=Range(0, 1, low_open=True),
+    )
+    norm_scope: str = option(
+        "global",
+        "match residual norms over all tensors together ('global') or per tensor ('tensor')",
+        choices=("global", "tensor"),
+    )
+    residual_scale: str = option(
+        "relative",
+        "eta = alpha*|core|/|res| ('relative'), alpha*|core| ('literal'), or alpha ('fixed')",
+        choices=("relative", "literal", "fixed"),
+    )
+    alpha: float = option(0.6, "residual strength")
+
 
 # Eigenvalues at or below this fraction of the largest are treated as zero (spec §1).
 EIGEN_CUTOFF = 1e-12
@@ -98,13 +136,10 @@ def factor_gram(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return torch.triu(gram) + torch.triu(gram, diagonal=1).T
 
 
-def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
+def merge_r2m(tensors: TaskTensors, options: R2mOptions, report: dict) -> Merged:
     n = tensors.n_experts
     body = tensors.body
     svd_stacks = svd_workspace_stacks(options)
-
-    def rank_of(entry):
-        return kept_rank(entry.shape, options.rank_ratio) if len(entry.shape) == 2 else 0
 
     # N x N and N-sized statistics live on the host in float64, where the core, the norm matching
     # and the report use them; on a GPU that copies a few numbers per tensor.
@@ -157,7 +192,10 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
 
     def truncated_factors(entry, residual_rows):
         u, s, v = low_rank_factors(
-            residual_rows.reshape(n, *entry.shape), rank_of(entry), options, entry.name
+            residual_rows.reshape(n, *entry.shape),
+            truncation_rank(entry, options.rank_ratio),
+            options,
+            entry.name,
         )
         return u * s.unsqueeze(-2), v, s
 
@@ -172,7 +210,7 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
         """truncated_factors of a matrix too large to hold whole, from its residuals' row blocks
         (2 n_iter + 2 passes over its rows); `on_block(tau, c_weights, residuals)` sees each
         block of the first pass. Its thin factors are reserved in the budget meanwhile."""
-        rank = rank_of(entry)
+        rank = truncation_rank(entry, options.rank_ratio)
         itemsize = tensors.compute_dtype.itemsize
         need = streamed_workspace_bytes(n, entry.shape, rank, options, itemsize)
         one_row = tensors.whole_need(entry, 2) // entry.shape[0] + 1
@@ -208,7 +246,7 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
     # Truncation pass: per tensor, the N x N Gram of its truncated residuals (every norm follows
     # from those) and, where the budget allows, the factors (rho (m + n) numbers per task);
     # factors not cached are recomputed in the write pass from the same seed, to the same bits.
-    truncating = {t.name: t for t in body if truncates(t, rank_of(t))}
+    truncating = {t.name: t for t in body if truncates(t, truncation_rank(t, options.rank_ratio))}
     whole_stacks = 2 + svd_stacks
     largest_step = max(
         (tensors.whole_need(t, whole_stacks) for t in truncating.values()), default=0
@@ -254,7 +292,7 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
             grams += factor_gram(left, right).cpu()
             kept_sq = grams.diagonal()
             entry_report.update(
-                rank=rank_of(entry),
+                rank=truncation_rank(entry, options.rank_ratio),
                 energy_kept=torch.where(full_sq > 0, kept_sq / full_sq, 1.0).tolist(),
                 singular_values=singular.double().tolist(),
             )
@@ -375,3 +413,23 @@ def merge_r2m(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merg
     # Factors of tensors a resumed run had already written were never needed again.
     for left, right in factor_cache.values():
         tensors.release_kept(factor_bytes(left, right))
+
+
+def _why_finite_required(entry) -> str | None:
+    # One non-finite entry would spoil the statistics every tensor shares: the Real core's Gram,
+    # the norms of norm matching and eta.
+    if entry.tensor_class in (TensorClass.MATRIX, TensorClass.OTHER):
+        return "every tensor but the heads feeds its Real core and norm matching"
+    return None
+
+
+register(
+    MergeMethod(
+        name="r2m",
+        summary="R²M: Real core + truncated, norm-matched Fake residuals",
+        options=R2mOptions,
+        merge=merge_r2m,
+        passes=("gram", "truncation", "write"),
+        why_finite_required=_why_finite_required,
+    )
+)

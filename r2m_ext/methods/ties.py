@@ -1,44 +1,43 @@
-"""The baselines of spec §6, on the same tensor classes as R²M (heads are handled by the caller).
-Elementwise math runs on row blocks; only truncations and per-tensor thresholds need a whole
-tensor."""
+"""ties (spec §6, TIES-Merging): per task keep the entries at or above the ceil(density *
+count)-th largest magnitude (over all body tensors, or per tensor), elect a sign per entry, and
+take the mean of the kept entries that agree with it.
+
+In float32 with the native kernels the thresholds come from magnitude histograms of the raw
+inputs (two passes, no task vector formed) and the merge is one fused kernel; otherwise, in pure
+torch, from a radix select over task-vector blocks."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 
 from r2m_ext import ops
-from r2m_ext.classify import TensorClass
-from r2m_ext.methods.common import (
-    Merged,
-    TaskTensors,
-    exact_ceil,
-    kept_rank,
-    low_rank_factors,
-    mean_update,
-    svd_workspace_stacks,
-    truncates,
-)
+from r2m_ext.methods.common import Merged, TaskTensors, exact_ceil
+from r2m_ext.methods.registry import MergeMethod, Range, option, register
 from r2m_ext.methods.select import KthLargestMagnitude, counts_nonfinite
-from r2m_ext.options import MergeOptions
 from r2m_ext.plan import TensorPlan
-from r2m_ext.reference import DareMask, dare_masked, name_key, sketch_stream
+from r2m_ext.reference import DareMask
 
 # tau [N, rows...] of a block -> the task vectors a method combines (DARE drops entries).
 Sparsify = Callable[[TensorPlan, "slice | None", torch.Tensor], torch.Tensor]
 
 
-def merge_average(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
-    for entry in tensors.pass_over(tensors.outputs, "average"):
-        yield from mean_update(tensors, entry)
-
-
-def merge_task_arithmetic(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
-    # lam * sum_i tau_i = (lam * N) * mean_i tau_i
-    for entry in tensors.pass_over(tensors.outputs, "task arithmetic"):
-        yield from mean_update(tensors, entry, options.lam * tensors.n_experts)
+@dataclass(frozen=True)
+class TiesOptions:
+    density: float = option(
+        0.2,
+        "fraction of entries kept per task (largest magnitudes)",
+        check=Range(0, 1, low_open=True),
+    )
+    ties_scope: str = option(
+        "global",
+        "magnitude threshold over all tensors ('global', paper) or per tensor ('tensor')",
+        choices=("global", "tensor"),
+    )
+    lam: float = option(1.0, "scale of the merged update")
 
 
 def ties_combine(tau: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -112,15 +111,14 @@ def _raw_blocks_of(tensors: TaskTensors, entries, description: str) -> Iterator[
 
 
 def _fused_ties(
-    tensors: TaskTensors, options: MergeOptions, label: str, mask_of: MaskOf = _no_mask
+    tensors: TaskTensors, options: TiesOptions, label: str, mask_of: MaskOf = _no_mask
 ) -> Merged:
     """TIES in float32 on native kernels: thresholds by histogram passes over the raw inputs,
     then one ops.ties_merge pass. Global scope: two threshold passes over the model; per-tensor
     scope: a tensor that fits whole is read once for its thresholds and its merge. With
     `mask_of`, on the task vectors after DARE's mask (DARE-TIES)."""
     if options.ties_scope == "global":
-        total = sum(_numel(entry) for entry in tensors.body)
-        keep = max(1, exact_ceil(options.density, total))
+        keep = max(1, exact_ceil(options.density, sum(entry.numel for entry in tensors.body)))
         thresholds = _histogram_thresholds(
             tensors,
             keep,
@@ -137,7 +135,7 @@ def _fused_ties(
             del base, experts
         return
     for entry in tensors.pass_over(tensors.outputs, label):
-        keep = max(1, exact_ceil(options.density, _numel(entry)))
+        keep = max(1, exact_ceil(options.density, entry.numel))
         blocks = tensors.raw_blocks(entry)
         rows, base, experts = next(blocks)
         if rows is None:  # whole: every pass over the same inputs
@@ -163,13 +161,18 @@ def _fused_ties(
             del base, experts
 
 
-def _global_thresholds(tensors: TaskTensors, options: MergeOptions, sparsify: Sparsify, label):
-    total = sum(_numel(entry) for entry in tensors.body)
-    keep = max(1, exact_ceil(options.density, total))
+def _exact_thresholds(
+    tensors: TaskTensors,
+    keep: int,
+    passes: Callable[[int], Iterable[TensorPlan]],
+    sparsify: Sparsify,
+) -> torch.Tensor:
+    """The exact keep-th largest |tau| per task over the tensors `passes(number)` yields in
+    pass `number`, by radix select over their row blocks (any compute dtype)."""
     selector = KthLargestMagnitude([keep] * tensors.n_experts, tensors.compute_dtype)
     number = 1
     while not selector.done:
-        for entry in tensors.pass_over(tensors.body, f"{label} threshold pass {number}"):
+        for entry in passes(number):
             for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
                 selector.observe(sparsify(entry, rows, experts - base).abs())
                 del base, experts  # one block at a time (MergeInputs.blocks)
@@ -178,16 +181,15 @@ def _global_thresholds(tensors: TaskTensors, options: MergeOptions, sparsify: Sp
     return selector.values()
 
 
-def _numel(entry: TensorPlan) -> int:
-    count = 1
-    for size in entry.shape:
-        count *= size
-    return count
-
-
-def _ties(tensors: TaskTensors, options: MergeOptions, sparsify: Sparsify, label: str) -> Merged:
+def _ties(tensors: TaskTensors, options: TiesOptions, sparsify: Sparsify, label: str) -> Merged:
     if options.ties_scope == "global":
-        thresholds = _global_thresholds(tensors, options, sparsify, label)
+        keep = max(1, exact_ceil(options.density, sum(entry.numel for entry in tensors.body)))
+        thresholds = _exact_thresholds(
+            tensors,
+            keep,
+            lambda number: tensors.pass_over(tensors.body, f"{label} threshold pass {number}"),
+            sparsify,
+        )
         for entry in tensors.pass_over(tensors.outputs, label):
             for rows, base, experts in tensors.blocks(entry, extra_stacks=_TIES_STACKS):
                 tau = sparsify(entry, rows, experts - base)
@@ -204,14 +206,10 @@ def _ties(tensors: TaskTensors, options: MergeOptions, sparsify: Sparsify, label
             yield entry.name, None, base + options.lam * ties_combine(tau, thresholds)
             continue
         # Too large to hold whole: select its threshold over row blocks, then merge them.
-        keep = max(1, exact_ceil(options.density, _numel(entry)))
-        selector = KthLargestMagnitude([keep] * tensors.n_experts, tensors.compute_dtype)
-        while not selector.done:
-            for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
-                selector.observe(sparsify(entry, rows, experts - base).abs())
-                del base, experts  # one block at a time (MergeInputs.blocks)
-            selector.finish_pass()
-        thresholds = selector.values()
+        keep = max(1, exact_ceil(options.density, entry.numel))
+        thresholds = _exact_thresholds(
+            tensors, keep, lambda number, entry=entry: (entry,), sparsify
+        )
         for rows, base, experts in tensors.blocks(entry, extra_stacks=_TIES_STACKS):
             tau = sparsify(entry, rows, experts - base)
             del experts
@@ -223,7 +221,7 @@ def _keep_all(entry: TensorPlan, rows: slice | None, tau: torch.Tensor) -> torch
     return tau
 
 
-def merge_ties(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
+def merge_ties(tensors: TaskTensors, options: TiesOptions, report: dict) -> Merged:
     # The fused path sizes its blocks for kernels that hold no [N, ...] temporaries: only native
     # ones do (the ops' pure-torch references would overrun the budget).
     if tensors.compute_dtype == torch.float32 and ops.ties_kernels_native(tensors.device):
@@ -231,109 +229,12 @@ def merge_ties(tensors: TaskTensors, options: MergeOptions, report: dict) -> Mer
     return _ties(tensors, options, _keep_all, "TIES")
 
 
-def _dare_stream(seed: int, entry: TensorPlan, task: int) -> int:
-    """The SplitMix64 stream of task `task`'s DARE mask on `entry`."""
-    return sketch_stream(seed, name_key(f"dare/{task}/{entry.name}", entry.shape))
-
-
-def _dare_mask_of(tensors: TaskTensors, options: MergeOptions) -> MaskOf:
-    """DARE's mask of each block, its streams computed once per tensor."""
-    streams: dict[str, tuple[int, ...]] = {}
-
-    def mask_of(entry: TensorPlan, rows: slice | None) -> DareMask:
-        if entry.name not in streams:
-            streams[entry.name] = tuple(
-                _dare_stream(options.seed, entry, i) for i in range(tensors.n_experts)
-            )
-        row_numel = _numel(entry) // entry.shape[0] if entry.shape else 1
-        first = 0 if rows is None else rows.start * row_numel
-        return DareMask(streams[entry.name], first, options.drop_rate)
-
-    return mask_of
-
-
-def _fused_dare(tensors: TaskTensors, options: MergeOptions) -> Merged:
-    """DARE with task arithmetic as one ops.dare_merge pass over the raw inputs; the op's probe
-    checks every input for NaN/Inf, dropped entries included."""
-    mask_of = _dare_mask_of(tensors, options)
-    for entry, rows, base, experts in _raw_blocks_of(tensors, tensors.outputs, "DARE"):
-        merged, probe = ops.dare_merge(base, experts, mask_of(entry, rows), options.lam)
-        tensors.check_finite(entry, rows, probe)
-        yield entry.name, rows, merged
-        del base, experts, merged
-
-
-def merge_dare(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
-    mask_of = _dare_mask_of(tensors, options)
-
-    def sparsify(entry: TensorPlan, rows: slice | None, tau: torch.Tensor) -> torch.Tensor:
-        return dare_masked(tau, mask_of(entry, rows))
-
-    if tensors.compute_dtype == torch.float32 and ops.ties_kernels_native(tensors.device):
-        if options.dare_combine == "ties":
-            yield from _fused_ties(tensors, options, "DARE-TIES", mask_of)
-        else:
-            yield from _fused_dare(tensors, options)
-        return
-    if options.dare_combine == "ties":
-        yield from _ties(tensors, options, sparsify, "DARE-TIES")
-        return
-    for entry in tensors.pass_over(tensors.outputs, "DARE"):
-        for rows, base, experts in tensors.blocks(entry, extra_stacks=3):
-            tau = sparsify(entry, rows, experts - base)
-            del experts
-            yield entry.name, rows, base + options.lam * tau.sum(0)
-            del base, tau  # one block at a time (MergeInputs.blocks)
-
-
-def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
-    """The orthogonal polar factor P Q^T of matrix = P Sigma Q^T."""
-    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
-    return p @ qh
-
-
-def merge_tsv(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
-    n = tensors.n_experts
-    for entry in tensors.pass_over(tensors.outputs, "TSV-M"):
-        if entry.tensor_class is not TensorClass.MATRIX:
-            yield from mean_update(tensors, entry)
-            continue
-        m, cols = entry.shape
-        rank = min(m, cols) // n
-        if rank == 0:
-            # Spec §6 keeps floor(min(m, n) / N) triplets per task: none when N > min(m, n).
-            for rows, base, _ in tensors.blocks(entry):
-                yield entry.name, rows, base
-            continue
-        base, tau = tensors.load(
-            entry.name, svd_workspace_stacks(options), purpose="run TSV-M's SVDs", task_vectors=True
-        )
-        u, s, v = low_rank_factors(tau, rank, options, entry.name)
-        u_joint = polar_factor(u.permute(1, 0, 2).reshape(m, n * rank))
-        v_joint = polar_factor(v.permute(1, 0, 2).reshape(cols, n * rank))
-        update = (u_joint * s.reshape(1, n * rank)) @ v_joint.T
-        yield entry.name, None, base + options.alpha * update
-
-
-def merge_cart(tensors: TaskTensors, options: MergeOptions, report: dict) -> Merged:
-    for entry in tensors.pass_over(tensors.outputs, "CART"):
-        rank = kept_rank(entry.shape, options.rank_ratio) if len(entry.shape) == 2 else 0
-        if not truncates(entry, rank):
-            # Untruncated, sum_i (tau_i - mean) = 0 up to rounding: theta_avg, elementwise.
-            for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
-                tau = experts - base
-                del experts
-                mean = tau.mean(0)
-                yield entry.name, rows, base + mean + options.lam * (tau - mean).sum(0)
-                del base, tau  # one block at a time (MergeInputs.blocks)
-            continue
-        base, tau = tensors.load(
-            entry.name,
-            1 + svd_workspace_stacks(options),
-            purpose="run CART's SVDs",
-            task_vectors=True,
-        )
-        mean = tau.mean(0)
-        u, s, v = low_rank_factors(tau - mean, rank, options, entry.name)
-        lam = torch.full((tensors.n_experts,), options.lam, dtype=torch.float64)
-        yield entry.name, None, ops.lowrank_accumulate(base + mean, u * s.unsqueeze(-2), v, lam)
+register(
+    MergeMethod(
+        name="ties",
+        summary="TIES-Merging: trim to the largest magnitudes, elect signs, disjoint mean",
+        options=TiesOptions,
+        merge=merge_ties,
+        passes=("thresholds", "merge"),
+    )
+)

@@ -1,0 +1,29 @@
+"""average (spec §6): theta_0 + mean_i tau_i, elementwise over row blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from r2m_ext.methods.common import Merged, TaskTensors, mean_update
+from r2m_ext.methods.registry import MergeMethod, register
+
+
+@dataclass(frozen=True)
+class AverageOptions:
+    """average takes no options of its own."""
+
+
+def merge_average(tensors: TaskTensors, options: AverageOptions, report: dict) -> Merged:
+    for entry in tensors.pass_over(tensors.outputs, "average"):
+        yield from mean_update(tensors, entry)
+
+
+register(
+    MergeMethod(
+        name="average",
+        summary="theta_0 + mean of the task vectors",
+        options=AverageOptions,
+        merge=merge_average,
+        passes=("merge",),
+    )
+)

@@ -1,0 +1,67 @@
+"""cart (spec §6, CART): theta_avg plus lam times the rank-rho truncations of each expert's
+difference from theta_avg, per matrix; theta_avg elsewhere."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from r2m_ext import ops
+from r2m_ext.methods.common import (
+    Merged,
+    SvdOptions,
+    TaskTensors,
+    finite_if_factored,
+    low_rank_factors,
+    svd_workspace_stacks,
+    truncates,
+    truncation_rank,
+)
+from r2m_ext.methods.registry import MergeMethod, Range, option, register
+
+
+@dataclass(frozen=True)
+class CartOptions(SvdOptions):
+    rank_ratio: float = option(
+        0.12,
+        "kept rank = max(1, floor(rank_ratio * min(m, n))) per matrix",
+        check=Range(0, 1, low_open=True),
+    )
+    lam: float = option(2.0, "scale of the merged update")
+
+
+def merge_cart(tensors: TaskTensors, options: CartOptions, report: dict) -> Merged:
+    for entry in tensors.pass_over(tensors.outputs, "CART"):
+        rank = truncation_rank(entry, options.rank_ratio)
+        if not truncates(entry, rank):
+            # Untruncated, sum_i (tau_i - mean) = 0 up to rounding: theta_avg, elementwise.
+            for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
+                tau = experts - base
+                del experts
+                mean = tau.mean(0)
+                yield entry.name, rows, base + mean + options.lam * (tau - mean).sum(0)
+                del base, tau  # one block at a time (MergeInputs.blocks)
+            continue
+        base, tau = tensors.load(
+            entry.name,
+            1 + svd_workspace_stacks(options),
+            purpose="run CART's SVDs",
+            task_vectors=True,
+        )
+        mean = tau.mean(0)
+        u, s, v = low_rank_factors(tau - mean, rank, options, entry.name)
+        lam = torch.full((tensors.n_experts,), options.lam, dtype=torch.float64)
+        yield entry.name, None, ops.lowrank_accumulate(base + mean, u * s.unsqueeze(-2), v, lam)
+
+
+register(
+    MergeMethod(
+        name="cart",
+        summary="CART: theta_avg plus the low-rank truncations of the experts' differences",
+        options=CartOptions,
+        merge=merge_cart,
+        passes=("merge",),
+        why_finite_required=finite_if_factored,
+    )
+)

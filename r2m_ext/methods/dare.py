@@ -1,0 +1,105 @@
+"""dare (spec §6, DARE): drop each task-vector entry with probability drop_rate, rescale the
+kept ones by 1 / (1 - drop_rate), then combine by task arithmetic or by TIES. The mask is a
+function of seed, tensor name, shape and task alone (reference.DareMask), so it does not depend
+on block splits, budgets or devices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from r2m_ext import ops
+from r2m_ext.methods.common import Merged, TaskTensors
+from r2m_ext.methods.registry import MergeMethod, OptionVariants, Range, option, register
+from r2m_ext.methods.ties import MaskOf, TiesOptions, _fused_ties, _raw_blocks_of, _ties
+from r2m_ext.plan import TensorPlan
+from r2m_ext.reference import DareMask, dare_masked, name_key, sketch_stream
+
+
+@dataclass(frozen=True)
+class DareOptions:
+    drop_rate: float = option(
+        0.9,
+        "probability of dropping each task-vector entry",
+        check=Range(0, 1, high_open=True),
+    )
+    seed: int = option(0, "seed of the drop mask", check=Range(0, 2**64, high_open=True))
+    dare_combine: str = option(
+        "task_arithmetic",
+        "how the sparsified task vectors are combined",
+        choices=("task_arithmetic", "ties"),
+    )
+    lam: float = option(0.3, "scale of the merged update")
+
+
+@dataclass(frozen=True)
+class DareTiesOptions(TiesOptions, DareOptions):
+    """DARE's options with TIES's (and TIES's default lam) when dare_combine is "ties"."""
+
+
+def _dare_stream(seed: int, entry: TensorPlan, task: int) -> int:
+    """The SplitMix64 stream of task `task`'s DARE mask on `entry`."""
+    return sketch_stream(seed, name_key(f"dare/{task}/{entry.name}", entry.shape))
+
+
+def _dare_mask_of(tensors: TaskTensors, options: DareOptions) -> MaskOf:
+    """DARE's mask of each block, its streams computed once per tensor."""
+    streams: dict[str, tuple[int, ...]] = {}
+
+    def mask_of(entry: TensorPlan, rows: slice | None) -> DareMask:
+        if entry.name not in streams:
+            streams[entry.name] = tuple(
+                _dare_stream(options.seed, entry, i) for i in range(tensors.n_experts)
+            )
+        first = 0 if rows is None else rows.start * entry.row_numel
+        return DareMask(streams[entry.name], first, options.drop_rate)
+
+    return mask_of
+
+
+def _fused_dare(tensors: TaskTensors, options: DareOptions) -> Merged:
+    """DARE with task arithmetic as one ops.dare_merge pass over the raw inputs; the op's probe
+    checks every input for NaN/Inf, dropped entries included."""
+    mask_of = _dare_mask_of(tensors, options)
+    for entry, rows, base, experts in _raw_blocks_of(tensors, tensors.outputs, "DARE"):
+        merged, probe = ops.dare_merge(base, experts, mask_of(entry, rows), options.lam)
+        tensors.check_finite(entry, rows, probe)
+        yield entry.name, rows, merged
+        del base, experts, merged
+
+
+def merge_dare(tensors: TaskTensors, options: DareOptions, report: dict) -> Merged:
+    mask_of = _dare_mask_of(tensors, options)
+
+    def sparsify(entry: TensorPlan, rows: slice | None, tau: torch.Tensor) -> torch.Tensor:
+        return dare_masked(tau, mask_of(entry, rows))
+
+    if tensors.compute_dtype == torch.float32 and ops.ties_kernels_native(tensors.device):
+        if options.dare_combine == "ties":
+            yield from _fused_ties(tensors, options, "DARE-TIES", mask_of)
+        else:
+            yield from _fused_dare(tensors, options)
+        return
+    if options.dare_combine == "ties":
+        yield from _ties(tensors, options, sparsify, "DARE-TIES")
+        return
+    for entry in tensors.pass_over(tensors.outputs, "DARE"):
+        for rows, base, experts in tensors.blocks(entry, extra_stacks=3):
+            tau = sparsify(entry, rows, experts - base)
+            del experts
+            yield entry.name, rows, base + options.lam * tau.sum(0)
+            del base, tau  # one block at a time (MergeInputs.blocks)
+
+
+register(
+    MergeMethod(
+        name="dare",
+        summary="DARE: random drop and rescale, then task arithmetic or TIES",
+        options=OptionVariants(
+            "dare_combine", {"task_arithmetic": DareOptions, "ties": DareTiesOptions}
+        ),
+        merge=merge_dare,
+        passes=("thresholds (with TIES)", "merge"),
+    )
+)

@@ -1,0 +1,67 @@
+"""tsv (spec §6, TSV-M): per matrix, the top floor(min(m, n) / N) singular triplets of each task
+vector, their concatenated singular vectors replaced by their orthogonal polar factors; the mean
+elsewhere."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from r2m_ext.classify import TensorClass
+from r2m_ext.methods.common import (
+    Merged,
+    SvdOptions,
+    TaskTensors,
+    finite_if_factored,
+    low_rank_factors,
+    mean_update,
+    svd_workspace_stacks,
+)
+from r2m_ext.methods.registry import MergeMethod, option, register
+
+
+@dataclass(frozen=True)
+class TsvOptions(SvdOptions):
+    alpha: float = option(1.0, "scale of the merged update")
+
+
+def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor P Q^T of matrix = P Sigma Q^T."""
+    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    return p @ qh
+
+
+def merge_tsv(tensors: TaskTensors, options: TsvOptions, report: dict) -> Merged:
+    n = tensors.n_experts
+    for entry in tensors.pass_over(tensors.outputs, "TSV-M"):
+        if entry.tensor_class is not TensorClass.MATRIX:
+            yield from mean_update(tensors, entry)
+            continue
+        m, cols = entry.shape
+        rank = min(m, cols) // n
+        if rank == 0:
+            # Spec §6 keeps floor(min(m, n) / N) triplets per task: none when N > min(m, n).
+            for rows, base, _ in tensors.blocks(entry):
+                yield entry.name, rows, base
+            continue
+        base, tau = tensors.load(
+            entry.name, svd_workspace_stacks(options), purpose="run TSV-M's SVDs", task_vectors=True
+        )
+        u, s, v = low_rank_factors(tau, rank, options, entry.name)
+        u_joint = polar_factor(u.permute(1, 0, 2).reshape(m, n * rank))
+        v_joint = polar_factor(v.permute(1, 0, 2).reshape(cols, n * rank))
+        update = (u_joint * s.reshape(1, n * rank)) @ v_joint.T
+        yield entry.name, None, base + options.alpha * update
+
+
+register(
+    MergeMethod(
+        name="tsv",
+        summary="TSV-M: per-task singular vectors, decorrelated by polar factors",
+        options=TsvOptions,
+        merge=merge_tsv,
+        passes=("merge",),
+        why_finite_required=finite_if_factored,
+    )
+)

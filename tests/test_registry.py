@@ -1,0 +1,235 @@
+"""The method registry: a method in one file of its own (here a toy, outside the package, found
+through the r2m_ext.methods entry-point group) gets its CLI flag, Python keyword, recipe entry
+and --help line without any other module changing."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+from conftest import make_experts, random_model
+from safetensors.torch import load_file, save_file
+
+from r2m_ext.methods import registry
+from r2m_ext.methods.registry import MergeMethod, Range, option
+from r2m_ext.options import ENGINE_FIELDS, resolve_options
+
+TOY_METHOD = '''
+"""toy: theta_0 + toy_scale * mean_i tau_i (a method defined outside r2m_ext)."""
+
+from dataclasses import dataclass
+
+from r2m_ext.methods.common import mean_update
+from r2m_ext.methods.registry import MergeMethod, Range, option, register
+
+
+@dataclass(frozen=True)
+class ToyOptions:
+    toy_scale: float = option(0.5, "scale of the mean update", check=Range(0, 10))
+
+
+def merge_toy(tensors, options, report):
+    for entry in tensors.pass_over(tensors.outputs, "toy"):
+        yield from mean_update(tensors, entry, options.toy_scale)
+
+
+register(
+    MergeMethod(
+        name="toy", summary="a scaled mean", options=ToyOptions, merge=merge_toy, passes=("merge",)
+    )
+)
+'''
+
+API_SCRIPT = """
+import sys
+import r2m_ext
+from safetensors.torch import load_file, save_file
+
+base, *experts = [load_file(p) for p in sys.argv[2:]]
+save_file(r2m_ext.merge(base, experts, "toy", toy_scale=0.25), sys.argv[1])
+"""
+
+
+@pytest.fixture(scope="module")
+def toy_plugin(tmp_path_factory):
+    """A directory that, on PYTHONPATH, holds the toy method's module and the distribution
+    metadata naming it as an entry point (what `pip install` of a plugin leaves)."""
+    root = tmp_path_factory.mktemp("plugin")
+    (root / "r2m_toy_method.py").write_text(TOY_METHOD)
+    info = root / "r2m_toy-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: r2m-toy\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[r2m_ext.methods]\ntoy = r2m_toy_method\n")
+    return root
+
+
+def run_with_plugin(plugin, *args):
+    env = dict(os.environ, PYTHONPATH=str(plugin))
+    return subprocess.run(
+        [sys.executable, *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("inputs")
+    base = random_model(0)
+    paths = []
+    for index, state in enumerate([base, *make_experts(base, 2)]):
+        path = directory / f"model{index}.safetensors"
+        save_file(state, str(path))
+        paths.append(path)
+    return base, make_experts(base, 2), paths
+
+
+def toy_oracle(base, experts, scale):
+    """theta_0 + scale * mean_i tau_i in float64 (heads averaged, integers copied: spec §4)."""
+    want = {}
+    for name, value in base.items():
+        if not value.is_floating_point():
+            want[name] = value
+        elif name.startswith("head."):
+            want[name] = torch.stack([e[name].double() for e in experts]).mean(0)
+        else:
+            tau = torch.stack([e[name].double() - value.double() for e in experts])
+            want[name] = value.double() + scale * tau.mean(0)
+    return want
+
+
+def assert_matches_oracle(got, want):
+    assert set(got) == set(want)
+    for name, value in want.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(got[name].double(), value, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(got[name], value)
+
+
+def test_a_method_in_one_file_runs_through_cli_recipe_and_api(toy_plugin, inputs, tmp_path):
+    base, experts, (base_path, *expert_paths) = inputs
+    experts_args = [a for p in expert_paths for a in ("--expert", p)]
+    merge = ["-m", "r2m_ext", "merge", "--base", base_path, *experts_args, "--method", "toy"]
+
+    help_text = run_with_plugin(toy_plugin, "-m", "r2m_ext", "merge", "--help")
+    assert help_text.returncode == 0, help_text.stderr
+    assert "--toy-scale" in help_text.stdout and "toy: scale of the mean update" in help_text.stdout
+
+    out = tmp_path / "cli"
+    result = run_with_plugin(toy_plugin, *merge, "--toy-scale", "0.25", "--out", out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    got = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        got.update(load_file(str(shard)))
+    assert_matches_oracle(got, toy_oracle(base, experts, 0.25))
+
+    recipe = yaml.safe_load((out / "r2m_recipe.yaml").read_text())
+    assert recipe["method"] == "toy" and recipe["options"]["toy_scale"] == 0.25
+    again = tmp_path / "from_recipe"
+    result = run_with_plugin(
+        toy_plugin, "-m", "r2m_ext", "merge", "--config", out / "r2m_recipe.yaml", "--out", again
+    )
+    assert result.returncode == 0, result.stderr
+    for shard in out.glob("*.safetensors"):
+        assert (again / shard.name).read_bytes() == shard.read_bytes()
+
+    api_out = tmp_path / "api.safetensors"
+    result = run_with_plugin(toy_plugin, "-c", API_SCRIPT, api_out, base_path, *expert_paths)
+    assert result.returncode == 0, result.stderr
+    assert_matches_oracle(load_file(str(api_out)), toy_oracle(base, experts, 0.25))
+
+    # The option's declared range is enforced like a built-in one's, by name.
+    result = run_with_plugin(toy_plugin, *merge, "--toy-scale", "11", "--out", tmp_path / "bad")
+    assert result.returncode == 1
+    assert "option toy_scale: 11.0 must be in [0, 10]" in result.stderr
+    assert not (tmp_path / "bad").exists()
+    # Its option belongs to it alone.
+    result = run_with_plugin(
+        toy_plugin, *merge[:-1], "average", "--toy-scale", "1", "--out", tmp_path / "bad"
+    )
+    assert result.returncode == 1 and "do not apply to method 'average'" in result.stderr
+
+
+@dataclasses.dataclass(frozen=True)
+class _IntLam:
+    lam: int = option(1, "an integer lam, unlike every built-in lam")
+
+
+@dataclasses.dataclass(frozen=True)
+class _TakesDevice:
+    device: str = option("cpu", "a name merge_files already has")
+
+
+@dataclasses.dataclass(frozen=True)
+class _TakesEngineOption:
+    compute_dtype: str = option("float32", "an engine option")
+
+
+def _method(name, options):
+    return MergeMethod(name=name, summary="", options=options, merge=None, passes=())
+
+
+@pytest.mark.parametrize(
+    "method, message",
+    [
+        (_method("average", _IntLam), "registered twice"),
+        (_method("int_lam", _IntLam), "'lam' differs in type or range"),
+        (_method("takes_device", _TakesDevice), "taken by r2m_ext.merge"),
+        (_method("takes_engine", _TakesEngineOption), "taken by the engine's options"),
+    ],
+)
+def test_a_method_that_would_break_another_is_refused(method, message):
+    registry.method_names()  # the built-in methods are registered
+    with pytest.raises(ValueError, match=message):
+        registry.register(method)
+    assert registry.get_method(method.name) is None or method.name == "average"
+
+
+def test_every_declared_default_is_a_value_its_own_checks_accept():
+    for name, declared_by in registry.method_options().items():
+        for label, declared in {**declared_by, "engine": ENGINE_FIELDS.get(name)}.items():
+            if declared is None or declared.default is None:
+                continue
+            meta = declared.metadata
+            assert isinstance(declared.default, meta["kind"]), (label, name)
+            assert meta["choices"] is None or declared.default in meta["choices"], (label, name)
+            assert meta["check"] is None or meta["check"](declared.default), (label, name)
+
+
+def test_variants_pick_their_options_by_the_selector():
+    plain = resolve_options("dare")
+    with_ties = resolve_options("dare", dare_combine="ties")
+    assert plain.lam == 0.3 and not hasattr(plain.method_options, "density")
+    assert (with_ties.lam, with_ties.density, with_ties.ties_scope) == (1.0, 0.2, "global")
+    assert json.dumps(with_ties.to_dict())  # the recipe's form is plain data
+
+
+@pytest.mark.parametrize(
+    "check, inside, outside, text",
+    [
+        (Range(1), [1, 7], [0, -3], ">= 1"),
+        (Range(0, 1, low_open=True), [1e-9, 1], [0, 1.5], "in (0, 1]"),
+        (Range(0, 2**64, high_open=True), [0, 2**64 - 1], [-1, 2**64], "in [0, 2**64)"),
+    ],
+)
+def test_ranges_accept_and_describe_their_bounds(check, inside, outside, text):
+    assert all(check(v) for v in inside) and not any(check(v) for v in outside)
+    assert check.text == text
+
+
+def test_merge_imports_no_detector_code():
+    script = textwrap.dedent(
+        """
+        import sys
+        from r2m_ext import cli
+        cli.build_parser()
+        print(sorted(m for m in sys.modules if m.startswith("r2m_ext.detect.")))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
