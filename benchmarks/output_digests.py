@@ -41,8 +41,21 @@ VARIANTS = {
     ],
     "average": [{}],
     "task_arithmetic": [{}, {"lam": 0.5}],
-    "ties": [{}, {"ties_scope": "tensor"}, {"density": 0.5, "lam": 0.7}],
-    "dare": [{}, {"dare_combine": "ties"}, {"dare_combine": "ties", "ties_scope": "tensor"}],
+    # float64 compute takes the pure-torch paths of TIES and DARE (float32: the native kernels).
+    "ties": [
+        {},
+        {"ties_scope": "tensor"},
+        {"density": 0.5, "lam": 0.7},
+        {"compute_dtype": "float64"},
+        {"compute_dtype": "float64", "ties_scope": "tensor"},
+    ],
+    "dare": [
+        {},
+        {"dare_combine": "ties"},
+        {"dare_combine": "ties", "ties_scope": "tensor"},
+        {"compute_dtype": "float64"},
+        {"compute_dtype": "float64", "dare_combine": "ties"},
+    ],
     "tsv": [{}, {"svd": "exact"}],
     "cart": [{}, {"svd": "exact"}],
 }

@@ -25,6 +25,7 @@ TOY_METHOD = '''
 from dataclasses import dataclass
 
 from r2m_ext.methods.common import mean_update
+from r2m_ext.methods.passes import MethodPasses
 from r2m_ext.methods.registry import MergeMethod, Range, option, register
 
 
@@ -34,8 +35,7 @@ class ToyOptions:
 
 
 def merge_toy(tensors, options, report):
-    for entry in tensors.pass_over(tensors.outputs, "toy"):
-        yield from mean_update(tensors, entry, options.toy_scale)
+    return MethodPasses("toy", lambda entry: mean_update(tensors, entry, options.toy_scale))
 
 
 register(

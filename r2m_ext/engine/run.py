@@ -10,11 +10,12 @@ import torch
 from r2m_ext.classify import TensorClass
 from r2m_ext.engine.inputs import MergeInputs, all_finite
 from r2m_ext.errors import R2MError
+from r2m_ext.methods.passes import MergedBlock, MethodPasses
 from r2m_ext.methods.registry import get_method
 from r2m_ext.options import MergeOptions
 from r2m_ext.plan import MergePlan
 
-OutputBlock = tuple[str, "slice | None", torch.Tensor]
+OutputBlock = MergedBlock
 
 
 def run_merge(
@@ -26,7 +27,8 @@ def run_merge(
 ) -> Iterator[OutputBlock]:
     """Yields (name, rows, values) for every tensor of the plan not in `done`, in plan order;
     rows is None for a whole tensor, else the slice of its first dimension the block covers."""
-    merged_body = get_method(options.method).merge(inputs, options.method_options, report)
+    work = get_method(options.method).merge(inputs, options.method_options, report)
+    merged_body = _run_passes(work, inputs)
     for entry in plan.tensors:
         if entry.name in done:
             continue
@@ -50,6 +52,19 @@ def run_merge(
     # Let the method finish its last pass (its timing, its checks); it must have nothing left.
     for name, rows, _ in merged_body:
         raise AssertionError(f"method produced {name!r} rows {rows} beyond the plan")
+
+
+def _run_passes(work: MethodPasses, inputs: MergeInputs) -> Iterator[MergedBlock]:
+    """The method's statistic passes, each folded in plan order and handed to the method, then
+    its write pass: every tensor of `inputs.outputs`, as the method emits it."""
+    for statistic_pass in work.statistics:
+        total = statistic_pass.start
+        for entry in inputs.pass_over(statistic_pass.tensors, statistic_pass.label):
+            total = statistic_pass.combine(total, statistic_pass.observe(entry))
+        statistic_pass.finish(total)
+    for entry in inputs.pass_over(inputs.outputs, work.write_label):
+        yield from work.emit(entry)
+    work.finish()
 
 
 def _body_blocks(entry, merged_body) -> Iterator[tuple[slice | None, torch.Tensor]]:

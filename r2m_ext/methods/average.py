@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from r2m_ext.methods.common import Merged, TaskTensors, mean_update
+from r2m_ext.methods.common import TaskTensors, mean_update
+from r2m_ext.methods.passes import MethodPasses
 from r2m_ext.methods.registry import MergeMethod, register
 
 
@@ -13,9 +14,8 @@ class AverageOptions:
     """average takes no options of its own."""
 
 
-def merge_average(tensors: TaskTensors, options: AverageOptions, report: dict) -> Merged:
-    for entry in tensors.pass_over(tensors.outputs, "average"):
-        yield from mean_update(tensors, entry)
+def merge_average(tensors: TaskTensors, options: AverageOptions, report: dict) -> MethodPasses:
+    return MethodPasses(write_label="average", emit=lambda entry: mean_update(tensors, entry))
 
 
 register(

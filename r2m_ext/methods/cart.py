@@ -9,7 +9,6 @@ import torch
 
 from r2m_ext import ops
 from r2m_ext.methods.common import (
-    Merged,
     SvdOptions,
     TaskTensors,
     finite_if_factored,
@@ -18,7 +17,9 @@ from r2m_ext.methods.common import (
     truncates,
     truncation_rank,
 )
+from r2m_ext.methods.passes import Merged, MethodPasses
 from r2m_ext.methods.registry import MergeMethod, Range, option, register
+from r2m_ext.plan import TensorPlan
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,8 @@ class CartOptions(SvdOptions):
     lam: float = option(2.0, "scale of the merged update")
 
 
-def merge_cart(tensors: TaskTensors, options: CartOptions, report: dict) -> Merged:
-    for entry in tensors.pass_over(tensors.outputs, "CART"):
+def merge_cart(tensors: TaskTensors, options: CartOptions, report: dict) -> MethodPasses:
+    def emit(entry: TensorPlan) -> Merged:
         rank = truncation_rank(entry, options.rank_ratio)
         if not truncates(entry, rank):
             # Untruncated, sum_i (tau_i - mean) = 0 up to rounding: theta_avg, elementwise.
@@ -42,7 +43,7 @@ def merge_cart(tensors: TaskTensors, options: CartOptions, report: dict) -> Merg
                 mean = tau.mean(0)
                 yield entry.name, rows, base + mean + options.lam * (tau - mean).sum(0)
                 del base, tau  # one block at a time (MergeInputs.blocks)
-            continue
+            return
         base, tau = tensors.load(
             entry.name,
             1 + svd_workspace_stacks(options),
@@ -53,6 +54,8 @@ def merge_cart(tensors: TaskTensors, options: CartOptions, report: dict) -> Merg
         u, s, v = low_rank_factors(tau - mean, rank, options, entry.name)
         lam = torch.full((tensors.n_experts,), options.lam, dtype=torch.float64)
         yield entry.name, None, ops.lowrank_accumulate(base + mean, u * s.unsqueeze(-2), v, lam)
+
+    return MethodPasses(write_label="CART", emit=emit)
 
 
 register(

@@ -13,21 +13,19 @@ import torch
 
 from r2m_ext import ops, reference
 from r2m_ext.classify import TensorClass
+from r2m_ext.methods.passes import Merged
 from r2m_ext.methods.registry import Range, option
 from r2m_ext.plan import TensorPlan
-
-# What a method yields: (tensor name, rows or None for the whole tensor, merged values).
-MergedBlock = tuple[str, "slice | None", torch.Tensor]
-Merged = Iterator[MergedBlock]
 
 
 class TaskTensors(Protocol):
     """The head-free floating tensors of one merge, in the compute dtype, within a memory budget.
 
-    A method makes as many passes as it needs with `pass_over`; inside a pass it reads a tensor
-    whole with `load` (when its math needs all of it: an SVD, a per-tensor threshold) or in row
-    blocks with `blocks` (elementwise math), declaring the workspace it will add. Its last pass
-    covers `outputs` (the body less what a resumed run already wrote)."""
+    The engine runs a method's passes (methods/passes.py); when it asks a method to observe or
+    emit a tensor, the method reads it whole with `load` (when its math needs all of it: an SVD,
+    a per-tensor threshold) or in row blocks with `blocks` (elementwise math), declaring the
+    workspace it will add. The write pass covers `outputs` (the body less what a resumed run
+    already wrote)."""
 
     body: tuple[TensorPlan, ...]
     outputs: tuple[TensorPlan, ...]
@@ -35,8 +33,6 @@ class TaskTensors(Protocol):
     compute_dtype: torch.dtype
     device: torch.device  # where the compute-dtype tensors live
     timings: dict[str, float]
-
-    def pass_over(self, items: Iterable[TensorPlan], description: str) -> Iterator[TensorPlan]: ...
 
     def load(
         self,

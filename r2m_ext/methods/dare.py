@@ -10,9 +10,10 @@ from dataclasses import dataclass
 import torch
 
 from r2m_ext import ops
-from r2m_ext.methods.common import Merged, TaskTensors
+from r2m_ext.methods.common import TaskTensors
+from r2m_ext.methods.passes import Merged, MethodPasses
 from r2m_ext.methods.registry import MergeMethod, OptionVariants, Range, option, register
-from r2m_ext.methods.ties import MaskOf, TiesOptions, _fused_ties, _raw_blocks_of, _ties
+from r2m_ext.methods.ties import MaskOf, TiesOptions, ties_passes
 from r2m_ext.plan import TensorPlan
 from r2m_ext.reference import DareMask, dare_masked, name_key, sketch_stream
 
@@ -58,38 +59,29 @@ def _dare_mask_of(tensors: TaskTensors, options: DareOptions) -> MaskOf:
     return mask_of
 
 
-def _fused_dare(tensors: TaskTensors, options: DareOptions) -> Merged:
-    """DARE with task arithmetic as one ops.dare_merge pass over the raw inputs; the op's probe
-    checks every input for NaN/Inf, dropped entries included."""
+def merge_dare(tensors: TaskTensors, options: DareOptions, report: dict) -> MethodPasses:
     mask_of = _dare_mask_of(tensors, options)
-    for entry, rows, base, experts in _raw_blocks_of(tensors, tensors.outputs, "DARE"):
-        merged, probe = ops.dare_merge(base, experts, mask_of(entry, rows), options.lam)
-        tensors.check_finite(entry, rows, probe)
-        yield entry.name, rows, merged
-        del base, experts, merged
-
-
-def merge_dare(tensors: TaskTensors, options: DareOptions, report: dict) -> Merged:
-    mask_of = _dare_mask_of(tensors, options)
-
-    def sparsify(entry: TensorPlan, rows: slice | None, tau: torch.Tensor) -> torch.Tensor:
-        return dare_masked(tau, mask_of(entry, rows))
-
-    if tensors.compute_dtype == torch.float32 and ops.ties_kernels_native(tensors.device):
-        if options.dare_combine == "ties":
-            yield from _fused_ties(tensors, options, "DARE-TIES", mask_of)
-        else:
-            yield from _fused_dare(tensors, options)
-        return
     if options.dare_combine == "ties":
-        yield from _ties(tensors, options, sparsify, "DARE-TIES")
-        return
-    for entry in tensors.pass_over(tensors.outputs, "DARE"):
+        return ties_passes(tensors, options, "DARE-TIES", mask_of)
+    native = tensors.compute_dtype == torch.float32 and ops.ties_kernels_native(tensors.device)
+
+    def emit(entry: TensorPlan) -> Merged:
+        if native:
+            # One ops.dare_merge pass over the raw inputs; its probe checks every input for
+            # NaN/Inf, dropped entries included.
+            for rows, base, experts in tensors.raw_blocks(entry):
+                merged, probe = ops.dare_merge(base, experts, mask_of(entry, rows), options.lam)
+                tensors.check_finite(entry, rows, probe)
+                yield entry.name, rows, merged
+                del base, experts, merged
+            return
         for rows, base, experts in tensors.blocks(entry, extra_stacks=3):
-            tau = sparsify(entry, rows, experts - base)
+            tau = dare_masked(experts - base, mask_of(entry, rows))
             del experts
             yield entry.name, rows, base + options.lam * tau.sum(0)
             del base, tau  # one block at a time (MergeInputs.blocks)
+
+    return MethodPasses(write_label="DARE", emit=emit)
 
 
 register(

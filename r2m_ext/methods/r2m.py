@@ -9,6 +9,7 @@ or N x N matrix, so a streaming source can serve the tensors.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,6 @@ from r2m_ext import ops
 from r2m_ext.classify import TensorClass
 from r2m_ext.errors import R2MError
 from r2m_ext.methods.common import (
-    Merged,
     SvdOptions,
     TaskTensors,
     low_rank_factors,
@@ -27,7 +27,9 @@ from r2m_ext.methods.common import (
     truncates,
     truncation_rank,
 )
+from r2m_ext.methods.passes import Merged, MethodPasses, StatisticPass, add, ordered_parts
 from r2m_ext.methods.registry import MergeMethod, Range, option, register
+from r2m_ext.plan import TensorPlan
 
 
 @dataclass(frozen=True)
@@ -136,48 +138,107 @@ def factor_gram(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return torch.triu(gram) + torch.triu(gram, diagonal=1).T
 
 
-def merge_r2m(tensors: TaskTensors, options: R2mOptions, report: dict) -> Merged:
-    n = tensors.n_experts
-    body = tensors.body
-    svd_stacks = svd_workspace_stacks(options)
+@dataclass(frozen=True)
+class TruncationStatistic:
+    """Tensors' parts of the truncation pass, in plan order: each one's N x N Gram of truncated
+    residuals (rounding noise zeroed; every residual norm follows from it), and the parts of
+    |tau_core|^2 in the order they were computed (one per tensor, or per row block where a
+    tensor's core norm is reduced block by block)."""
 
-    # N x N and N-sized statistics live on the host in float64, where the core, the norm matching
-    # and the report use them; on a GPU that copies a few numbers per tensor.
-    gram = torch.zeros(n, n, dtype=torch.float64)
-    # Each tensor's own Gram is kept too (N^2 numbers): the truncation pass reads its task
-    # vectors' and its core's norms off it instead of reducing over [N, m, n] stacks.
-    tensor_grams = {}
-    for entry in tensors.pass_over([t for t in body if t.in_core_set], "R²M gram pass"):
-        tensor_gram = torch.zeros(n, n, dtype=torch.float64)
-        for rows, base, experts in tensors.raw_blocks(entry, outputs=0):
+    residual_grams: dict[str, torch.Tensor]
+    core_norm_sq_parts: tuple[float, ...]
+
+    def __add__(self, later: TruncationStatistic) -> TruncationStatistic:
+        return TruncationStatistic(
+            {**self.residual_grams, **later.residual_grams},
+            self.core_norm_sq_parts + later.core_norm_sq_parts,
+        )
+
+
+class _R2mMerge:
+    """R²M's three passes over one merge's tensors: `statistic_passes` (the Gram pass, then the
+    truncation pass, each reduced in plan order) and `emit` (the write pass, one tensor)."""
+
+    def __init__(self, tensors: TaskTensors, options: R2mOptions, report: dict):
+        self.tensors = tensors
+        self.options = options
+        self.report = report
+        self.n = tensors.n_experts
+        self.svd_stacks = svd_workspace_stacks(options)
+        # Each tensor's own Gram (N^2 numbers): the truncation pass reads its task vectors' and
+        # its core's norms off it instead of reducing over [N, m, n] stacks.
+        self.tensor_grams: dict[str, torch.Tensor] = {}
+        self.truncating = {
+            t.name: t for t in tensors.body if truncates(t, truncation_rank(t, options.rank_ratio))
+        }
+        self.whole_stacks = 2 + self.svd_stacks
+        self.largest_step = max(
+            (tensors.whole_need(t, self.whole_stacks) for t in self.truncating.values()),
+            default=0,
+        )
+        self.factor_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.streamed: set[str] = set()
+        self.tensor_reports = report.setdefault("tensors", {})
+
+    def statistic_passes(self) -> Iterator[StatisticPass]:
+        n = self.n
+        # N x N and N-sized statistics live on the host in float64, where the core, the norm
+        # matching and the report use them; on a GPU that copies a few numbers per tensor.
+        yield StatisticPass(
+            label="R²M gram pass",
+            tensors=[t for t in self.tensors.body if t.in_core_set],
+            observe=self.observe_gram,
+            combine=add,
+            start=torch.zeros(n, n, dtype=torch.float64),
+            finish=self.set_core,
+        )
+        yield StatisticPass(
+            label="R²M truncation pass",
+            tensors=self.tensors.body,
+            observe=self.observe_truncation,
+            combine=add,
+            start=TruncationStatistic({}, ()),
+            finish=self.set_norm_matching,
+        )
+
+    # -- Gram pass: the N x N Gram of task vectors on the core set S --------------------------
+    def observe_gram(self, entry: TensorPlan) -> torch.Tensor:
+        tensor_gram = torch.zeros(self.n, self.n, dtype=torch.float64)
+        for rows, base, experts in self.tensors.raw_blocks(entry, outputs=0):
             block_gram = ops.delta_gram(base, experts).cpu()
-            tensors.check_finite(entry, rows, block_gram.diagonal())
+            self.tensors.check_finite(entry, rows, block_gram.diagonal())
             tensor_gram += block_gram
-        tensor_grams[entry.name] = tensor_gram
-        gram += tensor_gram
-    projection = core_projection(gram, options.k, options.center)
-    identity = torch.eye(n, dtype=torch.float64)
-    mean_weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
-    core_weights = projection.T @ mean_weights  # tau_core = sum_j c_j tau_j on S
-    if options.residual == "core":
-        residual_weights = identity - core_weights.expand(n, n)
-    else:
-        residual_weights = identity - projection
-    off_core_residual_weights = identity - mean_weights.expand(n, n)
+        self.tensor_grams[entry.name] = tensor_gram
+        return tensor_gram
 
-    def weights_for(entry, like):
+    def set_core(self, gram: torch.Tensor) -> None:
+        n = self.n
+        self.gram = gram
+        projection = core_projection(gram, self.options.k, self.options.center)
+        identity = torch.eye(n, dtype=torch.float64)
+        self.mean_weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        self.core_weights = projection.T @ self.mean_weights  # tau_core = sum_j c_j tau_j on S
+        if self.options.residual == "core":
+            self.residual_weights = identity - self.core_weights.expand(n, n)
+        else:
+            self.residual_weights = identity - projection
+        self.off_core_residual_weights = identity - self.mean_weights.expand(n, n)
+
+    def weights_for(self, entry: TensorPlan, like: torch.Tensor):
         c, r = (
-            (core_weights, residual_weights)
+            (self.core_weights, self.residual_weights)
             if entry.in_core_set
-            else (mean_weights, off_core_residual_weights)
+            else (self.mean_weights, self.off_core_residual_weights)
         )
         return c.to(like), r.to(like)
 
-    def residual_rows(entry, base, experts):
+    # -- truncation pass: residuals, their rank-rho factors and Grams --------------------------
+    def residual_rows(self, entry: TensorPlan, base, experts) -> torch.Tensor:
         """The residual rows [N, numel] of a whole tensor, r_i = sum_j R[i, j] tau_j, in one fused
         pass over its raw inputs (no stack of task vectors). Both passes form them here, so a
         write-pass recomputation gives the truncation pass's bits."""
-        _, r_weights = weights_for(entry, torch.float64)
+        n, tensors = self.n, self.tensors
+        _, r_weights = self.weights_for(entry, torch.float64)
         rows = ops.combine(
             base,
             experts,
@@ -190,26 +251,29 @@ def merge_r2m(tensors: TaskTensors, options: R2mOptions, report: dict) -> Merged
         tensors.check_finite(entry, None, rows, zero_weight)
         return rows.reshape(n, -1)
 
-    def truncated_factors(entry, residual_rows):
+    def truncated_factors(self, entry: TensorPlan, residual_rows: torch.Tensor):
         u, s, v = low_rank_factors(
-            residual_rows.reshape(n, *entry.shape),
-            truncation_rank(entry, options.rank_ratio),
-            options,
+            residual_rows.reshape(self.n, *entry.shape),
+            truncation_rank(entry, self.options.rank_ratio),
+            self.options,
             entry.name,
         )
         return u * s.unsqueeze(-2), v, s
 
-    def streams(entry) -> bool:
+    def streams(self, entry: TensorPlan) -> bool:
         """Whether a truncated matrix is factored over row blocks: it does not fit whole, and the
         randomized SVD (the exact one needs the whole matrix) can work in passes. Asked in the
         truncation pass only, which records the answer in `streamed`: a recomputation in the
         write pass then takes the same path (the same bits) whatever the budget holds by then."""
-        return options.svd == "randomized" and not tensors.fits_whole(entry, whole_stacks)
+        return self.options.svd == "randomized" and not self.tensors.fits_whole(
+            entry, self.whole_stacks
+        )
 
-    def streamed_factors(entry, on_block=None):
+    def streamed_factors(self, entry: TensorPlan, on_block=None):
         """truncated_factors of a matrix too large to hold whole, from its residuals' row blocks
         (2 n_iter + 2 passes over its rows); `on_block(tau, c_weights, residuals)` sees each
         block of the first pass. Its thin factors are reserved in the budget meanwhile."""
+        n, tensors, options = self.n, self.tensors, self.options
         rank = truncation_rank(entry, options.rank_ratio)
         itemsize = tensors.compute_dtype.itemsize
         need = streamed_workspace_bytes(n, entry.shape, rank, options, itemsize)
@@ -227,15 +291,13 @@ def merge_r2m(tensors: TaskTensors, options: R2mOptions, report: dict) -> Merged
             for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
                 tau = (experts - base).reshape(n, -1)
                 del base, experts
-                c_weights, r_weights = weights_for(entry, tau)
+                c_weights, r_weights = self.weights_for(entry, tau)
                 residuals = r_weights @ tau
                 if hook is not None:
                     hook(tau, c_weights, residuals)
                 del tau
                 yield rows, residuals.reshape(n, -1, entry.shape[1])
-                # One block at a time (MergeInputs.blocks): held past here, this block and the
-                # next one's inputs overran --max-memory 4GB by 2.1 GB on an H200.
-                del residuals
+                del residuals  # one block at a time (MergeInputs.blocks)
 
         try:
             u, s, v = streamed_low_rank_factors(row_blocks, entry.shape, rank, options, entry.name)
@@ -243,67 +305,59 @@ def merge_r2m(tensors: TaskTensors, options: R2mOptions, report: dict) -> Merged
             tensors.release_kept(need)
         return u * s.unsqueeze(-2), v, s
 
-    # Truncation pass: per tensor, the N x N Gram of its truncated residuals (every norm follows
-    # from those) and, where the budget allows, the factors (rho (m + n) numbers per task);
-    # factors not cached are recomputed in the write pass from the same seed, to the same bits.
-    truncating = {t.name: t for t in body if truncates(t, truncation_rank(t, options.rank_ratio))}
-    whole_stacks = 2 + svd_stacks
-    largest_step = max(
-        (tensors.whole_need(t, whole_stacks) for t in truncating.values()), default=0
-    )
-    factor_cache = {}
-    streamed = set()
-    residual_grams = {}
-    core_norm_sq = 0.0
-    tensor_reports = report.setdefault("tensors", {})
-    for entry in tensors.pass_over(body, "R²M truncation pass"):
+    def observe_truncation(self, entry: TensorPlan) -> TruncationStatistic:
+        """Per tensor, the N x N Gram of its truncated residuals (every norm follows from those)
+        and, where the budget allows, the factors (rho (m + n) numbers per task); factors not
+        cached are recomputed in the write pass from the same seed, to the same bits."""
+        n, tensors = self.n, self.tensors
         grams = torch.zeros(n, n, dtype=torch.float64)
         task_sq = torch.zeros(n, dtype=torch.float64)
+        core_parts: list[float] = []
         entry_report = {"class": entry.tensor_class.value}
-        if entry.name in truncating:
-            if streams(entry):
-                streamed.add(entry.name)
+        if entry.name in self.truncating:
+            if self.streams(entry):
+                self.streamed.add(entry.name)
                 sums = {"core": 0.0, "task": torch.zeros(n, dtype=torch.float64), "full": 0.0}
 
-                def gather(tau, c_weights, residuals, sums=sums):
+                def gather(tau, c_weights, residuals):
                     sums["core"] += float(squared_norms(c_weights @ tau).sum())
                     sums["task"] += squared_norms(tau).cpu()
                     sums["full"] += squared_norms(residuals).cpu()
 
-                left, right, singular = streamed_factors(entry, gather)
-                core_norm_sq += sums["core"]
+                left, right, singular = self.streamed_factors(entry, gather)
+                core_parts.append(sums["core"])
                 task_sq += sums["task"]
                 full_sq = sums["full"]
                 entry_report["streamed"] = True
             else:
                 base, experts = tensors.load_raw(
-                    entry.name, whole_stacks, purpose="truncate its residuals"
+                    entry.name, self.whole_stacks, purpose="truncate its residuals"
                 )
-                rows = residual_rows(entry, base, experts)
+                rows = self.residual_rows(entry, base, experts)
                 del base, experts
                 # A truncated matrix is in S (spec §0), so the Gram pass took its Gram.
-                task_gram = tensor_grams[entry.name]
-                c_weights, _ = weights_for(entry, task_gram)
+                task_gram = self.tensor_grams[entry.name]
+                c_weights, _ = self.weights_for(entry, task_gram)
                 task_sq += task_gram.diagonal()
-                core_norm_sq += float(c_weights @ task_gram @ c_weights)
-                left, right, singular = truncated_factors(entry, rows)
+                core_parts.append(float(c_weights @ task_gram @ c_weights))
+                left, right, singular = self.truncated_factors(entry, rows)
                 full_sq = squared_norms(rows).cpu()
                 del rows
             grams += factor_gram(left, right).cpu()
             kept_sq = grams.diagonal()
             entry_report.update(
-                rank=truncation_rank(entry, options.rank_ratio),
+                rank=truncation_rank(entry, self.options.rank_ratio),
                 energy_kept=torch.where(full_sq > 0, kept_sq / full_sq, 1.0).tolist(),
                 singular_values=singular.double().tolist(),
             )
-            if tensors.try_keep(factor_bytes(left, right), keep_free=largest_step):
-                factor_cache[entry.name] = (left, right)
+            if tensors.try_keep(factor_bytes(left, right), keep_free=self.largest_step):
+                self.factor_cache[entry.name] = (left, right)
         else:
             for _, base, experts in tensors.blocks(entry, extra_stacks=2):
                 tau = (experts - base).reshape(n, -1)
                 del base, experts
-                c_weights, r_weights = weights_for(entry, tau)
-                core_norm_sq += float(squared_norms(c_weights @ tau).sum())
+                c_weights, r_weights = self.weights_for(entry, tau)
+                core_parts.append(float(squared_norms(c_weights @ tau).sum()))
                 rows = r_weights @ tau
                 grams += (rows @ rows.T).double().cpu()
                 task_sq += squared_norms(tau).cpu()
@@ -311,81 +365,90 @@ def merge_r2m(tensors: TaskTensors, options: R2mOptions, report: dict) -> Merged
         # Residuals at the rounding level of their task vector are noise: count them as zero.
         floor = RESIDUAL_ROUNDING_EPS * torch.finfo(tensors.compute_dtype).eps * task_sq.sqrt()
         signal = gram_norms(grams) > floor
-        residual_grams[entry.name] = grams * torch.outer(signal, signal)
-        tensor_reports[entry.name] = entry_report
+        self.tensor_reports[entry.name] = entry_report
+        return TruncationStatistic(
+            {entry.name: grams * torch.outer(signal, signal)}, tuple(core_parts)
+        )
 
-    def matched_scales(grams):
-        norms = gram_norms(grams)
-        target = norms.mean()
-        return torch.where(norms > 0, target / norms, torch.zeros_like(norms))
+    def set_norm_matching(self, total: TruncationStatistic) -> None:
+        """Per-task norm matching and eta (spec §3) from the whole model's truncation pass."""
+        n, options, report = self.n, self.options, self.report
+        residual_grams = total.residual_grams
 
-    if options.norm_scope == "global":
-        total = sum(residual_grams.values(), torch.zeros(n, n, dtype=torch.float64))
-        global_scales = matched_scales(total)
-        scales = {name: global_scales for name in residual_grams}
-        report["residual_norms"] = gram_norms(total).tolist()
-    else:
-        scales = {name: matched_scales(g) for name, g in residual_grams.items()}
-    residual_norm_sq, rounding_sq = 0.0, 0.0
-    for name, g in residual_grams.items():
-        weights = scales[name] / n
-        residual_norm_sq += float(weights @ g @ weights)
-        rounding_sq += float(weights.abs() @ gram_norms(g)) ** 2
-    rounding_sq *= QUADRATIC_FORM_ROUNDING_EPS * torch.finfo(tensors.compute_dtype).eps
-    residual_resolved = residual_norm_sq > rounding_sq
-    residual_norm = residual_norm_sq**0.5 if residual_resolved else 0.0
-    # The task-vector Gram is accumulated in float64, so the core's form can only dip below zero by
-    # float64 rounding, where the core is zero anyway.
-    core_norm = max(core_norm_sq, 0.0) ** 0.5
-    if options.residual_scale == "relative":
-        has_both = core_norm > 0 and residual_norm > 0
-        eta = options.alpha * core_norm / residual_norm if has_both else 0.0
-    elif options.residual_scale == "literal":
-        eta = options.alpha * core_norm
-    else:
-        eta = options.alpha
-    for name, grams in residual_grams.items():
-        before = gram_norms(grams)
-        tensor_reports[name]["residual_norm_before"] = before.tolist()
-        tensor_reports[name]["residual_norm_after"] = (scales[name] * before).tolist()
-    report.update(
-        gram=gram.tolist(),
-        core_coefficients=core_weights.tolist(),
-        core_norm=core_norm,
-        residual_norm=residual_norm,
-        residual_cancelled=not residual_resolved and residual_norm_sq != 0,
-        eta=eta,
-        factors_cached=len(factor_cache),
-        factors_recomputed=len(truncating) - len(factor_cache),
-    )
+        def matched_scales(grams):
+            norms = gram_norms(grams)
+            target = norms.mean()
+            return torch.where(norms > 0, target / norms, torch.zeros_like(norms))
 
-    for entry in tensors.pass_over(tensors.outputs, "R²M write pass"):
-        weights_out = (eta / n) * scales[entry.name]
-        if entry.name in truncating:
-            if entry.name in factor_cache:
-                left, right = factor_cache.pop(entry.name)
+        if options.norm_scope == "global":
+            total_gram = sum(residual_grams.values(), torch.zeros(n, n, dtype=torch.float64))
+            global_scales = matched_scales(total_gram)
+            self.scales = {name: global_scales for name in residual_grams}
+            report["residual_norms"] = gram_norms(total_gram).tolist()
+        else:
+            self.scales = {name: matched_scales(g) for name, g in residual_grams.items()}
+        residual_norm_sq, rounding_sq = 0.0, 0.0
+        for name, g in residual_grams.items():
+            weights = self.scales[name] / n
+            residual_norm_sq += float(weights @ g @ weights)
+            rounding_sq += float(weights.abs() @ gram_norms(g)) ** 2
+        rounding_sq *= QUADRATIC_FORM_ROUNDING_EPS * torch.finfo(self.tensors.compute_dtype).eps
+        residual_resolved = residual_norm_sq > rounding_sq
+        residual_norm = residual_norm_sq**0.5 if residual_resolved else 0.0
+        # The task-vector Gram is accumulated in float64, so the core's form can only dip below
+        # zero by float64 rounding, where the core is zero anyway.
+        core_norm = max(ordered_parts(total.core_norm_sq_parts), 0.0) ** 0.5
+        if options.residual_scale == "relative":
+            has_both = core_norm > 0 and residual_norm > 0
+            self.eta = options.alpha * core_norm / residual_norm if has_both else 0.0
+        elif options.residual_scale == "literal":
+            self.eta = options.alpha * core_norm
+        else:
+            self.eta = options.alpha
+        for name, grams in residual_grams.items():
+            before = gram_norms(grams)
+            self.tensor_reports[name]["residual_norm_before"] = before.tolist()
+            self.tensor_reports[name]["residual_norm_after"] = (self.scales[name] * before).tolist()
+        report.update(
+            gram=self.gram.tolist(),
+            core_coefficients=self.core_weights.tolist(),
+            core_norm=core_norm,
+            residual_norm=residual_norm,
+            residual_cancelled=not residual_resolved and residual_norm_sq != 0,
+            eta=self.eta,
+            factors_cached=len(self.factor_cache),
+            factors_recomputed=len(self.truncating) - len(self.factor_cache),
+        )
+
+    # -- write pass: theta* = theta_0 + tau_core + eta * tau_res --------------------------------
+    def emit(self, entry: TensorPlan) -> Merged:
+        n, tensors = self.n, self.tensors
+        weights_out = (self.eta / n) * self.scales[entry.name]
+        if entry.name in self.truncating:
+            if entry.name in self.factor_cache:
+                left, right = self.factor_cache.pop(entry.name)
                 tensors.release_kept(factor_bytes(left, right))
-            elif entry.name in streamed:
-                left, right, _ = streamed_factors(entry)
+            elif entry.name in self.streamed:
+                left, right, _ = self.streamed_factors(entry)
             else:
                 # Factors the budget could not cache: recomputed from the whole residuals, with
                 # the core update from the same task vectors.
                 base, experts = tensors.load_raw(
-                    entry.name, whole_stacks, purpose="write its merge"
+                    entry.name, self.whole_stacks, purpose="write its merge"
                 )
-                rows = residual_rows(entry, base, experts)
-                c_weights, _ = weights_for(entry, weights_out)
+                rows = self.residual_rows(entry, base, experts)
+                c_weights, _ = self.weights_for(entry, weights_out)
                 with_core = ops.combine(
                     base, experts, c_weights.reshape(1, n), 1.0, tensors.compute_dtype
                 )[0]
                 del base, experts
-                left, right, _ = truncated_factors(entry, rows)
+                left, right, _ = self.truncated_factors(entry, rows)
                 del rows
                 yield entry.name, None, ops.lowrank_accumulate(with_core, left, right, weights_out)
-                continue
+                return
             # theta_0 + tau_core in one fused pass over the raw inputs (no stack of task
             # vectors), then the truncated residuals' low-rank update on top.
-            c_weights, _ = weights_for(entry, weights_out)
+            c_weights, _ = self.weights_for(entry, weights_out)
             core_row = c_weights.reshape(1, n)
             zero_weight = [j + 1 for j in range(n) if core_row[0, j] == 0]
             for rows, base, experts in tensors.raw_blocks(entry):
@@ -399,9 +462,9 @@ def merge_r2m(tensors: TaskTensors, options: R2mOptions, report: dict) -> Merged
                     rows,
                     ops.lowrank_accumulate(with_core, block_left, right, weights_out),
                 )
-            continue
+            return
         # theta_0 + c . tau + w . (R tau) = theta_0 + (c + w R) . tau: one fused combination.
-        c_weights, r_weights = weights_for(entry, weights_out)
+        c_weights, r_weights = self.weights_for(entry, weights_out)
         combined = (c_weights + weights_out @ r_weights).reshape(1, n)
         zero_weight = [j + 1 for j in range(n) if combined[0, j] == 0]
         for rows, base, experts in tensors.raw_blocks(entry):
@@ -410,9 +473,21 @@ def merge_r2m(tensors: TaskTensors, options: R2mOptions, report: dict) -> Merged
             )
             tensors.check_finite(entry, rows, merged, zero_weight)
             yield entry.name, rows, merged[0]
-    # Factors of tensors a resumed run had already written were never needed again.
-    for left, right in factor_cache.values():
-        tensors.release_kept(factor_bytes(left, right))
+
+    def release_unused_factors(self) -> None:
+        """Factors of tensors a resumed run had already written were never needed again."""
+        for left, right in self.factor_cache.values():
+            self.tensors.release_kept(factor_bytes(left, right))
+
+
+def merge_r2m(tensors: TaskTensors, options: R2mOptions, report: dict) -> MethodPasses:
+    merge = _R2mMerge(tensors, options, report)
+    return MethodPasses(
+        write_label="R²M write pass",
+        emit=merge.emit,
+        statistics=merge.statistic_passes(),
+        finish=merge.release_unused_factors,
+    )
 
 
 def _why_finite_required(entry) -> str | None:

@@ -19,10 +19,23 @@ COLLECT_LIMIT = 1 << 20
 _FLOAT32_INF_BITS = 0x7F800000
 
 
+# One pass's observations, per task: int64 digit counts [2^width], a list of collected bit
+# patterns (a task finishing by sort), or None (a task already done). Combined with `+`.
+SelectPartial = list
+
+
+def combine_partials(total: SelectPartial | None, more: SelectPartial) -> SelectPartial:
+    """Two passes' worth of observations as one (counts add, collections concatenate): exact and
+    order-free, so partials may be combined in any grouping."""
+    if total is None:
+        return more
+    return [None if a is None else a + b for a, b in zip(total, more, strict=True)]
+
+
 class KthLargestMagnitude:
-    """Feed it magnitudes block by block with `observe` (or, from a native kernel, histograms of
-    the digits `histogram_digit` names with `add_counts`), call `finish_pass` after each pass
-    over the whole model, until `done`."""
+    """Each pass over the whole model: `observe` each block's magnitudes (or, from a native
+    kernel, `counts_partial` of histograms of the digits `histogram_digit` names), combine what
+    they return with `combine_partials`, and hand the total to `finish_pass`; until `done`."""
 
     def __init__(self, ks: list[int], dtype: torch.dtype, collect_limit: int = COLLECT_LIMIT):
         """`collect_limit`: entries per task a pass may collect to finish by sorting (-1: never,
@@ -36,11 +49,9 @@ class KthLargestMagnitude:
         self._prefix = [0] * len(ks)
         self._matching = [None] * len(ks)  # entries matching the prefix, when known
         self._collecting = [False] * len(ks)
-        self._reset_pass()
+        self._start_pass()
 
-    def _reset_pass(self) -> None:
-        self._histograms = [None] * len(self._ks)
-        self._collected: list[list[torch.Tensor]] = [[] for _ in self._ks]
+    def _start_pass(self) -> None:
         for i, count in enumerate(self._matching):
             self._collecting[i] = count is not None and count <= self._collect_limit
 
@@ -48,23 +59,23 @@ class KthLargestMagnitude:
     def done(self) -> bool:
         return all(bits == 0 for bits in self._free_bits)
 
-    def observe(self, magnitudes: torch.Tensor) -> None:
-        """magnitudes [N, ...] (|tau| in the compute dtype) of one block."""
+    def observe(self, magnitudes: torch.Tensor) -> SelectPartial:
+        """What magnitudes [N, ...] (|tau| in the compute dtype) of one block add to this pass."""
         bits = magnitudes.reshape(len(self._ks), -1).view(self._int_dtype).long()
+        partial: SelectPartial = []
         for i in range(len(self._ks)):
             if self._free_bits[i] == 0:
+                partial.append(None)
                 continue
             row = bits[i]
             matches = row[(row >> self._free_bits[i]) == self._prefix[i]]
             if self._collecting[i]:
-                self._collected[i].append(matches)
+                partial.append([matches])
                 continue
             width = min(_DIGIT_BITS, self._free_bits[i])
             digits = (matches >> (self._free_bits[i] - width)) & ((1 << width) - 1)
-            counts = torch.bincount(digits, minlength=1 << width)
-            self._histograms[i] = (
-                counts if self._histograms[i] is None else self._histograms[i] + counts
-            )
+            partial.append(torch.bincount(digits, minlength=1 << width))
+        return partial
 
     def histogram_digit(self) -> tuple[torch.Tensor, int, int]:
         """(prefixes int64 [N], shift, width) of the next histogram pass, for
@@ -74,24 +85,23 @@ class KthLargestMagnitude:
         width = min(_DIGIT_BITS, free_bits)
         return torch.tensor(self._prefix, dtype=torch.int64), free_bits - width, width
 
-    def add_counts(self, counts: torch.Tensor) -> None:
-        """Counts [N, 2^width] of the digits `histogram_digit` names, over one block."""
-        for i in range(len(self._ks)):
-            self._histograms[i] = (
-                counts[i] if self._histograms[i] is None else self._histograms[i] + counts[i]
-            )
+    @staticmethod
+    def counts_partial(counts: torch.Tensor) -> SelectPartial:
+        """Counts [N, 2^width] of the digits `histogram_digit` names, as a partial."""
+        return list(counts)
 
-    def finish_pass(self) -> None:
+    def finish_pass(self, total: SelectPartial) -> None:
+        """Pins the next digit of every task from a whole pass's combined observations."""
         for i in range(len(self._ks)):
             if self._free_bits[i] == 0:
                 continue
             if self._collecting[i]:
-                values = torch.cat(self._collected[i]).sort(descending=True).values
+                values = torch.cat(total[i]).sort(descending=True).values
                 self._prefix[i] = int(values[self._ks[i] - 1])
                 self._free_bits[i] = 0
                 continue
             width = min(_DIGIT_BITS, self._free_bits[i])
-            counts = self._histograms[i].flip(0)  # highest digit first
+            counts = total[i].flip(0)  # highest digit first
             above = torch.cumsum(counts, 0)
             position = int(torch.searchsorted(above, self._ks[i]))
             digit = (1 << width) - 1 - position
@@ -99,7 +109,7 @@ class KthLargestMagnitude:
             self._matching[i] = int(counts[position])
             self._prefix[i] = (self._prefix[i] << width) | digit
             self._free_bits[i] -= width
-        self._reset_pass()
+        self._start_pass()
 
     def values(self) -> torch.Tensor:
         bits = torch.tensor(self._prefix, dtype=torch.int64).to(self._int_dtype)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from r2m_ext.methods.common import Merged, TaskTensors, mean_update
+from r2m_ext.methods.common import TaskTensors, mean_update
+from r2m_ext.methods.passes import MethodPasses
 from r2m_ext.methods.registry import MergeMethod, option, register
 
 
@@ -15,10 +16,12 @@ class TaskArithmeticOptions:
 
 def merge_task_arithmetic(
     tensors: TaskTensors, options: TaskArithmeticOptions, report: dict
-) -> Merged:
+) -> MethodPasses:
     # lam * sum_i tau_i = (lam * N) * mean_i tau_i
-    for entry in tensors.pass_over(tensors.outputs, "task arithmetic"):
-        yield from mean_update(tensors, entry, options.lam * tensors.n_experts)
+    scale = options.lam * tensors.n_experts
+    return MethodPasses(
+        write_label="task arithmetic", emit=lambda entry: mean_update(tensors, entry, scale)
+    )
 
 
 register(

@@ -15,14 +15,23 @@ from dataclasses import dataclass
 import torch
 
 from r2m_ext import ops
-from r2m_ext.methods.common import Merged, TaskTensors, exact_ceil
+from r2m_ext.methods.common import TaskTensors, exact_ceil
+from r2m_ext.methods.passes import Merged, MethodPasses, StatisticPass
 from r2m_ext.methods.registry import MergeMethod, Range, option, register
-from r2m_ext.methods.select import KthLargestMagnitude, counts_nonfinite
+from r2m_ext.methods.select import (
+    COLLECT_LIMIT,
+    KthLargestMagnitude,
+    SelectPartial,
+    combine_partials,
+    counts_nonfinite,
+)
 from r2m_ext.plan import TensorPlan
-from r2m_ext.reference import DareMask
+from r2m_ext.reference import DareMask, dare_masked
 
-# tau [N, rows...] of a block -> the task vectors a method combines (DARE drops entries).
-Sparsify = Callable[[TensorPlan, "slice | None", torch.Tensor], torch.Tensor]
+# DARE's mask of a block of a tensor (DARE-TIES), or None (TIES).
+MaskOf = Callable[[TensorPlan, "slice | None"], "DareMask | None"]
+# Raw inputs of a tensor's blocks: (rows, base, [experts]).
+RawBlocks = Iterable[tuple["slice | None", torch.Tensor, list[torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -62,171 +71,152 @@ def _per_task_kth_largest(magnitudes: torch.Tensor, density: float) -> torch.Ten
 _TIES_STACKS = 4
 
 
-# One block of a tensor's raw inputs: (entry, rows, base, [experts]).
-RawBlock = tuple[TensorPlan, "slice | None", torch.Tensor, list[torch.Tensor]]
-
-
-# DARE's mask of a block of a tensor (DARE-TIES), or None (TIES).
-MaskOf = Callable[[TensorPlan, "slice | None"], "DareMask | None"]
-
-
 def _no_mask(entry: TensorPlan, rows: slice | None) -> None:
     return None
 
 
-def _histogram_thresholds(
-    tensors: TaskTensors,
-    keep: int,
-    passes: Callable[[int], Iterable[RawBlock]],
-    mask_of: MaskOf = _no_mask,
-) -> torch.Tensor:
-    """The exact keep-th largest float32 |tau| per task, from two passes of
-    ops.magnitude_histogram (subtraction, absolute value and counting fused; no task vector is
-    formed). `passes(number)` yields the raw blocks of pass `number`. The first pass sees every
-    entry, so it also does the NaN/Inf check of the inputs (under a DARE mask, which may drop a
-    NaN, by reading the inputs)."""
-    selector = KthLargestMagnitude([keep] * tensors.n_experts, torch.float32, collect_limit=-1)
-    number = 1
-    while not selector.done:
+class _Thresholds:
+    """The exact keep-th largest |tau| per task over a set of tensors, one radix-select pass
+    over them at a time. With `native`, each pass is ops.magnitude_histogram over the raw
+    inputs (subtraction, mask, absolute value and counting fused: two float32 passes, no task
+    vector formed), the first of which also checks every input for NaN/Inf; otherwise the task
+    vectors' row blocks are formed and observed in pure torch (any compute dtype)."""
+
+    def __init__(self, tensors: TaskTensors, keep: int, native: bool, mask_of: MaskOf):
+        self._tensors = tensors
+        self._native = native
+        self._mask_of = mask_of
+        dtype = torch.float32 if native else tensors.compute_dtype
+        limit = -1 if native else COLLECT_LIMIT  # the kernel counts; it cannot collect
+        self._selector = KthLargestMagnitude([keep] * tensors.n_experts, dtype, limit)
+        self.number = 1  # the pass under way
+
+    @property
+    def done(self) -> bool:
+        return self._selector.done
+
+    def values(self) -> torch.Tensor:
+        return self._selector.values()
+
+    def observe(self, entry: TensorPlan, held: RawBlocks | None = None) -> SelectPartial:
+        """One tensor's part of this pass, from its inputs `held` or read block by block."""
+        tensors, selector, total = self._tensors, self._selector, None
+        if not self._native:
+            for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
+                tau = experts - base
+                del base, experts  # one block at a time (MergeInputs.blocks)
+                mask = self._mask_of(entry, rows)
+                tau = tau if mask is None else dare_masked(tau, mask)
+                total = combine_partials(total, selector.observe(tau.abs()))
+            return total
         prefixes, shift, width = selector.histogram_digit()
-        for entry, rows, base, experts in passes(number):
-            mask = mask_of(entry, rows)
+        for rows, base, experts in held if held is not None else tensors.raw_blocks(entry):
+            mask = self._mask_of(entry, rows)
             counts = ops.magnitude_histogram(base, experts, prefixes, shift, width, mask)
-            if number == 1:
+            if self.number == 1:
+                # Under a DARE mask, which may drop a NaN, the inputs themselves are read.
                 nonfinite = counts_nonfinite(counts, shift, width)
                 suspects = range(tensors.n_experts + 1) if mask is not None else ()
                 proof = torch.full((), math.inf if nonfinite else 0)
                 tensors.check_finite(entry, rows, proof, suspects)
-            selector.add_counts(counts.cpu())
+            total = combine_partials(total, selector.counts_partial(counts.cpu()))
             del base, experts  # one block at a time (MergeInputs.raw_blocks)
-        selector.finish_pass()
-        number += 1
-    return selector.values()
+        return total
 
+    def finish(self, total: SelectPartial) -> None:
+        self._selector.finish_pass(total)
+        self.number += 1
 
-def _raw_blocks_of(tensors: TaskTensors, entries, description: str) -> Iterator[RawBlock]:
-    for entry in tensors.pass_over(entries, description):
-        for rows, base, experts in tensors.raw_blocks(entry):
-            yield entry, rows, base, experts
-
-
-def _fused_ties(
-    tensors: TaskTensors, options: TiesOptions, label: str, mask_of: MaskOf = _no_mask
-) -> Merged:
-    """TIES in float32 on native kernels: thresholds by histogram passes over the raw inputs,
-    then one ops.ties_merge pass. Global scope: two threshold passes over the model; per-tensor
-    scope: a tensor that fits whole is read once for its thresholds and its merge. With
-    `mask_of`, on the task vectors after DARE's mask (DARE-TIES)."""
-    if options.ties_scope == "global":
-        keep = max(1, exact_ceil(options.density, sum(entry.numel for entry in tensors.body)))
-        thresholds = _histogram_thresholds(
-            tensors,
-            keep,
-            lambda number: _raw_blocks_of(
-                tensors, tensors.body, f"{label} threshold pass {number}"
-            ),
-            mask_of,
-        )
-        # The threshold passes checked every input for NaN/Inf (and TIES may trim a NaN away,
-        # so a finite result would prove nothing).
-        for entry, rows, base, experts in _raw_blocks_of(tensors, tensors.outputs, label):
-            mask = mask_of(entry, rows)
-            yield entry.name, rows, ops.ties_merge(base, experts, thresholds, options.lam, mask)
-            del base, experts
-        return
-    for entry in tensors.pass_over(tensors.outputs, label):
-        keep = max(1, exact_ceil(options.density, entry.numel))
-        blocks = tensors.raw_blocks(entry)
-        rows, base, experts = next(blocks)
-        if rows is None:  # whole: every pass over the same inputs
-            held = [(entry, None, base, experts)]
-            thresholds = _histogram_thresholds(
-                tensors, keep, lambda number, held=held: held, mask_of
+    def passes(self, entries, label: str) -> Iterator[StatisticPass]:
+        """Passes over `entries` for the engine to run, until the thresholds are known."""
+        while not self.done:
+            yield StatisticPass(
+                label=f"{label} threshold pass {self.number}",
+                tensors=entries,
+                observe=self.observe,
+                combine=combine_partials,
+                start=None,
+                finish=self.finish,
+                exact=True,
             )
-            mask = mask_of(entry, None)
-            yield entry.name, None, ops.ties_merge(base, experts, thresholds, options.lam, mask)
-            del held, base, experts
-            continue
-        blocks.close()
-        del rows, base, experts
 
-        def tensor_blocks(number: int, entry: TensorPlan = entry) -> Iterator[RawBlock]:
+    def of_tensor(self, entry: TensorPlan, held: list | None = None) -> torch.Tensor:
+        """The thresholds over one tensor, passing over its blocks here (per-tensor scope)."""
+        while not self.done:
+            self.finish(self.observe(entry, held))
+        return self.values()
+
+
+def ties_passes(
+    tensors: TaskTensors, options, label: str, mask_of: MaskOf = _no_mask
+) -> MethodPasses:
+    """TIES over the task vectors, after DARE's mask where `mask_of` gives one (DARE-TIES).
+
+    In float32 on native kernels: thresholds by histogram passes over the raw inputs, then one
+    ops.ties_merge pass; the kernels hold no [N, ...] temporaries, so blocks are sized for the
+    raw inputs alone (the ops' pure-torch references would overrun that budget). Otherwise the
+    pure-torch select and ties_combine over task-vector blocks."""
+    native = tensors.compute_dtype == torch.float32 and ops.ties_kernels_native(tensors.device)
+    n = tensors.n_experts
+
+    def sparsified(entry: TensorPlan, rows, base: torch.Tensor, experts: torch.Tensor):
+        mask = mask_of(entry, rows)
+        tau = experts - base
+        return tau if mask is None else dare_masked(tau, mask)
+
+    def merged_blocks(entry: TensorPlan, thresholds: torch.Tensor) -> Merged:
+        if native:
+            # The threshold passes checked every input for NaN/Inf (and TIES may trim a NaN
+            # away, so a finite result would prove nothing).
             for rows, base, experts in tensors.raw_blocks(entry):
-                yield entry, rows, base, experts
-
-        thresholds = _histogram_thresholds(tensors, keep, tensor_blocks, mask_of)
-        for _, rows, base, experts in tensor_blocks(0):
-            mask = mask_of(entry, rows)
-            yield entry.name, rows, ops.ties_merge(base, experts, thresholds, options.lam, mask)
-            del base, experts
-
-
-def _exact_thresholds(
-    tensors: TaskTensors,
-    keep: int,
-    passes: Callable[[int], Iterable[TensorPlan]],
-    sparsify: Sparsify,
-) -> torch.Tensor:
-    """The exact keep-th largest |tau| per task over the tensors `passes(number)` yields in
-    pass `number`, by radix select over their row blocks (any compute dtype)."""
-    selector = KthLargestMagnitude([keep] * tensors.n_experts, tensors.compute_dtype)
-    number = 1
-    while not selector.done:
-        for entry in passes(number):
-            for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
-                selector.observe(sparsify(entry, rows, experts - base).abs())
-                del base, experts  # one block at a time (MergeInputs.blocks)
-        selector.finish_pass()
-        number += 1
-    return selector.values()
-
-
-def _ties(tensors: TaskTensors, options: TiesOptions, sparsify: Sparsify, label: str) -> Merged:
-    if options.ties_scope == "global":
-        keep = max(1, exact_ceil(options.density, sum(entry.numel for entry in tensors.body)))
-        thresholds = _exact_thresholds(
-            tensors,
-            keep,
-            lambda number: tensors.pass_over(tensors.body, f"{label} threshold pass {number}"),
-            sparsify,
-        )
-        for entry in tensors.pass_over(tensors.outputs, label):
-            for rows, base, experts in tensors.blocks(entry, extra_stacks=_TIES_STACKS):
-                tau = sparsify(entry, rows, experts - base)
-                del experts
-                yield entry.name, rows, base + options.lam * ties_combine(tau, thresholds)
-                del base, tau  # one block at a time (MergeInputs.blocks)
-        return
-    for entry in tensors.pass_over(tensors.outputs, label):
-        if tensors.fits_whole(entry, _TIES_STACKS):
-            base, experts = tensors.load(entry.name, _TIES_STACKS)
-            tau = sparsify(entry, None, experts - base)
-            magnitudes = tau.abs().reshape(tensors.n_experts, -1)
-            thresholds = _per_task_kth_largest(magnitudes, options.density)
-            yield entry.name, None, base + options.lam * ties_combine(tau, thresholds)
-            continue
-        # Too large to hold whole: select its threshold over row blocks, then merge them.
-        keep = max(1, exact_ceil(options.density, entry.numel))
-        thresholds = _exact_thresholds(
-            tensors, keep, lambda number, entry=entry: (entry,), sparsify
-        )
+                mask = mask_of(entry, rows)
+                yield entry.name, rows, ops.ties_merge(base, experts, thresholds, options.lam, mask)
+                del base, experts
+            return
         for rows, base, experts in tensors.blocks(entry, extra_stacks=_TIES_STACKS):
-            tau = sparsify(entry, rows, experts - base)
+            tau = sparsified(entry, rows, base, experts)
             del experts
             yield entry.name, rows, base + options.lam * ties_combine(tau, thresholds)
-            del base, tau
+            del base, tau  # one block at a time (MergeInputs.blocks)
+
+    if options.ties_scope == "global":
+        keep = max(1, exact_ceil(options.density, sum(entry.numel for entry in tensors.body)))
+        thresholds = _Thresholds(tensors, keep, native, mask_of)
+        return MethodPasses(
+            write_label=label,
+            emit=lambda entry: merged_blocks(entry, thresholds.values()),
+            statistics=thresholds.passes(tensors.body, label),
+        )
+
+    def emit_per_tensor(entry: TensorPlan) -> Merged:
+        keep = max(1, exact_ceil(options.density, entry.numel))
+        if native:
+            blocks = tensors.raw_blocks(entry)
+            rows, base, experts = next(blocks)
+            if rows is None:  # whole: every pass over the same inputs, read once
+                held = [(None, base, experts)]
+                values = _Thresholds(tensors, keep, native, mask_of).of_tensor(entry, held)
+                mask = mask_of(entry, None)
+                yield entry.name, None, ops.ties_merge(base, experts, values, options.lam, mask)
+                return
+            blocks.close()
+            del rows, base, experts
+        elif tensors.fits_whole(entry, _TIES_STACKS):
+            base, experts = tensors.load(entry.name, _TIES_STACKS)
+            tau = sparsified(entry, None, base, experts)
+            values = _per_task_kth_largest(tau.abs().reshape(n, -1), options.density)
+            yield entry.name, None, base + options.lam * ties_combine(tau, values)
+            return
+        # Too large to hold whole: select its thresholds over row blocks, then merge them.
+        yield from merged_blocks(
+            entry, _Thresholds(tensors, keep, native, mask_of).of_tensor(entry)
+        )
+
+    return MethodPasses(write_label=label, emit=emit_per_tensor)
 
 
-def _keep_all(entry: TensorPlan, rows: slice | None, tau: torch.Tensor) -> torch.Tensor:
-    return tau
-
-
-def merge_ties(tensors: TaskTensors, options: TiesOptions, report: dict) -> Merged:
-    # The fused path sizes its blocks for kernels that hold no [N, ...] temporaries: only native
-    # ones do (the ops' pure-torch references would overrun the budget).
-    if tensors.compute_dtype == torch.float32 and ops.ties_kernels_native(tensors.device):
-        return _fused_ties(tensors, options, "TIES")
-    return _ties(tensors, options, _keep_all, "TIES")
+def merge_ties(tensors: TaskTensors, options: TiesOptions, report: dict) -> MethodPasses:
+    return ties_passes(tensors, options, "TIES")
 
 
 register(

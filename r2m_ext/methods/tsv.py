@@ -10,7 +10,6 @@ import torch
 
 from r2m_ext.classify import TensorClass
 from r2m_ext.methods.common import (
-    Merged,
     SvdOptions,
     TaskTensors,
     finite_if_factored,
@@ -18,7 +17,9 @@ from r2m_ext.methods.common import (
     mean_update,
     svd_workspace_stacks,
 )
+from r2m_ext.methods.passes import Merged, MethodPasses
 from r2m_ext.methods.registry import MergeMethod, option, register
+from r2m_ext.plan import TensorPlan
 
 
 @dataclass(frozen=True)
@@ -32,19 +33,20 @@ def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
-def merge_tsv(tensors: TaskTensors, options: TsvOptions, report: dict) -> Merged:
+def merge_tsv(tensors: TaskTensors, options: TsvOptions, report: dict) -> MethodPasses:
     n = tensors.n_experts
-    for entry in tensors.pass_over(tensors.outputs, "TSV-M"):
+
+    def emit(entry: TensorPlan) -> Merged:
         if entry.tensor_class is not TensorClass.MATRIX:
             yield from mean_update(tensors, entry)
-            continue
+            return
         m, cols = entry.shape
         rank = min(m, cols) // n
         if rank == 0:
             # Spec §6 keeps floor(min(m, n) / N) triplets per task: none when N > min(m, n).
             for rows, base, _ in tensors.blocks(entry):
                 yield entry.name, rows, base
-            continue
+            return
         base, tau = tensors.load(
             entry.name, svd_workspace_stacks(options), purpose="run TSV-M's SVDs", task_vectors=True
         )
@@ -53,6 +55,8 @@ def merge_tsv(tensors: TaskTensors, options: TsvOptions, report: dict) -> Merged
         v_joint = polar_factor(v.permute(1, 0, 2).reshape(cols, n * rank))
         update = (u_joint * s.reshape(1, n * rank)) @ v_joint.T
         yield entry.name, None, base + options.alpha * update
+
+    return MethodPasses(write_label="TSV-M", emit=emit)
 
 
 register(

@@ -1,0 +1,63 @@
+"""What a method asks the engine to run: passes over the model that gather statistics, each
+reduced before the next is asked for, then the write pass that emits every output tensor.
+
+A statistic pass says, per tensor, what it observes (a small typed value: R²M's N x N Gram,
+TIES's integer magnitude counts), how two of them combine, and what the method does with the
+total. The engine observes the pass's tensors in the plan's canonical order and folds them with
+`combine` in that order, so a float statistic reduces to the same bits however the tensors were
+split (today one process, tomorrow ranks that each observe a share and gather them in plan
+order). `exact` marks statistics whose combination is order-free (integer counts), which may be
+folded in any grouping (and all-reduced).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from r2m_ext.plan import TensorPlan
+
+Statistic = TypeVar("Statistic")
+# What a method emits: (tensor name, rows or None for the whole tensor, merged values).
+MergedBlock = tuple[str, "slice | None", torch.Tensor]
+Merged = Iterator[MergedBlock]
+
+
+@dataclass(frozen=True)
+class StatisticPass(Generic[Statistic]):
+    label: str  # progress bar and report timings
+    tensors: Sequence[TensorPlan]
+    observe: Callable[[TensorPlan], Statistic]
+    combine: Callable[[Statistic, Statistic], Statistic]  # (tensors so far, the next tensor)
+    start: Statistic  # the total before any tensor
+    finish: Callable[[Statistic], Any]  # receives the total, once
+    exact: bool = False
+
+
+@dataclass(frozen=True)
+class MethodPasses:
+    """A method's work for one merge. `statistics` is iterated lazily: a pass may depend on
+    what the one before reduced to (TIES's next digit, R²M's core weights)."""
+
+    write_label: str
+    emit: Callable[[TensorPlan], Merged]  # one output tensor, whole or in rows
+    statistics: Iterable[StatisticPass] = ()
+    # Called after the write pass (release what the method held for tensors it never wrote).
+    finish: Callable[[], None] = field(default=lambda: None)
+
+
+def add(total: Any, value: Any) -> Any:
+    """`combine` for statistics that are numbers or tensors summed in order."""
+    return total + value
+
+
+def ordered_parts(parts: Iterable[float]) -> float:
+    """Float parts summed one by one from 0.0 in the order given: the canonical reduction of a
+    scalar statistic whose parts (one per tensor or per row block) arrive in plan order."""
+    total = 0.0
+    for part in parts:
+        total += part
+    return total
