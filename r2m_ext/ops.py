@@ -9,7 +9,7 @@ import torch
 
 from r2m_ext import reference
 from r2m_ext._backend import native_module
-from r2m_ext.reference import DareMask
+from r2m_ext.determinism import DareMask, signed64
 
 _NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -210,7 +210,7 @@ def _dare_arguments(dare: DareMask | None) -> tuple[list[int], int, float]:
     """A DareMask as the ops' (dare_streams, first_index, drop_rate): 64-bit streams as int64."""
     if dare is None:
         return [], 0, 0.0
-    return [reference.signed64(s) for s in dare.streams], dare.first_index, float(dare.drop_rate)
+    return [signed64(s) for s in dare.streams], dare.first_index, float(dare.drop_rate)
 
 
 def lowrank_accumulate(
@@ -251,7 +251,7 @@ def randomized_svd(
 
     The Gaussian test matrix has rank + oversample columns and is a function of (seed, key)
     (`seed` a 64-bit unsigned integer)
-    alone (r2m_ext uses key = reference.name_key(tensor name, shape)), the same on every device
+    alone (r2m_ext uses key = determinism.name_key(tensor name, shape)), the same on every device
     and memory budget. `n_iter` power iterations re-orthonormalise after every product
     (on the CPU CholeskyQR2, Householder when that loses orthogonality; on CUDA shifted
     CholeskyQR3, which needs no check and so never waits for the device). float32, float64,
@@ -261,7 +261,7 @@ def randomized_svd(
     """
     if _native_device(a) and a.dtype in _NATIVE_DTYPES:
         return torch.ops.r2m_ext.randomized_svd.default(
-            a, rank, oversample, n_iter, reference.signed64(seed), key
+            a, rank, oversample, n_iter, signed64(seed), key
         )
     return reference.randomized_svd(a, rank, oversample, n_iter, seed, key)
 

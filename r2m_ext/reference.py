@@ -3,12 +3,12 @@ path used when the extension is not built. Any floating dtype, any device."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
+
+from r2m_ext.determinism import GOLDEN_GAMMA, DareMask, signed64, sketch_stream
 
 
 def delta_gram(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -33,36 +33,6 @@ def combine(
     return out.reshape(weights.shape[0], *base.shape).to(out_dtype)
 
 
-_MASK64 = (1 << 64) - 1
-_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
-
-
-def name_key(name: str, shape: Sequence[int]) -> int:
-    """A 63-bit key from a tensor's name and shape, stable across runs, processes and platforms
-    (unlike Python's salted hash())."""
-    text = f"{name}\0{tuple(int(s) for s in shape)}".encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
-
-
-def _splitmix64_int(stream: int, index: int) -> int:
-    z = (stream + (index + 1) * _GOLDEN_GAMMA) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def sketch_stream(seed: int, key: int) -> int:
-    """The random stream of one sketch or mask: the seed mixed into the key (as
-    csrc/sketch/gaussian.h does)."""
-    return _splitmix64_int(key, seed)
-
-
-def signed64(value: int) -> int:
-    """The int64 with the low 64 bits of `value`: how a uint64 (a seed) crosses torch's int."""
-    value &= _MASK64
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
 def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Logical right shift of int64 (torch's >> is arithmetic)."""
     return (x >> bits) & ((1 << (64 - bits)) - 1)
@@ -72,7 +42,7 @@ def splitmix64_uniform(stream: int, index: torch.Tensor) -> torch.Tensor:
     """Uniform [0, 1) float64 for each int64 `index`: entry `index` of the SplitMix64 sequence
     of `stream` (int64 products wrap modulo 2^64, as the generator needs). A pure function of
     (stream, index), so any block of a tensor draws what the whole tensor would."""
-    z = (index + 1) * signed64(_GOLDEN_GAMMA) + signed64(stream)
+    z = (index + 1) * signed64(GOLDEN_GAMMA) + signed64(stream)
     z = (z ^ _shift_right(z, 30)) * signed64(0xBF58476D1CE4E5B9)
     z = (z ^ _shift_right(z, 27)) * signed64(0x94D049BB133111EB)
     z = z ^ _shift_right(z, 31)
@@ -138,17 +108,6 @@ def randomized_svd(
     u_small, s, vh = torch.linalg.svd(q.mT @ a, full_matrices=False)
     kept = min(rank, width)
     return (q @ u_small)[..., :kept], s[..., :kept], vh[..., :kept, :].mT
-
-
-@dataclass(frozen=True)
-class DareMask:
-    """DARE's mask on a block of a tensor: entry `index` of task i is kept where the SplitMix64
-    uniform of (streams[i], index) >= drop_rate, then rescaled by 1 / (1 - drop_rate); the block
-    starts at the tensor's element `first_index`."""
-
-    streams: tuple[int, ...]  # 64-bit, one per expert
-    first_index: int
-    drop_rate: float
 
 
 def dare_masked(tasks: torch.Tensor, dare: DareMask) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 
 from r2m_ext import ops, reference
 from r2m_ext._backend import native_module
-from r2m_ext.reference import name_key
+from r2m_ext.determinism import name_key
 
 NATIVE = native_module() is not None
 CUDA = NATIVE and native_module().with_cuda and torch.cuda.is_available()

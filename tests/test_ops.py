@@ -9,7 +9,7 @@ import torch
 
 from r2m_ext import ops, reference
 from r2m_ext._backend import native_module
-from r2m_ext.reference import DareMask
+from r2m_ext.determinism import DareMask, name_key
 
 NATIVE = native_module() is not None
 NAME_KEY_PIN = 2046361011703837434
@@ -154,17 +154,15 @@ def test_sketch_depends_on_seed_and_key_only():
     assert torch.equal(reference.gaussian_test_matrix(0, 11, 6, 5)[:, :3], first.float())
     # Tensor keys: name and shape; lists and tuples of sizes are the same shape. Pinned, because
     # recipes promise the same output across versions: the derivation must not change silently.
-    assert reference.name_key("a.weight", (8, 6)) == reference.name_key("a.weight", [8, 6])
-    assert reference.name_key("a.weight", (8, 6)) != reference.name_key("a.weight", (6, 8))
-    assert reference.name_key("a.weight", (8, 6)) == NAME_KEY_PIN
+    assert name_key("a.weight", (8, 6)) == name_key("a.weight", [8, 6])
+    assert name_key("a.weight", (8, 6)) != name_key("a.weight", (6, 8))
+    assert name_key("a.weight", (8, 6)) == NAME_KEY_PIN
 
 
 @needs_native
 def test_native_sketch_matrix_equals_the_torch_twin():
-    native = torch.ops.r2m_ext.sketch_matrix.default(
-        7, reference.name_key("w", (300, 200)), 200, 40
-    )
-    twin = reference.gaussian_test_matrix(7, reference.name_key("w", (300, 200)), 200, 40)
+    native = torch.ops.r2m_ext.sketch_matrix.default(7, name_key("w", (300, 200)), 200, 40)
+    twin = reference.gaussian_test_matrix(7, name_key("w", (300, 200)), 200, 40)
     # Both round a double to float32; libm and torch's vectorised log/cos may differ in a last
     # double bit, which survives the rounding only rarely.
     torch.testing.assert_close(native, twin, rtol=1e-6, atol=1e-7)

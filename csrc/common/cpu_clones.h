@@ -8,14 +8,10 @@
 // their own summation order in explicit lanes).
 #pragma once
 
+#include "common/scalar.h"  // R2M_ALWAYS_INLINE
+
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__CUDACC__)
 #define R2M_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define R2M_CPU_CLONES
-#endif
-
-#if defined(__GNUC__)
-#define R2M_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define R2M_ALWAYS_INLINE inline
 #endif

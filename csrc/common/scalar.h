@@ -11,6 +11,17 @@
 #define R2M_HOST_DEVICE inline
 #endif
 
+// Inlined into every caller, whatever the optimiser would choose: helpers of the CPU kernels must
+// be compiled into each vector-width clone of their caller (common/cpu_clones.h), not called at the
+// baseline width. R2M_INLINE_LAMBDA does the same for a lambda (written after its parameters).
+#if defined(__GNUC__)
+#define R2M_ALWAYS_INLINE inline __attribute__((always_inline))
+#define R2M_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define R2M_ALWAYS_INLINE inline
+#define R2M_INLINE_LAMBDA
+#endif
+
 namespace r2m {
 
 // The element types the ops accept. 16-bit inputs are widened on load: every op computes and
@@ -82,6 +93,25 @@ R2M_HOST_DEVICE float to_float(float value) { return value; }
 R2M_HOST_DEVICE float to_float(double value) { return static_cast<float>(value); }
 R2M_HOST_DEVICE float to_float(BFloat16Bits value) { return bf16_bits_to_float(value.bits); }
 R2M_HOST_DEVICE float to_float(Float16Bits value) { return fp16_bits_to_float(value.bits); }
+
+// Calls `typed(tag)` with a value of the storage type of `kind` (float, double, BFloat16Bits or
+// Float16Bits) and returns its result: the one place a ScalarKind becomes a C++ type, in host
+// code, once per call of a kernel (a per-element switch would keep loops from vectorising).
+// Kinds are checked where tensors enter the ops (python/ops/scalar_kind.h).
+template <typename Typed>
+R2M_ALWAYS_INLINE auto dispatch_kind(ScalarKind kind, Typed&& typed) -> decltype(typed(float{})) {
+  switch (kind) {
+    case ScalarKind::kFloat64:
+      return typed(double{});
+    case ScalarKind::kBFloat16:
+      return typed(BFloat16Bits{});
+    case ScalarKind::kFloat16:
+      return typed(Float16Bits{});
+    case ScalarKind::kFloat32:
+      break;
+  }
+  return typed(float{});
+}
 
 // Loads element `i` of a buffer of the given kind as a double.
 R2M_HOST_DEVICE double load_as_double(const void* data, ScalarKind kind, int64_t i) {

@@ -10,11 +10,10 @@ namespace {
 
 // Three kernels, all with the same operations in the same order per element (so the same bits):
 // out = base_weight * b, then for each expert j in order, unless its weight is zero,
-// out += weight * (x_j - b). Measured on 8 experts of 3072 x 768 float32, 2 threads, AVX-512
-// clone, into memory already faulted in: one output 2.0-2.5 ms (3.5-4.7 ms before the sums were
-// kept in vector registers; bfloat16 inputs 1.35 ms, was 2.1); eight outputs 9.8 ms with
-// combine_lanes against 11.7-12.0 ms with combine_typed (eight plain subtractions, memory traffic
-// alone: 5.6 ms).
+// out += weight * (x_j - b). Which kernel runs is a matter of speed alone: combine_lanes keeps
+// the sums in vector registers (8 experts of 3072 x 768 float32, 2 threads, AVX-512, one output:
+// 2.0-2.5 ms; eight outputs 9.8 ms against 11.7-12.0 ms with combine_typed, where the memory
+// traffic alone is 5.6 ms).
 
 // Any number of experts: one pass per expert over the block, the difference formed once and
 // added into every output's block-long row.
@@ -187,16 +186,9 @@ R2M_ALWAYS_INLINE void combine_dispatch(const CombineParams& params, int64_t blo
 template <typename Acc>
 R2M_ALWAYS_INLINE void combine_block_of_kind(const CombineParams& params, int64_t block, Acc* out,
                                              Acc* scratch) {
-  switch (params.kind) {
-    case ScalarKind::kFloat32:
-      return combine_dispatch<float, Acc>(params, block, out, scratch);
-    case ScalarKind::kFloat64:
-      return combine_dispatch<double, Acc>(params, block, out, scratch);
-    case ScalarKind::kBFloat16:
-      return combine_dispatch<BFloat16Bits, Acc>(params, block, out, scratch);
-    case ScalarKind::kFloat16:
-      return combine_dispatch<Float16Bits, Acc>(params, block, out, scratch);
-  }
+  dispatch_kind(params.kind, [&](auto tag) R2M_INLINE_LAMBDA {
+    combine_dispatch<decltype(tag), Acc>(params, block, out, scratch);
+  });
 }
 
 // The compiled-per-vector-width entries (common/cpu_clones.h), one per accumulator type.

@@ -44,17 +44,9 @@ R2M_ALWAYS_INLINE float dare_merge_typed(const DareMergeParams& params, int64_t 
 
 R2M_CPU_CLONES float dare_merge_cpu(const DareMergeParams& params, int64_t begin, int64_t end,
                                     float* out) {
-  switch (params.kind) {
-    case ScalarKind::kFloat32:
-      return dare_merge_typed<float>(params, begin, end, out);
-    case ScalarKind::kFloat64:
-      return dare_merge_typed<double>(params, begin, end, out);
-    case ScalarKind::kBFloat16:
-      return dare_merge_typed<BFloat16Bits>(params, begin, end, out);
-    case ScalarKind::kFloat16:
-      return dare_merge_typed<Float16Bits>(params, begin, end, out);
-  }
-  return 0.0f;
+  return dispatch_kind(params.kind, [&](auto tag) R2M_INLINE_LAMBDA {
+    return dare_merge_typed<decltype(tag)>(params, begin, end, out);
+  });
 }
 
 }  // namespace r2m

@@ -25,16 +25,9 @@ R2M_ALWAYS_INLINE void task_rows(const DeltaGramParams& params, int64_t begin, i
 
 R2M_ALWAYS_INLINE void task_rows_of(const DeltaGramParams& params, int64_t begin, int64_t count,
                                     int64_t stride, double* rows) {
-  switch (params.kind) {
-    case ScalarKind::kFloat32:
-      return task_rows<float>(params, begin, count, stride, rows);
-    case ScalarKind::kFloat64:
-      return task_rows<double>(params, begin, count, stride, rows);
-    case ScalarKind::kBFloat16:
-      return task_rows<BFloat16Bits>(params, begin, count, stride, rows);
-    case ScalarKind::kFloat16:
-      return task_rows<Float16Bits>(params, begin, count, stride, rows);
-  }
+  dispatch_kind(params.kind, [&](auto tag) R2M_INLINE_LAMBDA {
+    task_rows<decltype(tag)>(params, begin, count, stride, rows);
+  });
 }
 
 // One pair's kDeltaGramLanes partial sums as one GCC vector (one AVX-512 register): elementwise

@@ -221,20 +221,9 @@ int delta_gram_cuda(const DeltaGramParams& params, double* workspace, double* gr
       const Tile tile{
           a0, b0, static_cast<int>(std::min<int64_t>(kDeltaGramGroup, params.n_experts - a0)),
           static_cast<int>(std::min<int64_t>(kDeltaGramGroup, params.n_experts - b0)), a0 == b0};
-      switch (params.kind) {
-        case ScalarKind::kFloat32:
-          launch_tile<float>(params, tile, blocks, workspace, cuda_stream);
-          break;
-        case ScalarKind::kFloat64:
-          launch_tile<double>(params, tile, blocks, workspace, cuda_stream);
-          break;
-        case ScalarKind::kBFloat16:
-          launch_tile<BFloat16Bits>(params, tile, blocks, workspace, cuda_stream);
-          break;
-        case ScalarKind::kFloat16:
-          launch_tile<Float16Bits>(params, tile, blocks, workspace, cuda_stream);
-          break;
-      }
+      dispatch_kind(params.kind, [&](auto tag) {
+        launch_tile<decltype(tag)>(params, tile, blocks, workspace, cuda_stream);
+      });
       delta_gram_finish_kernel<<<kTilePairs, kFinishThreads, 0, cuda_stream>>>(
           workspace, blocks, tile, params.n_experts, gram);
     }

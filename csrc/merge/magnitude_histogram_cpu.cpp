@@ -54,16 +54,9 @@ R2M_ALWAYS_INLINE void histogram(const MagnitudeHistogramParams& params, int64_t
 template <bool Masked>
 R2M_ALWAYS_INLINE void histogram_kind(const MagnitudeHistogramParams& params, int64_t begin,
                                       int64_t end, int64_t* counts) {
-  switch (params.kind) {
-    case ScalarKind::kFloat32:
-      return histogram<float, Masked>(params, begin, end, counts);
-    case ScalarKind::kFloat64:
-      return histogram<double, Masked>(params, begin, end, counts);
-    case ScalarKind::kBFloat16:
-      return histogram<BFloat16Bits, Masked>(params, begin, end, counts);
-    case ScalarKind::kFloat16:
-      return histogram<Float16Bits, Masked>(params, begin, end, counts);
-  }
+  dispatch_kind(params.kind, [&](auto tag) R2M_INLINE_LAMBDA {
+    histogram<decltype(tag), Masked>(params, begin, end, counts);
+  });
 }
 
 }  // namespace

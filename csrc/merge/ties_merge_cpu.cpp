@@ -100,16 +100,9 @@ R2M_ALWAYS_INLINE void ties_merge_typed(const TiesMergeParams& params, int64_t b
 template <bool Masked>
 R2M_ALWAYS_INLINE void ties_merge_kind(const TiesMergeParams& params, int64_t begin, int64_t end,
                                        float* out) {
-  switch (params.kind) {
-    case ScalarKind::kFloat32:
-      return ties_merge_typed<float, Masked>(params, begin, end, out);
-    case ScalarKind::kFloat64:
-      return ties_merge_typed<double, Masked>(params, begin, end, out);
-    case ScalarKind::kBFloat16:
-      return ties_merge_typed<BFloat16Bits, Masked>(params, begin, end, out);
-    case ScalarKind::kFloat16:
-      return ties_merge_typed<Float16Bits, Masked>(params, begin, end, out);
-  }
+  dispatch_kind(params.kind, [&](auto tag) R2M_INLINE_LAMBDA {
+    ties_merge_typed<decltype(tag), Masked>(params, begin, end, out);
+  });
 }
 
 }  // namespace

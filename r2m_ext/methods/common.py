@@ -13,6 +13,7 @@ import torch
 
 from r2m_ext import ops, reference
 from r2m_ext.classify import TensorClass
+from r2m_ext.determinism import name_key
 from r2m_ext.methods.passes import Merged
 from r2m_ext.methods.registry import Range, option
 from r2m_ext.plan import TensorPlan
@@ -153,7 +154,7 @@ def low_rank_factors(
         options.oversample,
         options.n_iter,
         options.seed,
-        reference.name_key(key, matrices.shape[-2:]),
+        name_key(key, matrices.shape[-2:]),
     )
 
 
@@ -213,7 +214,7 @@ def streamed_low_rank_factors(
             if omega is None:
                 omega = reference.gaussian_test_matrix(
                     options.seed,
-                    reference.name_key(key, shape),
+                    name_key(key, shape),
                     n,
                     width,
                     block.dtype,

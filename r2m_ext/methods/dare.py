@@ -1,6 +1,6 @@
 """dare (spec §6, DARE): drop each task-vector entry with probability drop_rate, rescale the
 kept ones by 1 / (1 - drop_rate), then combine by task arithmetic or by TIES. The mask is a
-function of seed, tensor name, shape and task alone (reference.DareMask), so it does not depend
+function of seed, tensor name, shape and task alone (determinism.py), so it does not depend
 on block splits, budgets or devices."""
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from dataclasses import dataclass
 import torch
 
 from r2m_ext import ops
+from r2m_ext.determinism import DareMask, dare_stream
 from r2m_ext.methods.common import TaskTensors
 from r2m_ext.methods.passes import Merged, MethodPasses
 from r2m_ext.methods.registry import MergeMethod, OptionVariants, Range, option, register
 from r2m_ext.methods.ties import MaskOf, TiesOptions, ties_passes
 from r2m_ext.plan import TensorPlan
-from r2m_ext.reference import DareMask, dare_masked, name_key, sketch_stream
+from r2m_ext.reference import dare_masked
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,6 @@ class DareTiesOptions(TiesOptions, DareOptions):
     """DARE's options with TIES's (and TIES's default lam) when dare_combine is "ties"."""
 
 
-def _dare_stream(seed: int, entry: TensorPlan, task: int) -> int:
-    """The SplitMix64 stream of task `task`'s DARE mask on `entry`."""
-    return sketch_stream(seed, name_key(f"dare/{task}/{entry.name}", entry.shape))
-
-
 def _dare_mask_of(tensors: TaskTensors, options: DareOptions) -> MaskOf:
     """DARE's mask of each block, its streams computed once per tensor."""
     streams: dict[str, tuple[int, ...]] = {}
@@ -51,7 +47,8 @@ def _dare_mask_of(tensors: TaskTensors, options: DareOptions) -> MaskOf:
     def mask_of(entry: TensorPlan, rows: slice | None) -> DareMask:
         if entry.name not in streams:
             streams[entry.name] = tuple(
-                _dare_stream(options.seed, entry, i) for i in range(tensors.n_experts)
+                dare_stream(options.seed, entry.name, entry.shape, i)
+                for i in range(tensors.n_experts)
             )
         first = 0 if rows is None else rows.start * entry.row_numel
         return DareMask(streams[entry.name], first, options.drop_rate)

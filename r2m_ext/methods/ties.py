@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from r2m_ext import ops
+from r2m_ext.determinism import DareMask
 from r2m_ext.methods.common import TaskTensors, exact_ceil
 from r2m_ext.methods.passes import Merged, MethodPasses, StatisticPass
 from r2m_ext.methods.registry import MergeMethod, Range, option, register
@@ -26,7 +27,7 @@ from r2m_ext.methods.select import (
     counts_nonfinite,
 )
 from r2m_ext.plan import TensorPlan
-from r2m_ext.reference import DareMask, dare_masked
+from r2m_ext.reference import dare_masked
 
 # DARE's mask of a block of a tensor (DARE-TIES), or None (TIES).
 MaskOf = Callable[[TensorPlan, "slice | None"], "DareMask | None"]
