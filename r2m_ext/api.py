@@ -18,7 +18,7 @@ from r2m_ext.engine import MemoryBudget, MergeInputs, run_merge
 from r2m_ext.engine.budget import peak_rss_bytes, return_large_frees_to_os
 from r2m_ext.engine.inputs import WRITE_BEHIND_SHARE
 from r2m_ext.errors import R2MError
-from r2m_ext.io import Checkpoint, ShardWriter, parse_size
+from r2m_ext.io import ShardWriter, StateDictSource, TensorSource, open_source, parse_size
 from r2m_ext.io.buffers import HostBuffers
 from r2m_ext.io.checkpoint import PICKLE_SUFFIXES
 from r2m_ext.io.output import (
@@ -50,15 +50,6 @@ _NOT_COPIED_SUFFIXES = (".safetensors", ".msgpack", ".h5", ".ckpt", ".onnx", *PI
 _NOT_COPIED_NAMES = {RECIPE_FILE, REPORT_FILE, MANIFEST_FILE}
 
 
-def _metadata(state: Mapping[str, torch.Tensor], label: str):
-    meta = {}
-    for name, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            raise R2MError(f"{label}: entry {name!r} is a {type(value).__name__}, not a tensor")
-        meta[name] = (tuple(value.shape), value.dtype)
-    return meta
-
-
 def merge(
     base: Mapping[str, torch.Tensor],
     experts: Sequence[Mapping[str, torch.Tensor]],
@@ -77,24 +68,19 @@ def merge(
     `report` to receive what the method computed (for R²M: Gram, core coefficients, eta, ...).
     """
     resolved = resolve_options(method, **options)
-    experts = list(experts)
-    labels = [f"expert {i}" for i in range(len(experts))]
+    sources = [StateDictSource(base, "base")]
+    sources += [StateDictSource(e, f"expert {i}") for i, e in enumerate(experts)]
     plan = plan_merge(
-        _metadata(base, "base"),
-        [_metadata(e, label) for e, label in zip(experts, labels, strict=True)],
+        sources[0].metadata(),
+        [source.metadata() for source in sources[1:]],
         resolved,
-        "base",
-        labels,
+        sources[0].label,
+        [source.label for source in sources[1:]],
     )
-    sources = [base, *experts]
-    names = ["base", *labels]
     first = next((t for t in base.values() if isinstance(t, torch.Tensor)), None)
     inputs = MergeInputs(
         plan,
-        read=lambda source, name, rows: (
-            sources[source][name] if rows is None else sources[source][name][rows]
-        ),
-        where=lambda source, name: names[source],
+        sources,
         options=resolved,
         budget=MemoryBudget(_IN_MEMORY_BUDGET),
         workspace=HostBuffers(_IN_MEMORY_RETAINED_BYTES),
@@ -143,7 +129,7 @@ def _clear_stale_partial(out: Path) -> None:
     shutil.rmtree(partial)
 
 
-def _copied_files(base: Checkpoint) -> list[Path]:
+def _copied_files(base: TensorSource) -> list[Path]:
     if base.directory is None:
         return []
     weights = set(base.files)
@@ -207,23 +193,25 @@ def merge_files(
     budget = MemoryBudget(max_memory, compute_device)
     if io_threads < 0:
         raise R2MError(f"io_threads must be >= 0, got {io_threads}")
-    checkpoints: list[Checkpoint] = []
+    sources: list[TensorSource] = []
     buffers = HostBuffers(int(budget.limit * _RETAINED_HOST_BUFFERS_SHARE))
     try:
         for path in [base_path, *expert_paths]:
-            checkpoints.append(Checkpoint(path, buffers, allow_external_shards))
-        copied = _copied_files(checkpoints[0])
-        files_read = [f for c in checkpoints for f in c.files_read] + copied
+            sources.append(
+                open_source(path, buffers=buffers, allow_external_shards=allow_external_shards)
+            )
+        copied = _copied_files(sources[0])
+        files_read = [f for source in sources for f in source.files_read] + copied
         check_inputs_apart(out, [base_path, *expert_paths], files_read)
         check_output_target(out, overwrite)
         if overwrite and not resume:
             _clear_stale_partial(out)
         plan = plan_merge(
-            checkpoints[0].metadata(),
-            [c.metadata() for c in checkpoints[1:]],
+            sources[0].metadata(),
+            [source.metadata() for source in sources[1:]],
             resolved,
-            checkpoints[0].label,
-            [c.label for c in checkpoints[1:]],
+            sources[0].label,
+            [source.label for source in sources[1:]],
         )
         recipe = Recipe(
             base=str(base_path.resolve()),
@@ -241,10 +229,7 @@ def merge_files(
         ) as writer:
             inputs = MergeInputs(
                 plan,
-                read=lambda source, name, rows: checkpoints[source].load(
-                    name, rows, pinned=compute_device.type == "cuda"
-                ),
-                where=lambda source, name: checkpoints[source].file_of(name),
+                sources,
                 options=resolved,
                 budget=budget,
                 workspace=buffers,
@@ -280,8 +265,8 @@ def merge_files(
             )
             writer.add_file(REPORT_FILE, json.dumps(report, indent=1) + "\n")
     finally:
-        for checkpoint in checkpoints:
-            checkpoint.close()
+        for source in sources:
+            source.close()
     return out
 
 

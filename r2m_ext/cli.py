@@ -19,7 +19,7 @@ from r2m_ext.classify import TensorClass, classify
 from r2m_ext.detect import BUILTIN_SPEC, SPEC_FORMS
 from r2m_ext.engine.budget import format_bytes
 from r2m_ext.errors import R2MError
-from r2m_ext.io import Checkpoint, parse_size
+from r2m_ext.io import open_source, parse_size
 from r2m_ext.io.checkpoint import EXTERNAL_SHARDS_FLAG
 from r2m_ext.io.output import partial_dir
 from r2m_ext.io.writer import tensor_nbytes
@@ -351,7 +351,7 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> None:
-    checkpoint = Checkpoint(args.path)
+    checkpoint = open_source(args.path)
     metadata = checkpoint.metadata()
     rows = []
     sizes = Counter()

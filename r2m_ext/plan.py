@@ -11,9 +11,8 @@ import torch
 
 from r2m_ext.classify import TensorClass, classify, in_core_set, is_head
 from r2m_ext.errors import R2MError
+from r2m_ext.io.source import TensorMeta
 from r2m_ext.options import OUT_DTYPES, MergeOptions
-
-TensorMeta = tuple[tuple[int, ...], torch.dtype]
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ def test_wrapped_state_dict_in_pt_file(tmp_path):
     torch.save({"state_dict": base, "epoch": 3}, path)
     checkpoint = Checkpoint(path)
     assert set(checkpoint.metadata()) == set(base)
-    assert torch.equal(checkpoint.load("pos_embed"), base["pos_embed"])
+    assert torch.equal(checkpoint.read("pos_embed"), base["pos_embed"])
 
 
 class NotATensor:
@@ -176,7 +176,7 @@ def test_sharded_pickle_directory(tmp_path):
     (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     checkpoint = Checkpoint(directory)
     assert set(checkpoint.metadata()) == set(base)
-    assert all(torch.equal(checkpoint.load(n), base[n]) for n in base)
+    assert all(torch.equal(checkpoint.read(n), base[n]) for n in base)
 
 
 def test_read_buffers_are_reused_only_once_no_tensor_views_them():

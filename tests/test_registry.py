@@ -233,3 +233,50 @@ def test_merge_imports_no_detector_code():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_new_kind_of_input_is_one_registered_reader(monkeypatch, tmp_path):
+    """A model stored as a NumPy archive, read through a registered SourceFormat: the engine
+    reads it through the TensorSource interface alone, beside ordinary checkpoints, and the
+    merge equals the in-memory one; its NaN error names the archive."""
+    import numpy as np
+
+    import r2m_ext
+    from r2m_ext.io import source
+
+    monkeypatch.setattr(source, "_FORMATS", list(source._FORMATS))
+
+    class NpzSource(source.StateDictSource):
+        def __init__(self, path, **options):
+            arrays = np.load(path / "weights.npz")
+            super().__init__({k: torch.from_numpy(arrays[k]) for k in arrays.files}, str(path))
+            self.files = self.files_read = [path / "weights.npz"]
+
+        def where(self, name):
+            return str(self.files[0])
+
+    source.register_source_format(
+        source.SourceFormat("npz", lambda path: (path / "weights.npz").is_file(), NpzSource)
+    )
+    base = random_model(0)
+    experts = make_experts(base, 2)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(experts[0], str(tmp_path / "e0.safetensors"))
+    archive = tmp_path / "e1"
+    archive.mkdir()
+    np.savez(archive / "weights.npz", **{k: v.numpy() for k, v in experts[1].items()})
+
+    out = r2m_ext.merge_files(
+        tmp_path / "base.safetensors", [tmp_path / "e0.safetensors", archive], tmp_path / "out"
+    )
+    want = r2m_ext.merge(base, experts)
+    got = load_file(str(next(out.glob("*.safetensors"))))
+    assert set(got) == set(want)
+    assert all(torch.equal(got[name], want[name]) for name in want)
+
+    experts[1]["blocks.0.mlp.fc1.weight"][0, 0] = float("nan")
+    np.savez(archive / "weights.npz", **{k: v.numpy() for k, v in experts[1].items()})
+    with pytest.raises(r2m_ext.R2MError, match=r"weights\.npz contains NaN or Inf"):
+        r2m_ext.merge_files(
+            tmp_path / "base.safetensors", [tmp_path / "e0.safetensors", archive], tmp_path / "o2"
+        )

@@ -32,7 +32,7 @@ ALL_SUBSETS = "all"
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     checkpoint = Checkpoint(path)
     try:
-        return {name: checkpoint.load(name) for name in checkpoint.metadata()}
+        return {name: checkpoint.read(name) for name in checkpoint.metadata()}
     finally:
         checkpoint.close()
 

@@ -16,16 +16,14 @@ import torch
 from r2m_ext.engine.budget import MemoryBudget, format_bytes
 from r2m_ext.errors import R2MError
 from r2m_ext.io.buffers import HostBuffers
+from r2m_ext.io.source import TensorSource
 from r2m_ext.methods.registry import get_method
 from r2m_ext.options import COMPUTE_DTYPES, MergeOptions
 from r2m_ext.plan import MergePlan, TensorPlan
 
-# read(source, name, rows): source 0 is the base, source i >= 1 is expert i - 1; rows None = all.
-ReadFn = Callable[[int, str, "slice | None"], torch.Tensor]
 # Tensors on their way to the compute device, and the event that marks their copies done (None
 # where nothing was copied).
 Uploaded = tuple[list[torch.Tensor], "torch.cuda.Event | None"]
-WhereFn = Callable[[int, str], str]
 
 # Shares of the budget set aside for the background reader's tensors loaded ahead, and for merged
 # blocks waiting for the writer thread (several of the largest tensors of a 1 GB ViT-L/14 merge).
@@ -109,8 +107,7 @@ class MergeInputs:
     def __init__(
         self,
         plan: MergePlan,
-        read: ReadFn,
-        where: WhereFn,
+        sources: Sequence[TensorSource],
         options: MergeOptions,
         budget: MemoryBudget,
         workspace: HostBuffers | None = None,
@@ -135,8 +132,9 @@ class MergeInputs:
         self.device_peaks: dict[str, int] = {}
         self.tiled: set[str] = set()  # tensors that did not fit whole and came in row blocks
         self._entries = {t.name: t for t in plan.tensors}
-        self._read = read
-        self._where = where
+        self._sources = sources  # the base, then the experts
+        # Tensors bound for a GPU are read into page-locked memory, so the copy can overlap.
+        self._pinned = self.device.type == "cuda"
         self._allow_nonfinite = options.allow_nonfinite
         self._method = get_method(options.method)
         self._show_progress = show_progress
@@ -180,8 +178,11 @@ class MergeInputs:
     # -- reading -----------------------------------------------------------------------------
     def _read_all(self, name: str) -> Uploaded:
         return self._upload(
-            [self._read(source, name, None) for source in range(self.n_experts + 1)]
+            [self._read(source, name, None) for source in range(len(self._sources))]
         )
+
+    def _read(self, source: int, name: str, rows: slice | None) -> torch.Tensor:
+        return self._sources[source].read(name, rows, self._pinned)
 
     def _upload(self, tensors: list[torch.Tensor]) -> Uploaded:
         """Starts copying host tensors to the compute device, on the side stream so that a
@@ -230,9 +231,8 @@ class MergeInputs:
         if advice is None:
             return tensor
         if not all_finite(tensor):
-            raise R2MError(
-                f"tensor {name!r} in {self._where(source, name)} contains NaN or Inf ({advice})"
-            )
+            where = self._sources[source].where(name)
+            raise R2MError(f"tensor {name!r} in {where} contains NaN or Inf ({advice})")
         self._checked.add(key)
         return tensor
 

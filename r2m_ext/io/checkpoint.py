@@ -22,6 +22,7 @@ from r2m_ext.errors import R2MError
 from r2m_ext.io.buffers import HostBuffers
 from r2m_ext.io.paths import is_within, kind_name, require_regular_file, resolved, stat_path
 from r2m_ext.io.safetensors_format import DTYPE_CODES, MAX_HEADER_BYTES, SafetensorsFile
+from r2m_ext.io.source import SourceFormat, TensorMeta, register_source_format
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -33,12 +34,10 @@ _PICKLE_PROTOCOLS = range(2, 6)
 # The flag that lets an index name shards outside the model's directory.
 EXTERNAL_SHARDS_FLAG = "--allow-external-shards"
 
-TensorMeta = tuple[tuple[int, ...], torch.dtype]
-
 
 class Checkpoint:
-    """One model on disk. `metadata()` reads headers only; `load(name)` reads one tensor (or a
-    block of its rows) from disk each time it is called."""
+    """One dense model on disk, a TensorSource. `metadata()` reads headers only; `read(name)`
+    reads one tensor (or a block of its rows) from disk each time it is called."""
 
     def __init__(
         self,
@@ -190,7 +189,7 @@ class Checkpoint:
     def metadata(self) -> dict[str, TensorMeta]:
         return dict(self._meta)
 
-    def file_of(self, name: str) -> str:
+    def where(self, name: str) -> str:
         return str(self._file_of[name])
 
     @property
@@ -202,7 +201,7 @@ class Checkpoint:
         """Every file this checkpoint reads: its weight files and its index."""
         return self.files + ([self._index[0]] if self._index is not None else [])
 
-    def load(self, name: str, rows: slice | None = None, pinned: bool = False) -> torch.Tensor:
+    def read(self, name: str, rows: slice | None = None, pinned: bool = False) -> torch.Tensor:
         """Tensor `name`, or rows [start, stop) of its first dimension (in page-locked memory
         when `pinned`)."""
         file = self._file_of[name]
@@ -255,3 +254,8 @@ def _holds_safetensors(file: Path) -> bool:
         fits = header_len <= min(MAX_HEADER_BYTES, size - 8)
         return fits and head[8:9] in (b"{", b" ", b"\t", b"\r", b"\n")
     return True
+
+
+register_source_format(
+    SourceFormat("checkpoint", recognizes=lambda path: True, open=Checkpoint), fallback=True
+)
