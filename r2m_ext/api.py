@@ -70,13 +70,7 @@ def merge(
     resolved = resolve_options(method, **options)
     sources = [StateDictSource(base, "base")]
     sources += [StateDictSource(e, f"expert {i}") for i, e in enumerate(experts)]
-    plan = plan_merge(
-        sources[0].metadata(),
-        [source.metadata() for source in sources[1:]],
-        resolved,
-        sources[0].label,
-        [source.label for source in sources[1:]],
-    )
+    plan = plan_merge(sources, resolved)
     first = next((t for t in base.values() if isinstance(t, torch.Tensor)), None)
     inputs = MergeInputs(
         plan,
@@ -206,13 +200,7 @@ def merge_files(
         check_output_target(out, overwrite)
         if overwrite and not resume:
             _clear_stale_partial(out)
-        plan = plan_merge(
-            sources[0].metadata(),
-            [source.metadata() for source in sources[1:]],
-            resolved,
-            sources[0].label,
-            [source.label for source in sources[1:]],
-        )
+        plan = plan_merge(sources, resolved)
         recipe = Recipe(
             base=str(base_path.resolve()),
             experts=tuple(str(p.resolve()) for p in expert_paths),

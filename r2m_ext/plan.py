@@ -4,14 +4,15 @@ shapes and dtypes alone, so file inputs are validated before any tensor is read.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from r2m_ext.classify import TensorClass, classify, in_core_set, is_head
 from r2m_ext.errors import R2MError
-from r2m_ext.io.source import TensorMeta
+from r2m_ext.io.source import TensorSource
+from r2m_ext.methods.registry import get_method
 from r2m_ext.options import OUT_DTYPES, MergeOptions
 
 
@@ -63,21 +64,14 @@ def _listing(names: Sequence[str]) -> str:
     return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def plan_merge(
-    base: Mapping[str, TensorMeta],
-    experts: Sequence[Mapping[str, TensorMeta]],
-    options: MergeOptions,
-    base_label: str = "base",
-    expert_labels: Sequence[str] | None = None,
-) -> MergePlan:
+def plan_merge(sources: Sequence[TensorSource], options: MergeOptions) -> MergePlan:
+    """The plan of merging sources[1:] (the experts) into sources[0] (the base)."""
+    base, base_label = sources[0].metadata(), sources[0].label
+    experts = [source.metadata() for source in sources[1:]]
     if len(experts) == 0:
         raise R2MError("at least one expert is required")
-    if options.method == "r2m" and options.k > len(experts):
-        raise R2MError(
-            f"option k: {options.k} is more than the {len(experts)} experts (the Gram of N task "
-            "vectors has N eigenpairs)"
-        )
-    labels = list(expert_labels or [f"expert {i}" for i in range(len(experts))])
+    get_method(options.method).check_experts(options.method_options, len(experts))
+    labels = [source.label for source in sources[1:]]
     heads = options.head_patterns
 
     for expert, label in zip(experts, labels, strict=True):

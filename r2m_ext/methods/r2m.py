@@ -490,6 +490,14 @@ def merge_r2m(tensors: TaskTensors, options: R2mOptions, report: dict) -> Method
     )
 
 
+def _check_experts(options: R2mOptions, n_experts: int) -> None:
+    if options.k > n_experts:
+        raise R2MError(
+            f"option k: {options.k} is more than the {n_experts} experts (the Gram of N task "
+            "vectors has N eigenpairs)"
+        )
+
+
 def _why_finite_required(entry) -> str | None:
     # One non-finite entry would spoil the statistics every tensor shares: the Real core's Gram,
     # the norms of norm matching and eta.
@@ -506,5 +514,6 @@ register(
         merge=merge_r2m,
         passes=("gram", "truncation", "write"),
         why_finite_required=_why_finite_required,
+        check_experts=_check_experts,
     )
 )

@@ -97,6 +97,9 @@ class MergeMethod:
     passes: tuple[str, ...]  # its passes over the inputs, in order (for --help and reports)
     # Why this method needs an input tensor finite even with allow_nonfinite, or None.
     why_finite_required: Callable[[Any], str | None] = lambda entry: None
+    # Raises (R2MError) when its options cannot merge this many experts; called before any
+    # tensor is read.
+    check_experts: Callable[[Any, int], None] = lambda options, n_experts: None
 
     def option_classes(self) -> tuple[type, ...]:
         if isinstance(self.options, OptionVariants):
