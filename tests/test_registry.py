@@ -280,3 +280,76 @@ def test_a_new_kind_of_input_is_one_registered_reader(monkeypatch, tmp_path):
         r2m_ext.merge_files(
             tmp_path / "base.safetensors", [tmp_path / "e0.safetensors", archive], tmp_path / "o2"
         )
+
+
+def _method_passes(method, base, experts, **given):
+    from r2m_ext.engine import MemoryBudget, MergeInputs
+    from r2m_ext.io import StateDictSource
+    from r2m_ext.methods.registry import get_method
+    from r2m_ext.plan import plan_merge
+
+    options = resolve_options(method, **given)
+    sources = [StateDictSource(base, "base")]
+    sources += [StateDictSource(e, f"expert {i}") for i, e in enumerate(experts)]
+    plan = plan_merge(sources, options)
+    inputs = MergeInputs(plan, sources, options, MemoryBudget(1 << 30))
+    report: dict = {}
+    return plan, get_method(method).merge(inputs, options.method_options, report), report
+
+
+def _shared_out(statistic_pass, ranks):
+    """What ranks would do: each observes its share (every ranks-th tensor), the observations are
+    gathered and folded in the plan's order; exact statistics may instead be folded per rank
+    and the rank totals combined."""
+    observed = {}
+    for rank in range(ranks):
+        for entry in statistic_pass.tensors[rank::ranks]:
+            observed[entry.name] = statistic_pass.observe(entry)
+    if statistic_pass.exact:
+        totals = []
+        for rank in range(ranks):
+            total = statistic_pass.start
+            for entry in statistic_pass.tensors[rank::ranks]:
+                total = statistic_pass.combine(total, observed[entry.name])
+            totals.append(total)
+        total = statistic_pass.start
+        for part in reversed(totals):  # any grouping, any order
+            total = statistic_pass.combine(total, part)
+        return statistic_pass.finish(total)
+    total = statistic_pass.start
+    for entry in statistic_pass.tensors:
+        total = statistic_pass.combine(total, observed[entry.name])
+    statistic_pass.finish(total)
+
+
+@pytest.mark.parametrize(
+    "method, given", [("r2m", {}), ("ties", {}), ("dare", {"dare_combine": "ties"})]
+)
+def test_statistic_passes_reduce_to_the_same_bits_however_tensors_are_shared(method, given):
+    """Each statistic pass on its own: observed on one process in plan order, or in shares as
+    ranks would, its reduction is bitwise the same, and so is every merged tensor."""
+    base = random_model(0)
+    experts = make_experts(base, 3)
+    merged = {}
+    for ranks in (1, 3):
+        plan, work, report = _method_passes(method, base, experts, **given)
+        for statistic_pass in work.statistics:
+            _shared_out(statistic_pass, ranks)
+        merged[ranks] = {
+            entry.name: torch.cat([values for _, _, values in work.emit(entry)])
+            for entry in plan.body
+        }
+        if method == "r2m":
+            merged[ranks]["eta"] = torch.tensor(report["eta"], dtype=torch.float64)
+            merged[ranks]["gram"] = torch.tensor(report["gram"], dtype=torch.float64)
+    assert merged[1].keys() == merged[3].keys()
+    assert all(torch.equal(merged[1][k], merged[3][k]) for k in merged[1])
+    if method == "r2m":  # the reduced Gram against float64 task vectors on the core set S
+        core = [e.name for e in plan.body if e.in_core_set]
+        tau = torch.stack(
+            [
+                torch.cat([(x[n].double() - base[n].double()).reshape(-1) for n in core])
+                for x in experts
+            ]
+        )
+        torch.testing.assert_close(merged[1]["gram"], tau @ tau.T, rtol=1e-6, atol=1e-9)
