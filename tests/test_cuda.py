@@ -111,6 +111,61 @@ def test_combine_cuda_is_bitwise_the_cpu_kernel(dtype, compute, out_dtype):
     assert torch.equal(cuda.cpu(), cpu)
 
 
+def _ties_inputs(dtype, masked):
+    """Inputs with ties at the threshold, zeros, a negative zero, a subnormal and a NaN-free
+    spread; with `masked`, DARE's mask arguments (64-bit streams as int64)."""
+    from r2m_ext.determinism import signed64
+
+    base, experts = _inputs((53, 301), 4, dtype)
+    experts[0][0, :5] = base[0, :5]  # zero task-vector entries
+    experts[1][1, 0] = -0.0
+    experts[2][2, :3] = base[2, :3] + 1e-40  # subnormal differences where the dtype has them
+    streams = [signed64(s) for s in (2**64 - 3, 5, 77, 12345)] if masked else []
+    return base, experts, (streams, 53 * 7 if masked else 0, 0.6 if masked else 0.0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_ties_kernels_cuda_are_bitwise_the_cpu_kernels(dtype, masked):
+    """magnitude_histogram, ties_merge and dare_merge on the GPU against the CPU kernels, bit for
+    bit (each element's float operations are the same, in the same order; counts are integers)."""
+    base, experts, dare = _ties_inputs(dtype, masked)
+    gpu = (base.cuda(), [e.cuda() for e in experts])
+    ops_ = torch.ops.r2m_ext
+    n = len(experts)
+    for shift, width, prefix in ((15, 16, 0), (0, 15, 0x3C00), (4, 12, 0x1F)):
+        prefixes = torch.full((n,), prefix, dtype=torch.int64)
+        want = ops_.magnitude_histogram.default(base, experts, prefixes, shift, width, *dare)
+        got = ops_.magnitude_histogram.default(*gpu, prefixes.cuda(), shift, width, *dare)
+        assert torch.equal(got.cpu(), want), (shift, width)
+    thresholds = torch.tensor([0.05, 0.0, 0.1, 1e30], dtype=torch.float32)
+    want = ops_.ties_merge.default(base, experts, thresholds, 0.7, *dare)
+    got = ops_.ties_merge.default(*gpu, thresholds.cuda(), 0.7, *dare)
+    assert torch.equal(got.cpu(), want)
+    if masked:
+        merged, probe = ops_.dare_merge.default(base, experts, *dare, 0.3)
+        merged_gpu, probe_gpu = ops_.dare_merge.default(*gpu, *dare, 0.3)
+        assert torch.equal(merged_gpu.cpu(), merged) and probe_gpu.item() == probe.item() == 0.0
+        experts[3][4, 4] = float("inf")  # a non-finite input, kept or dropped, shows in the probe
+        _, probe_gpu = ops_.dare_merge.default(gpu[0], [e.cuda() for e in experts], *dare, 0.3)
+        assert probe_gpu.isnan().item()
+
+
+@needs_cuda
+def test_ties_kernels_cuda_opcheck():
+    base, experts, dare = _ties_inputs(torch.float32, masked=True)
+    base, experts = base.cuda(), [e.cuda() for e in experts]
+    prefixes = torch.zeros(4, dtype=torch.int64, device="cuda")
+    thresholds = torch.full((4,), 0.05, device="cuda")
+    ops_ = torch.ops.r2m_ext
+    torch.library.opcheck(
+        ops_.magnitude_histogram.default, (base, experts, prefixes, 15, 16, *dare)
+    )
+    torch.library.opcheck(ops_.ties_merge.default, (base, experts, thresholds, 0.7, *dare))
+    torch.library.opcheck(ops_.dare_merge.default, (base, experts, *dare, 0.3))
+
+
 @needs_cuda
 def test_combine_into_cuda_buffers_gives_the_functional_bits():
     base, experts = _inputs((37, 1000), 5, torch.bfloat16)

@@ -28,4 +28,11 @@ struct DareMergeParams {
 // the sum of task * 0 NaN), so the caller can check the inputs without reading them again.
 float dare_merge_cpu(const DareMergeParams& params, int64_t begin, int64_t end, float* out);
 
+#if defined(R2M_WITH_CUDA)
+// Writes every element into out (device memory) on `stream` and sets *nonfinite (device, zeroed
+// by the caller) to 1 when a task-vector entry is not finite; params' pointers are device
+// pointers. Returns a cudaError_t.
+int dare_merge_cuda(const DareMergeParams& params, float* out, int* nonfinite, void* stream);
+#endif
+
 }  // namespace r2m

@@ -40,4 +40,10 @@ R2M_HOST_DEVICE uint32_t magnitude_bits(float difference) {
 void magnitude_histogram_cpu(const MagnitudeHistogramParams& params, int64_t begin, int64_t end,
                              int64_t* counts);
 
+#if defined(R2M_WITH_CUDA)
+// Adds every element into counts (device memory, zeroed by the caller), on `stream`; params'
+// pointers (experts, prefixes, mask streams) are device pointers. Returns a cudaError_t.
+int magnitude_histogram_cuda(const MagnitudeHistogramParams& params, int64_t* counts, void* stream);
+#endif
+
 }  // namespace r2m

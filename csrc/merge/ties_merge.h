@@ -28,4 +28,10 @@ struct TiesMergeParams {
 // Writes elements [begin, end) of the float32 result into out.
 void ties_merge_cpu(const TiesMergeParams& params, int64_t begin, int64_t end, float* out);
 
+#if defined(R2M_WITH_CUDA)
+// Writes every element into out (device memory) on `stream`; params' pointers are device
+// pointers. Returns a cudaError_t.
+int ties_merge_cuda(const TiesMergeParams& params, float* out, void* stream);
+#endif
+
 }  // namespace r2m

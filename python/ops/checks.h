@@ -61,6 +61,26 @@ inline void check_combine_arguments(const at::Tensor& weights, int64_t n_experts
 
 // DARE's mask from an op's optional arguments: no streams, no mask; else one stream per expert.
 // `bits` keeps the streams alive while kernels use the mask.
+// The digit and prefixes of one magnitude_histogram pass over n experts.
+inline void check_histogram_digit(const at::Tensor& prefixes, int64_t shift, int64_t width,
+                                  int64_t n) {
+  TORCH_CHECK(width >= 1 && width <= 16 && shift >= 0 && shift + width <= 32,
+              "magnitude_histogram: the digit bits [shift, shift + width) must lie in 32 bits, "
+              "width 1-16; got shift ",
+              shift, ", width ", width);
+  TORCH_CHECK(prefixes.dim() == 1 && prefixes.size(0) == n && prefixes.scalar_type() == at::kLong,
+              "magnitude_histogram: prefixes must be int64 [", n, "], got ", prefixes.scalar_type(),
+              " ", prefixes.sizes());
+}
+
+// TIES's per-task thresholds for n experts.
+inline void check_thresholds(const at::Tensor& thresholds, int64_t n) {
+  TORCH_CHECK(
+      thresholds.dim() == 1 && thresholds.size(0) == n && thresholds.scalar_type() == at::kFloat,
+      "ties_merge: thresholds must be float32 [", n, "], got ", thresholds.scalar_type(), " ",
+      thresholds.sizes());
+}
+
 inline DareMask checked_dare_mask(const char* op, at::IntArrayRef streams, int64_t first_index,
                                   double drop_rate, int64_t n_experts,
                                   std::vector<uint64_t>& bits) {

@@ -28,13 +28,7 @@ at::Tensor magnitude_histogram_cpu_entry(const at::Tensor& base, at::TensorList 
   TORCH_CHECK(base.device().is_cpu(), "magnitude_histogram (CPU): base is on ", base.device());
   const ScalarKind kind = scalar_kind_of(base, "magnitude_histogram", "base");
   const int64_t n = static_cast<int64_t>(experts.size());
-  TORCH_CHECK(width >= 1 && width <= 16 && shift >= 0 && shift + width <= 32,
-              "magnitude_histogram: the digit bits [shift, shift + width) must lie in 32 bits, "
-              "width 1-16; got shift ",
-              shift, ", width ", width);
-  TORCH_CHECK(prefixes.dim() == 1 && prefixes.size(0) == n && prefixes.scalar_type() == at::kLong,
-              "magnitude_histogram: prefixes must be int64 [", n, "], got ", prefixes.scalar_type(),
-              " ", prefixes.sizes());
+  check_histogram_digit(prefixes, shift, width, n);
   const at::Tensor prefixes_cpu = prefixes.to(at::kCPU).contiguous();
   std::vector<uint64_t> stream_bits;
   const DareMask mask = checked_dare_mask("magnitude_histogram", dare_streams, first_index,

@@ -1,4 +1,5 @@
-// Torch-facing CUDA entries of delta_gram and combine (kernels in csrc/merge/*_cuda.cu): checks
+// Torch-facing CUDA entries of delta_gram, combine, magnitude_histogram, ties_merge and dare_merge
+// (kernels in csrc/merge/*_cuda.cu): checks
 // with values, device guard, allocation, early return on empty, current stream, dtype mapping,
 // launch, launch check. Device pointer arrays are staged through pinned host memory and copied on
 // the op's stream, so nothing here waits for the device.
@@ -8,25 +9,49 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "merge/combine.h"
+#include "merge/dare_merge.h"
 #include "merge/delta_gram.h"
+#include "merge/magnitude_histogram.h"
+#include "merge/ties_merge.h"
 #include "ops/checks.h"
 #include "ops/scalar_kind.h"
 
 namespace r2m {
 namespace {
 
-// A device array of the experts' data pointers, copied from pinned memory on the current stream.
-at::Tensor device_pointer_array(const std::vector<at::Tensor>& experts, const at::Device& device) {
-  at::Tensor host = at::empty({static_cast<int64_t>(experts.size())},
+// A device array of 64-bit values, copied from pinned memory on the current stream.
+template <typename Value>
+at::Tensor device_array(const std::vector<Value>& values, const at::Device& device) {
+  static_assert(sizeof(Value) == sizeof(int64_t), "64-bit values");
+  at::Tensor host = at::empty({static_cast<int64_t>(values.size())},
                               at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* data = host.data_ptr<int64_t>();
-  for (size_t i = 0; i < experts.size(); ++i) {
-    data[i] = reinterpret_cast<int64_t>(experts[i].const_data_ptr());
-  }
+  std::memcpy(host.data_ptr<int64_t>(), values.data(), values.size() * sizeof(int64_t));
   return host.to(device, /*non_blocking=*/true);
+}
+
+// A device array of the experts' data pointers.
+at::Tensor device_pointer_array(const std::vector<at::Tensor>& experts, const at::Device& device) {
+  std::vector<const void*> pointers;
+  for (const at::Tensor& expert : experts) pointers.push_back(expert.const_data_ptr());
+  return device_array(pointers, device);
+}
+
+// DARE's mask with its streams in device memory (`streams` keeps them alive), or no mask.
+DareMask device_dare_mask(const char* op, at::IntArrayRef dare_streams, int64_t first_index,
+                          double drop_rate, int64_t n, const at::Device& device,
+                          at::Tensor& streams) {
+  std::vector<uint64_t> bits;
+  DareMask mask = checked_dare_mask(op, dare_streams, first_index, drop_rate, n, bits);
+  if (mask.streams == nullptr) return mask;
+  streams = device_array(bits, device);
+  mask.streams = reinterpret_cast<const uint64_t*>(streams.const_data_ptr());
+  return mask;
 }
 
 void check_launch(const char* op, int error) {
@@ -107,12 +132,120 @@ void combine_into_cuda(const at::Tensor& base, at::TensorList experts, const at:
   }
 }
 
+at::Tensor magnitude_histogram_cuda_entry(const at::Tensor& base, at::TensorList experts,
+                                          const at::Tensor& prefixes, int64_t shift, int64_t width,
+                                          at::IntArrayRef dare_streams, int64_t first_index,
+                                          double drop_rate) {
+  const std::vector<at::Tensor> contiguous = checked_experts("magnitude_histogram", base, experts);
+  TORCH_CHECK(base.is_cuda(), "magnitude_histogram (CUDA): base is on ", base.device());
+  const ScalarKind kind = scalar_kind_of(base, "magnitude_histogram", "base");
+  const int64_t n = static_cast<int64_t>(experts.size());
+  check_histogram_digit(prefixes, shift, width, n);
+  const c10::cuda::CUDAGuard guard(base.device());
+  at::Tensor streams;
+  const DareMask mask = device_dare_mask("magnitude_histogram", dare_streams, first_index,
+                                         drop_rate, n, base.device(), streams);
+  at::Tensor counts = at::zeros({n, int64_t{1} << width}, base.options().dtype(at::kLong));
+  const int64_t numel = base.numel();
+  if (numel == 0) return counts;
+  const at::Tensor base_contiguous = base.contiguous();
+  const at::Tensor pointers = device_pointer_array(contiguous, base.device());
+  const at::Tensor prefixes_device =
+      prefixes.to(base.device(), at::kLong, /*non_blocking=*/true).contiguous();
+  const MagnitudeHistogramParams params{
+      base_contiguous.const_data_ptr(),
+      reinterpret_cast<const void* const*>(pointers.const_data_ptr()),
+      n,
+      numel,
+      kind,
+      prefixes_device.const_data_ptr<int64_t>(),
+      static_cast<int>(shift),
+      static_cast<int>(width),
+      mask};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(base.device().index()).stream();
+  check_launch("magnitude_histogram",
+               magnitude_histogram_cuda(params, counts.data_ptr<int64_t>(), stream));
+  return counts;
+}
+
+at::Tensor ties_merge_cuda_entry(const at::Tensor& base, at::TensorList experts,
+                                 const at::Tensor& thresholds, double lam,
+                                 at::IntArrayRef dare_streams, int64_t first_index,
+                                 double drop_rate) {
+  const std::vector<at::Tensor> contiguous = checked_experts("ties_merge", base, experts);
+  TORCH_CHECK(base.is_cuda(), "ties_merge (CUDA): base is on ", base.device());
+  const ScalarKind kind = scalar_kind_of(base, "ties_merge", "base");
+  const int64_t n = static_cast<int64_t>(experts.size());
+  check_thresholds(thresholds, n);
+  const c10::cuda::CUDAGuard guard(base.device());
+  at::Tensor streams;
+  const DareMask mask = device_dare_mask("ties_merge", dare_streams, first_index, drop_rate, n,
+                                         base.device(), streams);
+  at::Tensor out = at::empty(base.sizes(), base.options().dtype(at::kFloat));
+  const int64_t numel = base.numel();
+  if (numel == 0) return out;
+  const at::Tensor base_contiguous = base.contiguous();
+  const at::Tensor pointers = device_pointer_array(contiguous, base.device());
+  const at::Tensor thresholds_device =
+      thresholds.to(base.device(), at::kFloat, /*non_blocking=*/true).contiguous();
+  const TiesMergeParams params{base_contiguous.const_data_ptr(),
+                               reinterpret_cast<const void* const*>(pointers.const_data_ptr()),
+                               n,
+                               numel,
+                               kind,
+                               thresholds_device.const_data_ptr<float>(),
+                               static_cast<float>(lam),
+                               mask};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(base.device().index()).stream();
+  check_launch("ties_merge", ties_merge_cuda(params, out.data_ptr<float>(), stream));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> dare_merge_cuda_entry(const at::Tensor& base,
+                                                         at::TensorList experts,
+                                                         at::IntArrayRef dare_streams,
+                                                         int64_t first_index, double drop_rate,
+                                                         double lam) {
+  const std::vector<at::Tensor> contiguous = checked_experts("dare_merge", base, experts);
+  TORCH_CHECK(base.is_cuda(), "dare_merge (CUDA): base is on ", base.device());
+  const ScalarKind kind = scalar_kind_of(base, "dare_merge", "base");
+  const int64_t n = static_cast<int64_t>(experts.size());
+  TORCH_CHECK(!dare_streams.empty(), "dare_merge: needs one stream per expert, got none");
+  const c10::cuda::CUDAGuard guard(base.device());
+  at::Tensor streams;
+  const DareMask mask = device_dare_mask("dare_merge", dare_streams, first_index, drop_rate, n,
+                                         base.device(), streams);
+  at::Tensor out = at::empty(base.sizes(), base.options().dtype(at::kFloat));
+  at::Tensor nonfinite = at::zeros({}, base.options().dtype(at::kInt));
+  const int64_t numel = base.numel();
+  if (numel > 0) {
+    const at::Tensor base_contiguous = base.contiguous();
+    const at::Tensor pointers = device_pointer_array(contiguous, base.device());
+    const DareMergeParams params{base_contiguous.const_data_ptr(),
+                                 reinterpret_cast<const void* const*>(pointers.const_data_ptr()),
+                                 n,
+                                 numel,
+                                 kind,
+                                 mask,
+                                 static_cast<float>(lam)};
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream(base.device().index()).stream();
+    check_launch("dare_merge",
+                 dare_merge_cuda(params, out.data_ptr<float>(), nonfinite.data_ptr<int>(), stream));
+  }
+  // 0 when every input is finite, NaN otherwise, computed on the device (no synchronisation).
+  const at::Tensor probe = at::where(nonfinite.to(at::kBool), NAN, 0.0).to(at::kFloat);
+  return {out, probe};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(r2m_ext, CUDA, m) {
   m.impl("delta_gram", &delta_gram_cuda_entry);
   m.impl("combine", &combine_cuda_entry);
   m.impl("combine_into", &combine_into_cuda);
+  m.impl("magnitude_histogram", &magnitude_histogram_cuda_entry);
+  m.impl("ties_merge", &ties_merge_cuda_entry);
+  m.impl("dare_merge", &dare_merge_cuda_entry);
 }
 
 }  // namespace r2m

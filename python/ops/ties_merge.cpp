@@ -27,10 +27,7 @@ at::Tensor ties_merge_cpu_entry(const at::Tensor& base, at::TensorList experts,
   TORCH_CHECK(base.device().is_cpu(), "ties_merge (CPU): base is on ", base.device());
   const ScalarKind kind = scalar_kind_of(base, "ties_merge", "base");
   const int64_t n = static_cast<int64_t>(experts.size());
-  TORCH_CHECK(
-      thresholds.dim() == 1 && thresholds.size(0) == n && thresholds.scalar_type() == at::kFloat,
-      "ties_merge: thresholds must be float32 [", n, "], got ", thresholds.scalar_type(), " ",
-      thresholds.sizes());
+  check_thresholds(thresholds, n);
   const at::Tensor thresholds_cpu = thresholds.to(at::kCPU).contiguous();
   std::vector<uint64_t> stream_bits;
   const DareMask mask =
