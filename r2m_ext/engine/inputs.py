@@ -5,6 +5,7 @@ them to the GPU on a side stream; the compute stream waits for each copy's event
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import OrderedDict, deque
@@ -140,6 +141,7 @@ class MergeInputs:
         self._show_progress = show_progress
         self._checked: set[tuple] = set()
         self._written_behind = written_behind  # bytes of merged blocks the writer still holds
+        self._kept: dict[str, tuple[tuple[torch.Tensor, ...], int]] = {}  # key: (values, bytes)
         self._prefetcher = None
         if io_threads > 0:
             self._prefetcher = _Prefetcher(
@@ -386,13 +388,54 @@ class MergeInputs:
             yield rows, base, experts
             del base, experts
 
-    def try_keep(self, nbytes: int, keep_free: int) -> bool:
+    # -- what methods hold beside the steps -----------------------------------------------------
+    def _try_reserve(self, nbytes: int, keep_free: int) -> bool:
         if self.step_budget() - nbytes < keep_free:
             return False
         return self.budget.try_reserve(nbytes)
 
-    def release_kept(self, nbytes: int) -> None:
+    @contextlib.contextmanager
+    def workspace(
+        self, entry: TensorPlan, nbytes: int, purpose: str, block_stacks: float
+    ) -> Iterator[None]:
+        one_row = self.whole_need(entry, block_stacks) // entry.rows + 1
+        if not self._try_reserve(nbytes, keep_free=one_row):
+            raise R2MError(
+                f"tensor {entry.name!r} {list(entry.shape)} needs "
+                f"{(nbytes + one_row) / 1e6:.2f} MB to {purpose} with {self.n_experts} experts, "
+                "more than --max-memory leaves; raise --max-memory"
+            )
+        try:
+            yield
+        finally:
+            self.budget.release(nbytes)
+
+    def keep(
+        self,
+        key: str,
+        values: tuple[torch.Tensor, ...],
+        then_whole: Iterable[TensorPlan],
+        extra_stacks: float,
+    ) -> bool:
+        largest_step = max((self.whole_need(t, extra_stacks) for t in then_whole), default=0)
+        nbytes = sum(v.numel() * v.element_size() for v in values)
+        if not self._try_reserve(nbytes, keep_free=largest_step):
+            return False
+        self._kept[key] = (values, nbytes)
+        return True
+
+    def take(self, key: str) -> tuple[torch.Tensor, ...] | None:
+        if key not in self._kept:
+            return None
+        values, nbytes = self._kept.pop(key)
         self.budget.release(nbytes)
+        return values
+
+    def drop_kept(self) -> None:
+        """Releases what was kept and never taken (tensors a resumed merge had written)."""
+        for _, nbytes in self._kept.values():
+            self.budget.release(nbytes)
+        self._kept.clear()
 
     def _in_flight(self) -> int:
         """Bytes held outside the step: tensors read ahead and blocks waiting to be written."""

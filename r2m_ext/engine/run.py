@@ -64,7 +64,7 @@ def _run_passes(work: MethodPasses, inputs: MergeInputs) -> Iterator[MergedBlock
         statistic_pass.finish(total)
     for entry in inputs.pass_over(inputs.outputs, work.write_label):
         yield from work.emit(entry)
-    work.finish()
+    inputs.drop_kept()
 
 
 def _body_blocks(entry, merged_body) -> Iterator[tuple[slice | None, torch.Tensor]]:

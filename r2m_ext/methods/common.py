@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Protocol
@@ -78,18 +79,29 @@ class TaskTensors(Protocol):
         what the caller computed from the block with every input (source 0 the base, i the
         expert i - 1) entering with a nonzero weight except `zero_weight_sources`."""
 
-    def whole_need(self, entry: TensorPlan, extra_stacks: float = 0) -> int:
-        """Bytes a whole-tensor step with that workspace needs."""
-
     def fits_whole(self, entry: TensorPlan, extra_stacks: float = 0) -> bool:
-        """Whether `load` of this tensor with that workspace fits the budget."""
+        """Whether `load` can serve this tensor whole with that workspace (else a method that
+        needs it whole must work over its row blocks)."""
 
-    def try_keep(self, nbytes: int, keep_free: int) -> bool:
-        """Reserves `nbytes` for a cache held across passes, if `keep_free` bytes still remain
-        for steps afterwards."""
+    def workspace(
+        self, entry: TensorPlan, nbytes: int, purpose: str, block_stacks: float
+    ) -> AbstractContextManager[None]:
+        """Holds `nbytes` of the method's own workspace (its algorithm's, e.g. a streamed SVD's
+        thin factors) while `entry`'s row blocks with `block_stacks` are served; raises, saying
+        `purpose`, when not even one row fits beside it."""
 
-    def release_kept(self, nbytes: int) -> None:
-        """Returns bytes reserved by try_keep once the cache entry is used."""
+    def keep(
+        self,
+        key: str,
+        values: tuple[torch.Tensor, ...],
+        then_whole: Iterable[TensorPlan],
+        extra_stacks: float,
+    ) -> bool:
+        """Holds `values` for a later pass (`take(key)`), if they fit while a whole step of any
+        of `then_whole` with `extra_stacks` still would. Returns whether they are held."""
+
+    def take(self, key: str) -> tuple[torch.Tensor, ...] | None:
+        """What `keep` holds under `key` (and no longer), or None."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ folded in any grouping (and all-reduced).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -45,8 +45,6 @@ class MethodPasses:
     write_label: str
     emit: Callable[[TensorPlan], Merged]  # one output tensor, whole or in rows
     statistics: Iterable[StatisticPass] = ()
-    # Called after the write pass (release what the method held for tensors it never wrote).
-    finish: Callable[[], None] = field(default=lambda: None)
 
 
 def add(total: Any, value: Any) -> Any:

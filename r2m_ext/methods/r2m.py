@@ -103,10 +103,6 @@ def core_projection(gram: torch.Tensor, k: int, center: bool) -> torch.Tensor:
     return (a @ w).T
 
 
-def factor_bytes(left: torch.Tensor, right: torch.Tensor) -> int:
-    return (left.numel() + right.numel()) * left.element_size()
-
-
 def squared_norms(rows: torch.Tensor) -> torch.Tensor:
     """Squared norm of each row of [K, count] as float64, by one fused reduction in the rows'
     dtype (no squared or widened copy of the rows)."""
@@ -172,11 +168,7 @@ class _R2mMerge:
             t.name: t for t in tensors.body if truncates(t, truncation_rank(t, options.rank_ratio))
         }
         self.whole_stacks = 2 + self.svd_stacks
-        self.largest_step = max(
-            (tensors.whole_need(t, self.whole_stacks) for t in self.truncating.values()),
-            default=0,
-        )
-        self.factor_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.factors_kept = 0  # matrices whose factors the engine holds for the write pass
         self.streamed: set[str] = set()
         self.tensor_reports = report.setdefault("tensors", {})
 
@@ -272,18 +264,11 @@ class _R2mMerge:
     def streamed_factors(self, entry: TensorPlan, on_block=None):
         """truncated_factors of a matrix too large to hold whole, from its residuals' row blocks
         (2 n_iter + 2 passes over its rows); `on_block(tau, c_weights, residuals)` sees each
-        block of the first pass. Its thin factors are reserved in the budget meanwhile."""
+        block of the first pass. Its thin factors are held as workspace meanwhile."""
         n, tensors, options = self.n, self.tensors, self.options
         rank = truncation_rank(entry, options.rank_ratio)
         itemsize = tensors.compute_dtype.itemsize
         need = streamed_workspace_bytes(n, entry.shape, rank, options, itemsize)
-        one_row = tensors.whole_need(entry, 2) // entry.shape[0] + 1
-        if not tensors.try_keep(need, keep_free=one_row):
-            raise R2MError(
-                f"tensor {entry.name!r} {list(entry.shape)} needs {(need + one_row) / 1e6:.2f} MB "
-                f"to factor its residuals in row blocks with {n} experts, more than --max-memory "
-                "leaves; raise --max-memory"
-            )
         first_pass = [on_block]
 
         def row_blocks():
@@ -299,10 +284,9 @@ class _R2mMerge:
                 yield rows, residuals.reshape(n, -1, entry.shape[1])
                 del residuals  # one block at a time (MergeInputs.blocks)
 
-        try:
+        purpose = "factor its residuals in row blocks"
+        with tensors.workspace(entry, need, purpose, block_stacks=2):
             u, s, v = streamed_low_rank_factors(row_blocks, entry.shape, rank, options, entry.name)
-        finally:
-            tensors.release_kept(need)
         return u * s.unsqueeze(-2), v, s
 
     def observe_truncation(self, entry: TensorPlan) -> TruncationStatistic:
@@ -350,8 +334,9 @@ class _R2mMerge:
                 energy_kept=torch.where(full_sq > 0, kept_sq / full_sq, 1.0).tolist(),
                 singular_values=singular.double().tolist(),
             )
-            if tensors.try_keep(factor_bytes(left, right), keep_free=self.largest_step):
-                self.factor_cache[entry.name] = (left, right)
+            # Held only while any truncated matrix's whole step would still fit beside them.
+            if tensors.keep(entry.name, (left, right), self.truncating.values(), self.whole_stacks):
+                self.factors_kept += 1
         else:
             for _, base, experts in tensors.blocks(entry, extra_stacks=2):
                 tau = (experts - base).reshape(n, -1)
@@ -416,8 +401,8 @@ class _R2mMerge:
             residual_norm=residual_norm,
             residual_cancelled=not residual_resolved and residual_norm_sq != 0,
             eta=self.eta,
-            factors_cached=len(self.factor_cache),
-            factors_recomputed=len(self.truncating) - len(self.factor_cache),
+            factors_cached=self.factors_kept,
+            factors_recomputed=len(self.truncating) - self.factors_kept,
         )
 
     # -- write pass: theta* = theta_0 + tau_core + eta * tau_res --------------------------------
@@ -425,9 +410,9 @@ class _R2mMerge:
         n, tensors = self.n, self.tensors
         weights_out = (self.eta / n) * self.scales[entry.name]
         if entry.name in self.truncating:
-            if entry.name in self.factor_cache:
-                left, right = self.factor_cache.pop(entry.name)
-                tensors.release_kept(factor_bytes(left, right))
+            kept = tensors.take(entry.name)
+            if kept is not None:
+                left, right = kept
             elif entry.name in self.streamed:
                 left, right, _ = self.streamed_factors(entry)
             else:
@@ -474,11 +459,6 @@ class _R2mMerge:
             tensors.check_finite(entry, rows, merged, zero_weight)
             yield entry.name, rows, merged[0]
 
-    def release_unused_factors(self) -> None:
-        """Factors of tensors a resumed run had already written were never needed again."""
-        for left, right in self.factor_cache.values():
-            self.tensors.release_kept(factor_bytes(left, right))
-
 
 def merge_r2m(tensors: TaskTensors, options: R2mOptions, report: dict) -> MethodPasses:
     merge = _R2mMerge(tensors, options, report)
@@ -486,7 +466,6 @@ def merge_r2m(tensors: TaskTensors, options: R2mOptions, report: dict) -> Method
         write_label="R²M write pass",
         emit=merge.emit,
         statistics=merge.statistic_passes(),
-        finish=merge.release_unused_factors,
     )
 
 
