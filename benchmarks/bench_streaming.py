@@ -30,6 +30,8 @@ METHODS = {
     "average": ["--method", "average"],
     "r2m": ["--method", "r2m"],
     "r2m_exact": ["--method", "r2m", "--svd", "exact"],
+    # R²M with no scratch file: factors the budget cannot hold are recomputed in the write pass.
+    "r2m_recompute": ["--method", "r2m", "--scratch-dir", "none"],
     "ties": ["--method", "ties"],
     "ties_tensor": ["--method", "ties", "--ties-scope", "tensor"],
     "dare": ["--method", "dare"],

@@ -155,6 +155,7 @@ def merge_files(
     report: dict | None = None,
     device: str = "cpu",
     allow_external_shards: bool = False,
+    scratch_dir: str | Path | None = None,
     **options: Any,
 ) -> Path:
     """Merges checkpoints on disk into the directory `out` (Hugging Face layout), streaming.
@@ -175,7 +176,10 @@ def merge_files(
     directory only with `allow_external_shards=True`.
     `device="cuda"` computes on the GPU: tensors are read into page-locked buffers and copied on a
     side stream while the previous one computes, and `max_memory` (default: half the GPU's free
-    memory) bounds GPU memory. Returns `out`.
+    memory) bounds GPU memory. What a method keeps between passes (R²M's truncation factors)
+    stays in memory while the budget allows, else goes to an anonymous scratch file in
+    `scratch_dir` (default: beside the partial output; "none": recompute it instead, with the
+    same bits). Returns `out`.
     """
     started = time.perf_counter()
     return_large_frees_to_os()
@@ -226,6 +230,7 @@ def merge_files(
                 done=writer.done_names,
                 device=compute_device,
                 written_behind=lambda: writer.queued_bytes,
+                scratch_dir=_scratch_directory(scratch_dir, writer.tmp),
             )
             try:
                 for name, _, values in run_merge(plan, inputs, resolved, report, writer.done_names):
@@ -249,6 +254,7 @@ def merge_files(
                     ),
                 },
                 tiled_tensors=sorted(inputs.tiled),
+                io_bytes=inputs.pass_io,
                 resumed_shards=writer.resumed,
             )
             writer.add_file(REPORT_FILE, json.dumps(report, indent=1) + "\n")
@@ -256,6 +262,19 @@ def merge_files(
         for source in sources:
             source.close()
     return out
+
+
+def _scratch_directory(given: str | Path | None, partial: Path) -> Path | None:
+    """Where the scratch file goes: the partial output directory unless told; None for "none"."""
+    if given is None:
+        return partial
+    if str(given) == "none":
+        return None
+    directory = Path(given)
+    found = stat_path(directory)
+    if found is None or not stat.S_ISDIR(found.st_mode):
+        raise R2MError(f"--scratch-dir {directory}: not a directory")
+    return directory
 
 
 def expand_files(

@@ -163,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue an interrupted merge into --out from its last complete shard",
     )
+    merge.add_argument(
+        "--scratch-dir",
+        metavar="DIR",
+        help="where what the merge keeps between passes goes when --max-memory cannot hold it "
+        "(R²M's truncation factors; an anonymous file, gone when the merge ends); default: beside "
+        "the partial output; none: recompute instead",
+    )
     merge.add_argument("--quiet", action="store_true", help="print nothing but errors")
     _add_option_flags(merge)
 
@@ -272,6 +279,7 @@ def _run_merge(args: argparse.Namespace) -> None:
             report=report,
             device=args.device,
             allow_external_shards=args.allow_external_shards,
+            scratch_dir=args.scratch_dir,
             **options,
         )
     except KeyboardInterrupt:

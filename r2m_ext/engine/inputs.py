@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
 from r2m_ext.engine.budget import MemoryBudget, format_bytes
+from r2m_ext.engine.kept import KeptStore
 from r2m_ext.errors import R2MError
 from r2m_ext.io.buffers import HostBuffers
 from r2m_ext.io.source import TensorSource
+from r2m_ext.methods.passes import KeptValues
 from r2m_ext.methods.registry import get_method
 from r2m_ext.options import COMPUTE_DTYPES, MergeOptions
 from r2m_ext.plan import MergePlan, TensorPlan
@@ -117,6 +122,7 @@ class MergeInputs:
         done: set[str] | frozenset[str] = frozenset(),
         device: torch.device | str = "cpu",
         written_behind: Callable[[], int] = lambda: 0,
+        scratch_dir: Path | None = None,
     ):
         self.body = plan.body
         self.outputs = tuple(t for t in plan.body if t.name not in done)
@@ -141,7 +147,12 @@ class MergeInputs:
         self._show_progress = show_progress
         self._checked: set[tuple] = set()
         self._written_behind = written_behind  # bytes of merged blocks the writer still holds
-        self._kept: dict[str, tuple[tuple[torch.Tensor, ...], int]] = {}  # key: (values, bytes)
+        self._kept = KeptStore(scratch_dir)
+        self._keep_free = 0  # bytes kept values must leave for the method's later steps
+        # Per pass: bytes read from the inputs and from and to the scratch file.
+        self.pass_io: dict[str, dict[str, int]] = {}
+        self._input_bytes = 0
+        self._input_bytes_lock = threading.Lock()  # the reader threads count too
         self._prefetcher = None
         if io_threads > 0:
             self._prefetcher = _Prefetcher(
@@ -151,6 +162,7 @@ class MergeInputs:
     def close(self) -> None:
         if self._prefetcher is not None:
             self._prefetcher.close()
+        self.drop_kept()
 
     # -- memory model ------------------------------------------------------------------------
     def bytes_per_element(self, entry: TensorPlan, extra_stacks: float = 0) -> float:
@@ -184,7 +196,10 @@ class MergeInputs:
         )
 
     def _read(self, source: int, name: str, rows: slice | None) -> torch.Tensor:
-        return self._sources[source].read(name, rows, self._pinned)
+        tensor = self._sources[source].read(name, rows, self._pinned)
+        with self._input_bytes_lock:
+            self._input_bytes += tensor.numel() * tensor.element_size()
+        return tensor
 
     def _upload(self, tensors: list[torch.Tensor]) -> Uploaded:
         """Starts copying host tensors to the compute device, on the side stream so that a
@@ -410,32 +425,45 @@ class MergeInputs:
         finally:
             self.budget.release(nbytes)
 
-    def keep(
-        self,
-        key: str,
-        values: tuple[torch.Tensor, ...],
-        then_whole: Iterable[TensorPlan],
-        extra_stacks: float,
-    ) -> bool:
-        largest_step = max((self.whole_need(t, extra_stacks) for t in then_whole), default=0)
+    def declare_kept(self, kept: KeptValues | None) -> None:
+        """What the method will keep; raises, before any tensor is read, when neither memory
+        nor the scratch directory can hold it."""
+        if kept is None:
+            return
+        self._keep_free = max(
+            (self.whole_need(t, kept.step_stacks) for t in kept.steps_after), default=0
+        )
+        scratch = self._kept.scratch_dir
+        beyond_memory = kept.total_bytes - max(0, self.step_budget() - self._keep_free)
+        if scratch is None or beyond_memory <= 0:
+            return
+        free = shutil.disk_usage(scratch).free
+        if free < beyond_memory:
+            raise R2MError(
+                f"{scratch}: the scratch space for what the merge keeps between passes needs "
+                f"{format_bytes(beyond_memory)}, {format_bytes(free)} is free; pass "
+                "--scratch-dir DIR on a disk with room, or --scratch-dir none to recompute "
+                "instead"
+            )
+
+    def keep(self, key: str, values: tuple[torch.Tensor, ...]) -> str | None:
         nbytes = sum(v.numel() * v.element_size() for v in values)
-        if not self._try_reserve(nbytes, keep_free=largest_step):
-            return False
-        self._kept[key] = (values, nbytes)
-        return True
+        in_memory = self._try_reserve(nbytes, keep_free=self._keep_free)
+        return self._kept.put(key, values, nbytes, in_memory)
 
     def take(self, key: str) -> tuple[torch.Tensor, ...] | None:
-        if key not in self._kept:
+        taken = self._kept.take(key)
+        if taken is None:
             return None
-        values, nbytes = self._kept.pop(key)
-        self.budget.release(nbytes)
+        values, reserved = taken
+        self.budget.release(reserved)
         return values
 
     def drop_kept(self) -> None:
-        """Releases what was kept and never taken (tensors a resumed merge had written)."""
-        for _, nbytes in self._kept.values():
-            self.budget.release(nbytes)
-        self._kept.clear()
+        """Releases what was kept and never taken (tensors a resumed merge had written), and the
+        scratch file."""
+        self.budget.release(self._kept.memory_bytes())
+        self._kept.close()
 
     def _in_flight(self) -> int:
         """Bytes held outside the step: tensors read ahead and blocks waiting to be written."""
@@ -450,6 +478,15 @@ class MergeInputs:
         for i in range(2, self.n_experts + 1):
             total += self.raw(i, entry.name).to(self.compute_dtype)
         return total / self.n_experts
+
+    def _io_counts(self) -> dict[str, int]:
+        with self._input_bytes_lock:
+            read = self._input_bytes
+        return {
+            "input_bytes_read": read,
+            "scratch_bytes_written": self._kept.scratch_bytes_written,
+            "scratch_bytes_read": self._kept.scratch_bytes_read,
+        }
 
     # -- passes ------------------------------------------------------------------------------
     def pass_over(self, items: Iterable[TensorPlan], description: str) -> Iterator[TensorPlan]:
@@ -477,9 +514,13 @@ class MergeInputs:
             except ImportError:
                 pass
         started = time.perf_counter()
+        before = self._io_counts()
         yield from iterator
         self.timings[description] = (
             self.timings.get(description, 0.0) + time.perf_counter() - started
         )
+        counts = self.pass_io.setdefault(description, dict.fromkeys(before, 0))
+        for what, now in self._io_counts().items():
+            counts[what] += now - before[what]
         if self.device.type == "cuda":
             self.device_peaks[description] = torch.cuda.max_memory_allocated(self.device)

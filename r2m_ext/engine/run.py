@@ -57,6 +57,7 @@ def run_merge(
 def _run_passes(work: MethodPasses, inputs: MergeInputs) -> Iterator[MergedBlock]:
     """The method's statistic passes, each folded in plan order and handed to the method, then
     its write pass: every tensor of `inputs.outputs`, as the method emits it."""
+    inputs.declare_kept(work.keeps)
     for statistic_pass in work.statistics:
         total = statistic_pass.start
         for entry in inputs.pass_over(statistic_pass.tensors, statistic_pass.label):

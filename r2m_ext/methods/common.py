@@ -90,15 +90,10 @@ class TaskTensors(Protocol):
         thin factors) while `entry`'s row blocks with `block_stacks` are served; raises, saying
         `purpose`, when not even one row fits beside it."""
 
-    def keep(
-        self,
-        key: str,
-        values: tuple[torch.Tensor, ...],
-        then_whole: Iterable[TensorPlan],
-        extra_stacks: float,
-    ) -> bool:
-        """Holds `values` for a later pass (`take(key)`), if they fit while a whole step of any
-        of `then_whole` with `extra_stacks` still would. Returns whether they are held."""
+    def keep(self, key: str, values: tuple[torch.Tensor, ...]) -> str | None:
+        """Holds `values` for a later pass (`take(key)`): in memory if they fit beside the later
+        steps the method declared (MethodPasses.keeps), else in a scratch file if the merge has
+        one with room. Returns where ("memory", "scratch"), or None: not held."""
 
     def take(self, key: str) -> tuple[torch.Tensor, ...] | None:
         """What `keep` holds under `key` (and no longer), or None."""

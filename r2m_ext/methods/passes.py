@@ -38,6 +38,18 @@ class StatisticPass(Generic[Statistic]):
 
 
 @dataclass(frozen=True)
+class KeptValues:
+    """What a method keeps between passes (TaskTensors.keep): at most `total_bytes`, held in
+    memory only while a whole step of any of `steps_after` with `step_stacks` of workspace would
+    still fit beside them (else in a scratch file, else not at all). Declared up front, so that
+    a scratch directory too small for them is refused before any tensor is read."""
+
+    total_bytes: int
+    steps_after: Sequence[TensorPlan]
+    step_stacks: float
+
+
+@dataclass(frozen=True)
 class MethodPasses:
     """A method's work for one merge. `statistics` is iterated lazily: a pass may depend on
     what the one before reduced to (TIES's next digit, R²M's core weights)."""
@@ -45,6 +57,7 @@ class MethodPasses:
     write_label: str
     emit: Callable[[TensorPlan], Merged]  # one output tensor, whole or in rows
     statistics: Iterable[StatisticPass] = ()
+    keeps: KeptValues | None = None
 
 
 def add(total: Any, value: Any) -> Any:

@@ -27,7 +27,14 @@ from r2m_ext.methods.common import (
     truncates,
     truncation_rank,
 )
-from r2m_ext.methods.passes import Merged, MethodPasses, StatisticPass, add, ordered_parts
+from r2m_ext.methods.passes import (
+    KeptValues,
+    Merged,
+    MethodPasses,
+    StatisticPass,
+    add,
+    ordered_parts,
+)
 from r2m_ext.methods.registry import MergeMethod, Range, option, register
 from r2m_ext.plan import TensorPlan
 
@@ -151,6 +158,10 @@ class TruncationStatistic:
         )
 
 
+TRUNCATION_PASS = "R²M truncation pass"
+WRITE_PASS = "R²M write pass"
+
+
 class _R2mMerge:
     """R²M's three passes over one merge's tensors: `statistic_passes` (the Gram pass, then the
     truncation pass, each reduced in plan order) and `emit` (the write pass, one tensor)."""
@@ -168,7 +179,10 @@ class _R2mMerge:
             t.name: t for t in tensors.body if truncates(t, truncation_rank(t, options.rank_ratio))
         }
         self.whole_stacks = 2 + self.svd_stacks
-        self.factors_kept = 0  # matrices whose factors the engine holds for the write pass
+        self.factors_kept = {"memory": 0, "scratch": 0}  # where the engine holds factors
+        # Factorisations of [N, m, n] stacks per pass (N each): a matrix factored in both the
+        # truncation and the write pass counts twice.
+        self.factorisations: dict[str, int] = {}
         self.streamed: set[str] = set()
         self.tensor_reports = report.setdefault("tensors", {})
 
@@ -185,7 +199,7 @@ class _R2mMerge:
             finish=self.set_core,
         )
         yield StatisticPass(
-            label="R²M truncation pass",
+            label=TRUNCATION_PASS,
             tensors=self.tensors.body,
             observe=self.observe_truncation,
             combine=add,
@@ -243,7 +257,8 @@ class _R2mMerge:
         tensors.check_finite(entry, None, rows, zero_weight)
         return rows.reshape(n, -1)
 
-    def truncated_factors(self, entry: TensorPlan, residual_rows: torch.Tensor):
+    def truncated_factors(self, entry: TensorPlan, residual_rows: torch.Tensor, in_pass: str):
+        self.factorisations[in_pass] = self.factorisations.get(in_pass, 0) + self.n
         u, s, v = low_rank_factors(
             residual_rows.reshape(self.n, *entry.shape),
             truncation_rank(entry, self.options.rank_ratio),
@@ -261,11 +276,12 @@ class _R2mMerge:
             entry, self.whole_stacks
         )
 
-    def streamed_factors(self, entry: TensorPlan, on_block=None):
+    def streamed_factors(self, entry: TensorPlan, in_pass: str, on_block=None):
         """truncated_factors of a matrix too large to hold whole, from its residuals' row blocks
         (2 n_iter + 2 passes over its rows); `on_block(tau, c_weights, residuals)` sees each
         block of the first pass. Its thin factors are held as workspace meanwhile."""
         n, tensors, options = self.n, self.tensors, self.options
+        self.factorisations[in_pass] = self.factorisations.get(in_pass, 0) + n
         rank = truncation_rank(entry, options.rank_ratio)
         itemsize = tensors.compute_dtype.itemsize
         need = streamed_workspace_bytes(n, entry.shape, rank, options, itemsize)
@@ -308,7 +324,7 @@ class _R2mMerge:
                     sums["task"] += squared_norms(tau).cpu()
                     sums["full"] += squared_norms(residuals).cpu()
 
-                left, right, singular = self.streamed_factors(entry, gather)
+                left, right, singular = self.streamed_factors(entry, TRUNCATION_PASS, gather)
                 core_parts.append(sums["core"])
                 task_sq += sums["task"]
                 full_sq = sums["full"]
@@ -324,7 +340,7 @@ class _R2mMerge:
                 c_weights, _ = self.weights_for(entry, task_gram)
                 task_sq += task_gram.diagonal()
                 core_parts.append(float(c_weights @ task_gram @ c_weights))
-                left, right, singular = self.truncated_factors(entry, rows)
+                left, right, singular = self.truncated_factors(entry, rows, TRUNCATION_PASS)
                 full_sq = squared_norms(rows).cpu()
                 del rows
             grams += factor_gram(left, right).cpu()
@@ -334,9 +350,10 @@ class _R2mMerge:
                 energy_kept=torch.where(full_sq > 0, kept_sq / full_sq, 1.0).tolist(),
                 singular_values=singular.double().tolist(),
             )
-            # Held only while any truncated matrix's whole step would still fit beside them.
-            if tensors.keep(entry.name, (left, right), self.truncating.values(), self.whole_stacks):
-                self.factors_kept += 1
+            tier = tensors.keep(entry.name, (left, right))
+            if tier is not None:
+                self.factors_kept[tier] += 1
+            entry_report["factors"] = tier or "recomputed"
         else:
             for _, base, experts in tensors.blocks(entry, extra_stacks=2):
                 tau = (experts - base).reshape(n, -1)
@@ -401,8 +418,10 @@ class _R2mMerge:
             residual_norm=residual_norm,
             residual_cancelled=not residual_resolved and residual_norm_sq != 0,
             eta=self.eta,
-            factors_cached=self.factors_kept,
-            factors_recomputed=len(self.truncating) - self.factors_kept,
+            factors_cached=self.factors_kept["memory"],
+            factors_spilled=self.factors_kept["scratch"],
+            factors_recomputed=len(self.truncating) - sum(self.factors_kept.values()),
+            factorisations=self.factorisations,
         )
 
     # -- write pass: theta* = theta_0 + tau_core + eta * tau_res --------------------------------
@@ -414,7 +433,7 @@ class _R2mMerge:
             if kept is not None:
                 left, right = kept
             elif entry.name in self.streamed:
-                left, right, _ = self.streamed_factors(entry)
+                left, right, _ = self.streamed_factors(entry, WRITE_PASS)
             else:
                 # Factors the budget could not cache: recomputed from the whole residuals, with
                 # the core update from the same task vectors.
@@ -427,7 +446,7 @@ class _R2mMerge:
                     base, experts, c_weights.reshape(1, n), 1.0, tensors.compute_dtype
                 )[0]
                 del base, experts
-                left, right, _ = self.truncated_factors(entry, rows)
+                left, right, _ = self.truncated_factors(entry, rows, WRITE_PASS)
                 del rows
                 yield entry.name, None, ops.lowrank_accumulate(with_core, left, right, weights_out)
                 return
@@ -462,10 +481,18 @@ class _R2mMerge:
 
 def merge_r2m(tensors: TaskTensors, options: R2mOptions, report: dict) -> MethodPasses:
     merge = _R2mMerge(tensors, options, report)
+    itemsize = tensors.compute_dtype.itemsize
+    factor_bytes = sum(
+        tensors.n_experts * truncation_rank(t, options.rank_ratio) * sum(t.shape) * itemsize
+        for t in merge.truncating.values()
+    )
     return MethodPasses(
-        write_label="R²M write pass",
+        write_label=WRITE_PASS,
         emit=merge.emit,
         statistics=merge.statistic_passes(),
+        # The factors, in memory only while any truncated matrix's whole step (a recomputation
+        # in the write pass) would still fit beside them.
+        keeps=KeptValues(factor_bytes, tuple(merge.truncating.values()), merge.whole_stacks),
     )
 
 

@@ -1,0 +1,191 @@
+"""What R²M keeps between its truncation pass and its write pass (the truncation factors): in
+memory, in a scratch file, or recomputed, always the same bits; the report says which tier served
+each matrix and how often each was factored; the scratch file never outlives the merge."""
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from checkpoints import save_sharded
+from conftest import REPO, make_experts
+from safetensors.torch import load_file, save_file
+
+import r2m_ext
+
+N_EXPERTS = 3
+
+
+def model(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Matrices large enough that their factors (rank 12-25, ~40-140 kB each) can outgrow a small
+    budget, plus a bias, an excluded embedding and a head."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {
+        "pos_embed": (50, 64),
+        "blocks.0.attn.qkv.weight": (384, 128),
+        "blocks.0.attn.qkv.bias": (384,),
+        "blocks.0.mlp.fc1.weight": (256, 128),
+        "blocks.0.mlp.fc2.weight": (128, 256),
+        "blocks.1.mlp.fc1.weight": (512, 128),
+        "head.weight": (2, 128),
+    }
+    return {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("factor_store")
+    base = model()
+    paths = [save_sharded(base, directory / "base", shards=2)]
+    for index, expert in enumerate(make_experts(base, N_EXPERTS)):
+        paths.append(save_sharded(expert, directory / f"expert{index}", shards=2))
+    return paths
+
+
+def merged(out) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(out.glob("*.safetensors"))}
+
+
+def merge(inputs, out, **arguments):
+    report: dict = {}
+    r2m_ext.merge_files(inputs[0], inputs[1:], out, io_threads=0, report=report, **arguments)
+    return report
+
+
+TRUNCATED = 4  # the four weight matrices; pos_embed is excluded, the rest are not matrices
+
+
+@pytest.mark.parametrize("max_memory", ["1GB", "2MB", "1200kB", "700kB"])
+def test_every_tier_gives_the_same_bits_and_the_report_counts_factorisations(
+    inputs, tmp_path, max_memory
+):
+    kept = merge(inputs, tmp_path / "kept", max_memory=max_memory)
+    recomputed = merge(inputs, tmp_path / "recomputed", max_memory=max_memory, scratch_dir="none")
+    assert merged(tmp_path / "kept") == merged(tmp_path / "recomputed")
+
+    for report in (kept, recomputed):
+        tiers = [report["tensors"][name].get("factors") for name in report["tensors"]]
+        assert sorted(t for t in tiers if t) == sorted(
+            ["memory"] * report["factors_cached"]
+            + ["scratch"] * report["factors_spilled"]
+            + ["recomputed"] * report["factors_recomputed"]
+        )
+        assert len([t for t in tiers if t]) == TRUNCATED
+        # Every truncated matrix is factored once for all N experts in the truncation pass; the
+        # write pass factors again exactly the ones no tier kept.
+        assert report["factorisations"]["R²M truncation pass"] == TRUNCATED * N_EXPERTS
+        again = report["factorisations"].get("R²M write pass", 0)
+        assert again == report["factors_recomputed"] * N_EXPERTS
+    assert recomputed["factors_spilled"] == 0
+    # With a scratch file nothing is factored twice, whatever the budget.
+    assert kept["factors_recomputed"] == 0
+    io = kept["io_bytes"]
+    written = io["R²M truncation pass"]["scratch_bytes_written"]
+    assert io["R²M write pass"]["scratch_bytes_read"] == written
+    assert (written > 0) == (kept["factors_spilled"] > 0)
+    assert io["R²M gram pass"]["input_bytes_read"] > 0
+
+
+def test_small_budgets_spill_and_a_large_one_keeps_every_factor_in_memory(inputs, tmp_path):
+    large = merge(inputs, tmp_path / "large", max_memory="1GB")
+    small = merge(inputs, tmp_path / "small", max_memory="700kB")
+    assert large["factors_cached"] == TRUNCATED and large["factors_spilled"] == 0
+    assert small["factors_spilled"] == TRUNCATED
+
+
+def _scratch_fds() -> set[str]:
+    """This process's open files that are anonymous scratch files."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if "r2m-scratch" in target or "O_TMPFILE" in target or "(deleted)" in target:
+            found.add(target)
+    return found
+
+
+def test_the_scratch_file_is_gone_after_success_and_after_an_error(inputs, tmp_path):
+    before = _scratch_fds()
+    report = merge(inputs, tmp_path / "ok", max_memory="700kB")
+    assert report["factors_spilled"] == TRUNCATED
+    assert _scratch_fds() == before
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir() if "scratch" in p.name) == []
+
+    # An error in the write pass, after the factors were spilled: a head that is not finite.
+    broken = tmp_path / "broken_expert"
+    state = load_file(str(next(inputs[1].glob("*00001-of*"))))
+    shutil.copytree(inputs[1], broken)
+    name = next(n for n in state if n.startswith("head"))
+    state[name][0, 0] = float("nan")
+    save_file(state, str(next(broken.glob("*00001-of*"))))
+    with pytest.raises(r2m_ext.R2MError, match="contains NaN or Inf"):
+        merge([inputs[0], broken, *inputs[2:]], tmp_path / "failed", max_memory="700kB")
+    assert _scratch_fds() == before
+    assert not (tmp_path / "failed").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".failed")] == []
+
+
+def _limit_file_size():
+    # Writes past the limit fail with EFBIG (SIGXFSZ ignored) as on a full disk: enough for the
+    # first factors (~150 kB) and every output shard (bfloat16, under 100 kB), not all factors.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+
+def _cli(*args, preexec_fn=None):
+    return subprocess.run(
+        [sys.executable, "-m", "r2m_ext", "merge", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        preexec_fn=preexec_fn,
+        timeout=300,
+    )
+
+
+def test_a_full_scratch_disk_falls_back_to_recomputation_with_the_same_bits(inputs, tmp_path):
+    common = ["--base", inputs[0], *[a for p in inputs[1:] for a in ("--expert", p)]]
+    common += ["--max-memory", "700kB", "--out-dtype", "bfloat16", "--shard-size", "100kB"]
+    full = _cli(*common, "--out", tmp_path / "full", preexec_fn=_limit_file_size)
+    assert full.returncode == 0, full.stderr
+    none = _cli(*common, "--out", tmp_path / "none", "--scratch-dir", "none")
+    assert none.returncode == 0, none.stderr
+    assert merged(tmp_path / "full") == merged(tmp_path / "none")
+    report = json.loads((tmp_path / "full" / "report.json").read_text())
+    assert 0 < report["factors_spilled"] < TRUNCATED  # the disk took some, then was full
+    assert report["factors_recomputed"] == TRUNCATED - report["factors_spilled"]
+
+
+def test_scratch_space_is_checked_before_the_merge_starts(inputs, tmp_path):
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare to mount a small tmpfs without privileges")
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    mount = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c"]
+    mount_tiny = f"mount -t tmpfs -o size=64k none {tiny}"
+    probe = subprocess.run([*mount, mount_tiny], capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.strip()}")
+    out = tmp_path / "out"
+    merge_command = " ".join(
+        [sys.executable, "-m", "r2m_ext", "merge", "--base", str(inputs[0])]
+        + [f"--expert {p}" for p in inputs[1:]]
+        + ["--max-memory", "700kB", "--scratch-dir", str(tiny), "--out", str(out)]
+    )
+    result = subprocess.run(
+        [*mount, f"{mount_tiny} && cd {REPO} && exec {merge_command}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr
+    assert f"{tiny}: the scratch space" in result.stderr and "free" in result.stderr
+    assert "--scratch-dir none" in result.stderr
+    assert not out.exists()
