@@ -71,9 +71,13 @@ def format_report(report: dict, rows: int = 20) -> str:
                 "as 0 (compute_dtype float64 resolves it)"
             )
         lines += [
-            f"truncation factors cached: {report['factors_cached']}, "
-            f"recomputed: {report['factors_recomputed']}",
+            f"truncation factors kept in memory: {report['factors_cached']}, in the scratch "
+            f"file: {report.get('factors_spilled', 0)}, recomputed in the write pass: "
+            f"{report['factors_recomputed']}",
         ]
+        if "factorisations" in report:
+            counts = ", ".join(f"{name} {n}" for name, n in report["factorisations"].items())
+            lines.append(f"factorisations ([m, n] matrices factored): {counts}")
         if "residual_norms" in report:
             norms = ", ".join(f"{v:.4g}" for v in report["residual_norms"])
             lines.append(f"per-task residual norms before matching: [{norms}]")

@@ -153,9 +153,10 @@ def test_r2m_recomputes_factors_it_cannot_cache(files):
     # The largest truncation step, qkv, needs 768 elements x 54 B = 41,472 B (N = 3, float32,
     # 2.5 workspace stacks: (3 + 1 + 7.5 + 1) x 4 + 4). Steps get 75% of the budget (the rest is
     # the reader's): 42,375 B at 56.5 kB, which keeps qkv's factors (768 B) but not fc1's (576 B
-    # more), so fc1's and fc2's are recomputed (same seed, same bits).
+    # more), so fc1's and fc2's are recomputed (same seed, same bits) without a scratch file,
+    # and go to the scratch file with one.
     tmp, base, experts, base_path, paths = files
-    small, large = {}, {}
+    small, large, spilled = {}, {}, {}
     r2m_ext.merge_files(
         base_path,
         paths,
@@ -163,6 +164,16 @@ def test_r2m_recomputes_factors_it_cannot_cache(files):
         max_memory="56.5kB",
         io_threads=0,
         report=small,
+        overwrite=True,
+        scratch_dir="none",
+    )
+    r2m_ext.merge_files(
+        base_path,
+        paths,
+        tmp / "f-spilled",
+        max_memory="56.5kB",
+        io_threads=0,
+        report=spilled,
         overwrite=True,
     )
     r2m_ext.merge_files(
@@ -176,9 +187,13 @@ def test_r2m_recomputes_factors_it_cannot_cache(files):
     )
     assert large["factors_recomputed"] == 0 and large["factors_cached"] == 3
     assert small["factors_cached"] == 1 and small["factors_recomputed"] == 2
+    assert spilled["factors_cached"] == 1 and spilled["factors_spilled"] == 2
+    assert spilled["factors_recomputed"] == 0
     got, want = read_dir(tmp / "f-small"), read_dir(tmp / "f-large")
     for name in want:
         assert relative_error(got[name], want[name]) <= 1e-6, name
+    assert read_dir(tmp / "f-spilled").keys() == got.keys()
+    assert all(torch.equal(read_dir(tmp / "f-spilled")[n], got[n]) for n in got)
 
 
 def test_report_json(files):
