@@ -189,3 +189,30 @@ def test_scratch_space_is_checked_before_the_merge_starts(inputs, tmp_path):
     assert f"{tiny}: the scratch space" in result.stderr and "free" in result.stderr
     assert "--scratch-dir none" in result.stderr
     assert not out.exists()
+
+
+def test_ctrl_c_after_spilling_leaves_no_scratch_and_resume_gives_the_same_bits(
+    inputs, tmp_path, monkeypatch
+):
+    """A real SIGINT in the write pass (after the factors went to the scratch file): the partial
+    output holds shards and progress only, and --resume (spilling again) completes it to the
+    bytes of a merge that recomputed every factor in one go."""
+    from r2m_ext.io.output import partial_dir
+    from r2m_ext.io.writer import INTERRUPT_AFTER_SHARDS_ENV
+
+    common = ["--base", inputs[0], *[a for p in inputs[1:] for a in ("--expert", p)]]
+    common += ["--max-memory", "700kB", "--shard-size", "200kB", "--quiet"]
+    reference = _cli(*common, "--out", tmp_path / "reference", "--scratch-dir", "none")
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "interrupted"
+    monkeypatch.setenv(INTERRUPT_AFTER_SHARDS_ENV, "1")
+    first = _cli(*common, "--out", out)
+    assert first.returncode == 130, first.stderr
+    left = sorted(p.name for p in partial_dir(out).iterdir())
+    assert left == ["model-00001-of-00004.safetensors", "r2m_progress.json"], left
+    monkeypatch.delenv(INTERRUPT_AFTER_SHARDS_ENV)
+    resumed = _cli(*common, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["resumed_shards"] == 1 and report["factors_spilled"] > 0
+    assert merged(out) == merged(tmp_path / "reference")
