@@ -30,7 +30,7 @@ void histogram_by_hand() {
   const void* experts[] = {expert};
   int64_t prefix = 0;
   std::vector<int64_t> counts(1 << 16, 0);
-  const r2m::DareMask no_mask{nullptr, 0, 0.0, 1.0f};
+  const r2m::DareMask no_mask{nullptr, 0, 0, 1.0f};
   r2m::MagnitudeHistogramParams params{base,    experts, 1,  2,      r2m::ScalarKind::kFloat32,
                                        &prefix, 15,      16, no_mask};
   r2m::magnitude_histogram_cpu(params, 0, 2, counts.data());
@@ -58,7 +58,7 @@ void ties_by_hand() {
   const void* experts[] = {e0, e1, e2};
   const float thresholds[] = {2, 2, 2};
   float out[4];
-  const r2m::DareMask no_mask{nullptr, 0, 0.0, 1.0f};
+  const r2m::DareMask no_mask{nullptr, 0, 0, 1.0f};
   r2m::ties_merge_cpu({base, experts, 3, 4, r2m::ScalarKind::kFloat32, thresholds, 1.0f, no_mask},
                       0, 4, out);
   expect(out[0] == 3 && out[1] == 4 && out[2] == 2 && out[3] == 2, "ties_merge by hand");
@@ -72,21 +72,25 @@ void dare_by_hand() {
   const void* experts[] = {e0, e1};
   const uint64_t streams[] = {11, 12};
   float out[1];
-  r2m::DareMergeParams params{base,    experts, 2,   1,    r2m::ScalarKind::kFloat32,
-                              streams, 0,       0.0, 1.0f, 0.5f};
+  r2m::DareMergeParams params{base,    experts, 2, 1,    r2m::ScalarKind::kFloat32,
+                              streams, 0,       0, 1.0f, 0.5f};
   expect(r2m::dare_merge_cpu(params, 0, 1, out) == 0.0f && out[0] == 4.0f, "dare keeps all");
   // A NaN input shows in the probe even where its entry is dropped (drop_rate near 1).
   e0[0] = NAN;
-  params.mask.drop_rate = 0.999999;
-  params.mask.keep_scale = static_cast<float>(1.0 - params.mask.drop_rate);
+  params.mask.keep_from = r2m::dare_keep_from(0.999999);
+  params.mask.keep_scale = static_cast<float>(1.0 - 0.999999);
   expect(std::isnan(r2m::dare_merge_cpu(params, 0, 1, out)), "dare probe sees a dropped NaN");
   // drop_rate 0.5 on 1000 entries: each is the base (dropped) or base + lam * 2 / 0.5 (kept),
   // kept exactly where the stream's uniform is >= 0.5.
   std::vector<float> zeros(1000, 0.0f), ones(1000, 1.0f), merged(1000);
   const void* one_expert[] = {ones.data()};
-  r2m::DareMergeParams half{
-      zeros.data(), one_expert, 1, 1000, r2m::ScalarKind::kFloat32, {streams, 250, 0.5, 0.5f},
-      1.0f};
+  r2m::DareMergeParams half{zeros.data(),
+                            one_expert,
+                            1,
+                            1000,
+                            r2m::ScalarKind::kFloat32,
+                            {streams, 250, r2m::dare_keep_from(0.5), 0.5f},
+                            1.0f};
   r2m::dare_merge_cpu(half, 0, 1000, merged.data());
   int kept = 0;
   for (int e = 0; e < 1000; ++e) {
@@ -97,12 +101,33 @@ void dare_by_hand() {
   expect(kept > 400 && kept < 600, "dare keeps about half");
 }
 
+void dare_integer_test_is_the_uniform_test() {
+  // The kernels test a draw's 53 bits against dare_keep_from(p); the spec (and the reference)
+  // tests the uniform bits * 2^-53 against p. They must agree for every p and every draw,
+  // including draws exactly at p (p a multiple of 2^-53) and just either side of it.
+  const double rates[] = {0.0, 0.1, 0.3, 0.5, 0.9, 0.999999, 1.0 - 0x1.0p-53, 3 * 0x1.0p-53};
+  for (const double p : rates) {
+    const uint64_t keep_from = r2m::dare_keep_from(p);
+    for (uint64_t index = 0; index < 20000; ++index) {
+      const uint64_t bits = r2m::splitmix64(12345, index) >> 11;
+      const bool integer = bits >= keep_from;
+      expect(integer == (static_cast<double>(bits) * 0x1.0p-53 >= p), "integer mask test");
+    }
+    for (const uint64_t bits : {keep_from - 1, keep_from, keep_from + 1}) {
+      if (bits >= (uint64_t{1} << 53)) continue;
+      expect((bits >= keep_from) == (static_cast<double>(bits) * 0x1.0p-53 >= p),
+             "integer mask test at the boundary");
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
   histogram_by_hand();
   ties_by_hand();
   dare_by_hand();
+  dare_integer_test_is_the_uniform_test();
   if (failures != 0) {
     std::printf("%d native check(s) failed\n", failures);
     return EXIT_FAILURE;

@@ -84,7 +84,7 @@ inline void check_thresholds(const at::Tensor& thresholds, int64_t n) {
 inline DareMask checked_dare_mask(const char* op, at::IntArrayRef streams, int64_t first_index,
                                   double drop_rate, int64_t n_experts,
                                   std::vector<uint64_t>& bits) {
-  if (streams.empty()) return DareMask{nullptr, 0, 0.0, 1.0f};
+  if (streams.empty()) return DareMask{nullptr, 0, 0, 1.0f};
   TORCH_CHECK(static_cast<int64_t>(streams.size()) == n_experts, op,
               ": needs one DARE stream per expert (", n_experts, "), got ", streams.size());
   TORCH_CHECK(drop_rate >= 0.0 && drop_rate < 1.0, op, ": drop_rate must be in [0, 1), got ",
@@ -92,7 +92,8 @@ inline DareMask checked_dare_mask(const char* op, at::IntArrayRef streams, int64
   TORCH_CHECK(first_index >= 0, op, ": first_index must be >= 0, got ", first_index);
   bits.clear();
   for (int64_t stream : streams) bits.push_back(static_cast<uint64_t>(stream));
-  return DareMask{bits.data(), first_index, drop_rate, static_cast<float>(1.0 - drop_rate)};
+  return DareMask{bits.data(), first_index, dare_keep_from(drop_rate),
+                  static_cast<float>(1.0 - drop_rate)};
 }
 
 }  // namespace r2m
