@@ -28,15 +28,29 @@ namespace r2m {
 // accumulates in float32 or float64, never in 16 bits.
 enum class ScalarKind : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
-R2M_HOST_DEVICE float bf16_bits_to_float(uint16_t bits) {
-  uint32_t widened = static_cast<uint32_t>(bits) << 16;
-  float out;
+// A float32's bit pattern, and back.
+R2M_HOST_DEVICE uint32_t float_bits(float value) {
 #if defined(__CUDA_ARCH__)
-  out = __uint_as_float(widened);
+  return __float_as_uint(value);
 #else
-  std::memcpy(&out, &widened, sizeof(out));
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
 #endif
-  return out;
+}
+
+R2M_HOST_DEVICE float bits_float(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+#endif
+}
+
+R2M_HOST_DEVICE float bf16_bits_to_float(uint16_t bits) {
+  return bits_float(static_cast<uint32_t>(bits) << 16);
 }
 
 // IEEE 754 binary16 -> binary32, including subnormals, infinities and NaN.

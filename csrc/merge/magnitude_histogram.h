@@ -27,13 +27,7 @@ struct MagnitudeHistogramParams {
 
 // The float32 bit pattern of |difference|: the sign bit cleared.
 R2M_HOST_DEVICE uint32_t magnitude_bits(float difference) {
-  uint32_t bits;
-#if defined(__CUDA_ARCH__)
-  bits = __float_as_uint(difference);
-#else
-  std::memcpy(&bits, &difference, sizeof(bits));
-#endif
-  return bits & 0x7fffffffu;
+  return float_bits(difference) & 0x7fffffffu;
 }
 
 // Adds elements [begin, end) into counts (n_experts rows of 2^width int64, row-major).

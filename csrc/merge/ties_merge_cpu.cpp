@@ -1,5 +1,4 @@
 #include <algorithm>
-#include <cstring>
 
 #include "common/cpu_clones.h"
 #include "merge/ties_merge.h"
@@ -11,24 +10,6 @@ namespace {
 // Elements handled together: their base, sums and counts stay in the L1 cache while each
 // expert's row streams through once per loop.
 constexpr int64_t kChunk = 256;
-constexpr uint32_t kInfBits = 0x7f800000u;
-constexpr uint32_t kSignBit = 0x80000000u;
-constexpr uint32_t kOneBits = 0x3f800000u;  // 1.0f
-
-R2M_ALWAYS_INLINE uint32_t bits_of(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return bits;
-}
-
-R2M_ALWAYS_INLINE float float_of(uint32_t bits) {
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
-
-// All-ones where `condition`, else zero.
-R2M_ALWAYS_INLINE uint32_t mask_of(bool condition) { return 0u - static_cast<uint32_t>(condition); }
 
 // Task `i`'s value at element `e`: the difference, or under DARE's mask what the mask leaves. A
 // template argument, not a test per element: the test kept the unmasked loops from vectorising
@@ -41,11 +22,9 @@ R2M_ALWAYS_INLINE float task_value(const TiesMergeParams& params, int64_t i, int
                      difference);
 }
 
-// Every choice below is made on bit patterns with integer compares and masks: a float compare
-// may raise an exception flag, so without -fno-trapping-math the compiler keeps each one a branch
-// and vectorises none of these loops (35x slower than combine). The float arithmetic (the
-// subtraction, the sums in expert order, the division, the product and the final sum) is that of
-// the spec's formula, element by element.
+// Every choice is made on bit patterns (ties_merge.h). The float arithmetic (the subtraction, the
+// sums in expert order, the division, the product and the final sum) is that of the spec's
+// formula, element by element.
 template <typename In, bool Masked>
 R2M_ALWAYS_INLINE void ties_merge_typed(const TiesMergeParams& params, int64_t begin, int64_t end,
                                         float* out) {
@@ -61,32 +40,21 @@ R2M_ALWAYS_INLINE void ties_merge_typed(const TiesMergeParams& params, int64_t b
     }
     for (int64_t i = 0; i < params.n_experts; ++i) {
       const In* expert = static_cast<const In*>(params.experts[i]) + start;
-      const uint32_t threshold = bits_of(params.thresholds[i]);  // >= 0
+      const uint32_t threshold = float_bits(params.thresholds[i]);  // >= 0
       for (int64_t e = 0; e < n; ++e) {
         const float task = task_value<Masked>(params, i, start + e, to_float(expert[e]) - base[e]);
-        const uint32_t magnitude = bits_of(task) & ~kSignBit;
-        // |task| >= threshold, false for NaN: non-negative floats order like their bits.
-        const uint32_t kept = mask_of(magnitude >= threshold && magnitude <= kInfBits);
-        sum[e] += float_of(bits_of(task) & kept);
+        sum[e] += bits_float(trimmed_bits(float_bits(task), threshold));
       }
     }
     for (int64_t i = 0; i < params.n_experts; ++i) {
       const In* expert = static_cast<const In*>(params.experts[i]) + start;
-      const uint32_t threshold = bits_of(params.thresholds[i]);
+      const uint32_t threshold = float_bits(params.thresholds[i]);
       for (int64_t e = 0; e < n; ++e) {
         const float task = task_value<Masked>(params, i, start + e, to_float(expert[e]) - base[e]);
-        const uint32_t magnitude = bits_of(task) & ~kSignBit;
-        const uint32_t trimmed =
-            bits_of(task) & mask_of(magnitude >= threshold && magnitude <= kInfBits);
-        // sum >= 0 (true for -0, false for NaN) elects +: a trimmed entry agrees when it is
-        // nonzero with the elected sign (trimmed entries are never NaN).
-        const uint32_t total = bits_of(sum[e]);
-        const bool positive = total <= kInfBits || total == kSignBit;
-        const bool nonzero = (trimmed & ~kSignBit) != 0;
-        const bool negative = (trimmed & kSignBit) != 0;
-        const uint32_t agrees = mask_of(nonzero && (positive != negative));
-        agreeing[e] += float_of(trimmed & agrees);
-        count[e] += float_of(kOneBits & agrees);
+        const uint32_t trimmed = trimmed_bits(float_bits(task), threshold);
+        const uint32_t agreeing_bits = agrees(trimmed, elects_positive(float_bits(sum[e])));
+        agreeing[e] += bits_float(trimmed & agreeing_bits);
+        count[e] += bits_float(kTiesOneBits & agreeing_bits);
       }
     }
     for (int64_t e = 0; e < n; ++e) {

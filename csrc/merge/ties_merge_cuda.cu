@@ -1,6 +1,6 @@
 // CUDA twin of ties_merge_cpu: one thread per element, the same float operations in the same
 // order (sums over the experts in order, explicit rounding: no fused multiply-add), and the same
-// choices on bit patterns, so each element's bits equal the CPU kernel's.
+// decisions on bit patterns (ties_merge.h), so each element's bits equal the CPU kernel's.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -12,9 +12,6 @@ namespace r2m {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr uint32_t kInfBits = 0x7f800000u;
-constexpr uint32_t kSignBit = 0x80000000u;
-constexpr uint32_t kOneBits = 0x3f800000u;  // 1.0f
 
 template <typename In, bool Masked>
 __device__ __forceinline__ float task_value(const TiesMergeParams& params, int64_t i, int64_t e,
@@ -25,14 +22,6 @@ __device__ __forceinline__ float task_value(const TiesMergeParams& params, int64
                      difference);
 }
 
-// The entry when |task| >= threshold (false for NaN: non-negative floats order like their
-// bits), else +0.
-__device__ __forceinline__ uint32_t trimmed_bits(float task, uint32_t threshold) {
-  const uint32_t bits = __float_as_uint(task);
-  const uint32_t magnitude = bits & ~kSignBit;
-  return magnitude >= threshold && magnitude <= kInfBits ? bits : 0u;
-}
-
 template <typename In, bool Masked>
 __global__ void __launch_bounds__(kThreads) ties_merge_kernel(TiesMergeParams params, float* out) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
@@ -41,25 +30,20 @@ __global__ void __launch_bounds__(kThreads) ties_merge_kernel(TiesMergeParams pa
     const float base = to_float(static_cast<const In*>(params.base)[e]);
     float sum = 0.0f;
     for (int64_t i = 0; i < params.n_experts; ++i) {
-      const uint32_t threshold = __float_as_uint(params.thresholds[i]);
-      sum = add_rn(sum, __uint_as_float(
-                            trimmed_bits(task_value<In, Masked>(params, i, e, base), threshold)));
+      const uint32_t threshold = float_bits(params.thresholds[i]);
+      const float task = task_value<In, Masked>(params, i, e, base);
+      sum = add_rn(sum, bits_float(trimmed_bits(float_bits(task), threshold)));
     }
-    // sum >= 0 (true for -0, false for NaN) elects +.
-    const uint32_t total = __float_as_uint(sum);
-    const bool positive = total <= kInfBits || total == kSignBit;
+    const bool positive = elects_positive(float_bits(sum));
     float agreeing = 0.0f;
     float count = 0.0f;
     for (int64_t i = 0; i < params.n_experts; ++i) {
-      const uint32_t threshold = __float_as_uint(params.thresholds[i]);
-      const uint32_t trimmed = trimmed_bits(task_value<In, Masked>(params, i, e, base), threshold);
-      // A trimmed entry agrees when it is nonzero with the elected sign (never NaN); the others
-      // add +0, as on the CPU.
-      const bool nonzero = (trimmed & ~kSignBit) != 0;
-      const bool negative = (trimmed & kSignBit) != 0;
-      const uint32_t agrees = nonzero && positive != negative ? 0xffffffffu : 0u;
-      agreeing = add_rn(agreeing, __uint_as_float(trimmed & agrees));
-      count = add_rn(count, __uint_as_float(kOneBits & agrees));
+      const uint32_t threshold = float_bits(params.thresholds[i]);
+      const float task = task_value<In, Masked>(params, i, e, base);
+      const uint32_t trimmed = trimmed_bits(float_bits(task), threshold);
+      const uint32_t agreeing_bits = agrees(trimmed, positive);
+      agreeing = add_rn(agreeing, bits_float(trimmed & agreeing_bits));
+      count = add_rn(count, bits_float(kTiesOneBits & agreeing_bits));
     }
     const float mean = __fdiv_rn(agreeing, fmaxf(count, 1.0f));
     out[e] = add_rn(base, mul_rn(params.lam, mean));
