@@ -202,6 +202,7 @@ def merge_files(
         files_read = [f for source in sources for f in source.files_read] + copied
         check_inputs_apart(out, [base_path, *expert_paths], files_read)
         check_output_target(out, overwrite)
+        scratch = _scratch_directory(scratch_dir, partial_dir(out))
         if overwrite and not resume:
             _clear_stale_partial(out)
         plan = plan_merge(sources, resolved)
@@ -230,7 +231,7 @@ def merge_files(
                 done=writer.done_names,
                 device=compute_device,
                 written_behind=lambda: writer.queued_bytes,
-                scratch_dir=_scratch_directory(scratch_dir, writer.tmp),
+                scratch_dir=scratch,
             )
             try:
                 for name, _, values in run_merge(plan, inputs, resolved, report, writer.done_names):

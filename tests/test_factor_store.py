@@ -216,3 +216,15 @@ def test_ctrl_c_after_spilling_leaves_no_scratch_and_resume_gives_the_same_bits(
     report = json.loads((out / "report.json").read_text())
     assert report["resumed_shards"] == 1 and report["factors_spilled"] > 0
     assert merged(out) == merged(tmp_path / "reference")
+
+
+def test_a_scratch_dir_that_is_not_a_directory_is_refused_before_anything_is_written(
+    inputs, tmp_path
+):
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("x")
+    for given in (not_a_directory, tmp_path / "missing"):
+        with pytest.raises(r2m_ext.R2MError, match=f"--scratch-dir {given}: not a directory"):
+            merge(inputs, tmp_path / "out", max_memory="700kB", scratch_dir=given)
+        assert not (tmp_path / "out").exists()
+        assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
