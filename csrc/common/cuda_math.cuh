@@ -18,6 +18,13 @@ __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(
 __device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
 __device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
 
+// Blocks for a grid-stride elementwise kernel over `numel` elements: one per `threads` elements,
+// at least 1 and at most 4096 (the grid-stride loop covers the rest).
+inline unsigned elementwise_blocks(int64_t numel, int threads) {
+  const int64_t wanted = (numel + threads - 1) / threads;
+  return static_cast<unsigned>(wanted < 1 ? 1 : (wanted > 4096 ? 4096 : wanted));
+}
+
 // Element i of a buffer of `kind`, widened exactly (every input kind is exact in double, and
 // float32/16-bit inputs are exact in float).
 template <typename Acc>

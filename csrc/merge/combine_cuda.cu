@@ -51,17 +51,16 @@ int combine_cuda(const CombineParams& params, bool accumulate_in_double, ScalarK
                  void* out, void* stream) {
   if (params.numel == 0 || params.n_outputs == 0) return 0;
   cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
-  const int64_t blocks =
-      std::max<int64_t>(1, std::min<int64_t>(4096, (params.numel + kThreads - 1) / kThreads));
+  const unsigned blocks = elementwise_blocks(params.numel, kThreads);
   for (int64_t first = 0; first < params.n_outputs; first += kOutputsPerSweep) {
     const int outputs =
         static_cast<int>(std::min<int64_t>(kOutputsPerSweep, params.n_outputs - first));
     if (accumulate_in_double) {
-      combine_kernel<double><<<static_cast<unsigned>(blocks), kThreads, 0, cuda_stream>>>(
-          params, first, outputs, out_kind, out);
+      combine_kernel<double>
+          <<<blocks, kThreads, 0, cuda_stream>>>(params, first, outputs, out_kind, out);
     } else {
-      combine_kernel<float><<<static_cast<unsigned>(blocks), kThreads, 0, cuda_stream>>>(
-          params, first, outputs, out_kind, out);
+      combine_kernel<float>
+          <<<blocks, kThreads, 0, cuda_stream>>>(params, first, outputs, out_kind, out);
     }
   }
   return static_cast<int>(cudaGetLastError());

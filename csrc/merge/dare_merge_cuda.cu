@@ -3,8 +3,6 @@
 // the CPU kernel's. A non-finite task-vector entry, kept or dropped, sets `nonfinite`.
 #include <cuda_runtime.h>
 
-#include <algorithm>
-
 #include "common/cuda_math.cuh"
 #include "merge/dare_merge.h"
 
@@ -38,8 +36,7 @@ __global__ void __launch_bounds__(kThreads)
 int dare_merge_cuda(const DareMergeParams& params, float* out, int* nonfinite, void* stream) {
   if (params.numel == 0) return 0;
   cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
-  const unsigned blocks = static_cast<unsigned>(
-      std::max<int64_t>(1, std::min<int64_t>(4096, (params.numel + kThreads - 1) / kThreads)));
+  const unsigned blocks = elementwise_blocks(params.numel, kThreads);
   dispatch_kind(params.kind, [&](auto tag) {
     dare_merge_kernel<decltype(tag)><<<blocks, kThreads, 0, cuda_stream>>>(params, out, nonfinite);
   });

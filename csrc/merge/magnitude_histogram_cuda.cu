@@ -4,8 +4,6 @@
 // same result as the CPU for any launch shape.
 #include <cuda_runtime.h>
 
-#include <algorithm>
-
 #include "common/cuda_math.cuh"
 #include "merge/magnitude_histogram.h"
 
@@ -51,8 +49,7 @@ int magnitude_histogram_cuda(const MagnitudeHistogramParams& params, int64_t* co
                              void* stream) {
   if (params.numel == 0 || params.n_experts == 0) return 0;
   cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
-  const unsigned blocks = static_cast<unsigned>(
-      std::max<int64_t>(1, std::min<int64_t>(4096, (params.numel + kThreads - 1) / kThreads)));
+  const unsigned blocks = elementwise_blocks(params.numel, kThreads);
   auto* out = reinterpret_cast<unsigned long long*>(counts);
   dispatch_kind(params.kind, [&](auto tag) {
     if (params.mask.streams != nullptr) {

@@ -3,8 +3,6 @@
 // decisions on bit patterns (ties_merge.h), so each element's bits equal the CPU kernel's.
 #include <cuda_runtime.h>
 
-#include <algorithm>
-
 #include "common/cuda_math.cuh"
 #include "merge/ties_merge.h"
 
@@ -55,8 +53,7 @@ __global__ void __launch_bounds__(kThreads) ties_merge_kernel(TiesMergeParams pa
 int ties_merge_cuda(const TiesMergeParams& params, float* out, void* stream) {
   if (params.numel == 0) return 0;
   cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
-  const unsigned blocks = static_cast<unsigned>(
-      std::max<int64_t>(1, std::min<int64_t>(4096, (params.numel + kThreads - 1) / kThreads)));
+  const unsigned blocks = elementwise_blocks(params.numel, kThreads);
   dispatch_kind(params.kind, [&](auto tag) {
     if (params.mask.streams != nullptr) {
       ties_merge_kernel<decltype(tag), true><<<blocks, kThreads, 0, cuda_stream>>>(params, out);
