@@ -3,6 +3,7 @@
     import r2m_ext
     merged = r2m_ext.merge(base_state_dict, [expert1, expert2], method="r2m", alpha=0.6)
     r2m_ext.merge_files("base/", ["expert1/", "expert2/"], "merged/", method="ties")
+    r2m_ext.merge_config("mergekit.yaml", "merged/")  # a recipe or a mergekit config
 
 Importing never compiles anything; without the native extension the ops run in pure torch
 (`r2m_ext.backend_info()` says which).
@@ -10,7 +11,7 @@ Importing never compiles anything; without the native extension the ops run in p
 
 from r2m_ext._backend import backend_info
 from r2m_ext._version import __version__
-from r2m_ext.api import merge, merge_files
+from r2m_ext.api import merge, merge_config, merge_files
 from r2m_ext.errors import R2MError
 from r2m_ext.methods.registry import method_names
 from r2m_ext.options import MergeOptions, resolve_options
@@ -30,6 +31,7 @@ __all__ = [
     "__version__",
     "backend_info",
     "merge",
+    "merge_config",
     "merge_files",
     "method_names",
     "resolve_options",

@@ -278,6 +278,26 @@ def _scratch_directory(given: str | Path | None, partial: Path) -> Path | None:
     return directory
 
 
+def merge_config(config: str | Path, out: str | Path | None = None, **merge_arguments: Any) -> Path:
+    """Runs the merge a config file describes: an r2m_ext recipe (r2m_recipe.yaml) or a mergekit
+    YAML (its `merge_method`, `base_model`, `models` and `parameters`, with mergekit's semantics:
+    README, "Coming from mergekit"), as `r2m merge --config` does. `merge_arguments` go to
+    `merge_files` (max_memory, overwrite, report, ...) and override the config's options and
+    shard size where they name them."""
+    fields = load_recipe(config)
+    if not fields["base"] or not fields["experts"]:
+        raise R2MError(f"{config}: the config names no base or no experts")
+    target = out if out is not None else fields["out"]
+    if target is None:
+        raise R2MError(f"{config}: the config has no output directory; give one")
+    arguments = {
+        "shard_size": fields["shard_size"] or DEFAULT_SHARD_SIZE,
+        **fields["options"],
+        **merge_arguments,
+    }
+    return merge_files(fields["base"], fields["experts"], target, fields["method"], **arguments)
+
+
 def expand_files(
     recipe: str | Path,
     new_experts: Sequence[str | Path],

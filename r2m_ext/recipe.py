@@ -1,5 +1,6 @@
 """The recipe file, r2m_recipe.yaml: the exact method, options and inputs of a merge. `r2m merge`
-writes it beside every output and `r2m merge --config` reads the same format."""
+writes it beside every output and `r2m merge --config` reads the same format (or a mergekit
+YAML, told apart by its `merge_method` key: integrations/mergekit_config.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import yaml
 
 from r2m_ext._version import __version__
 from r2m_ext.errors import R2MError
+from r2m_ext.integrations.mergekit_config import is_mergekit_config, load_mergekit_config
 from r2m_ext.io.paths import require_regular_file, resolved
 from r2m_ext.options import MergeOptions
 
@@ -74,6 +76,8 @@ def load_recipe(path: str | Path) -> dict:
     checked for its type here: a recipe may come from anywhere."""
     path = Path(path)
     document = _read_document(path)
+    if is_mergekit_config(document):
+        return load_mergekit_config(path, document)
     unknown = sorted(str(key) for key in set(document) - _TOP_LEVEL)
     if unknown:
         raise R2MError(f"{path}: unknown recipe field(s) {', '.join(unknown)}")

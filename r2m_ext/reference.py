@@ -110,16 +110,20 @@ def randomized_svd(
     return (q @ u_small)[..., :kept], s[..., :kept], vh[..., :kept, :].mT
 
 
-def dare_masked(tasks: torch.Tensor, dare: DareMask) -> torch.Tensor:
-    """A block's task vectors [N, ...] after DARE's mask: kept entries rescaled, dropped ones 0."""
-    shape = tasks.shape[1:]
+def dare_kept(dare: DareMask, shape: torch.Size) -> torch.Tensor:
+    """Which entries of a block of `shape` DARE keeps, per task: bool [N, *shape] (on the CPU)."""
     index = torch.arange(dare.first_index, dare.first_index + shape.numel(), dtype=torch.int64)
-    kept = torch.stack(
+    return torch.stack(
         [
             (splitmix64_uniform(stream, index) >= dare.drop_rate).view(shape)
             for stream in dare.streams
         ]
-    ).to(tasks.device)
+    )
+
+
+def dare_masked(tasks: torch.Tensor, dare: DareMask) -> torch.Tensor:
+    """A block's task vectors [N, ...] after DARE's mask: kept entries rescaled, dropped ones 0."""
+    kept = dare_kept(dare, tasks.shape[1:]).to(tasks.device)
     return torch.where(kept, tasks / (1.0 - dare.drop_rate), torch.zeros_like(tasks))
 
 

@@ -1,0 +1,426 @@
+"""mergekit (method "mergekit"): the per-tensor methods of mergekit 0.1.5 with mergekit's own
+semantics, so that a mergekit YAML (integrations/mergekit_config.py) merges here to the same
+tensors as `mergekit-yaml`, streamed within r2m_ext's memory budget.
+
+Where mergekit and r2m_ext's spec (§6) differ, this module follows mergekit:
+- parameters are per model and per tensor: `weight`, `density`, `gamma` may differ by model,
+  by tensor-name filter (`{filter: "mlp", value: 0.5}`, substring match, first match wins) and
+  by layer (a list of numbers is a gradient interpolated over the layer index t in [0, 1]);
+- TIES trims each task vector per tensor to the `int(density * numel)` largest magnitudes
+  (not the spec's global ceil threshold), multiplies by the weights *before* electing signs,
+  and with `normalize` divides by the sum of the weights that agree (not their count);
+- DARE keeps each entry with probability `density` and, with `rescale`, rescales the kept
+  entries to the task vector's L1 norm (mergekit's RescaleNorm.l1), not by 1 / density;
+- breadcrumbs drops the `gamma` fraction of largest magnitudes as well as the smallest.
+DARE's mask is r2m_ext's (a function of seed, tensor name and task: determinism.py), not
+torch.bernoulli's stream, so its kept entries differ from mergekit's run by construction; the
+kept fraction and everything after the mask follow mergekit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from r2m_ext.determinism import DareMask, dare_stream
+from r2m_ext.errors import R2MError
+from r2m_ext.methods.common import TaskTensors
+from r2m_ext.methods.passes import Merged, MethodPasses
+from r2m_ext.methods.registry import MergeMethod, Range, option, register
+from r2m_ext.plan import TensorPlan
+from r2m_ext.reference import dare_kept
+
+
+@dataclass(frozen=True)
+class GeneralizedTaskArithmetic:
+    """One of mergekit's generalized task arithmetic methods (mergekit/merge_methods/registry.py):
+    how task vectors are sparsified, whether signs are elected, and the parameter defaults."""
+
+    sparsification: str | None  # "magnitude", "random", "magnitude_outliers" or None
+    consensus: bool  # TIES's sign election ("sum" in mergekit)
+    default_normalize: bool
+    default_rescale: bool
+
+
+GTA_METHODS = {
+    "task_arithmetic": GeneralizedTaskArithmetic(None, False, False, False),
+    "ties": GeneralizedTaskArithmetic("magnitude", True, True, False),
+    "dare_linear": GeneralizedTaskArithmetic("random", False, False, True),
+    "dare_ties": GeneralizedTaskArithmetic("random", True, False, True),
+    "breadcrumbs": GeneralizedTaskArithmetic("magnitude_outliers", False, False, False),
+    "breadcrumbs_ties": GeneralizedTaskArithmetic("magnitude_outliers", True, False, False),
+}
+# linear is a weighted mean of every input, the base among them (it has no task vectors).
+MERGEKIT_METHODS = ("linear", *GTA_METHODS)
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A mergekit parameter: its value type, whether it is per model, its default (None:
+    required)."""
+
+    kind: type  # float or bool
+    per_model: bool
+    default: Any = None
+
+
+def method_parameters(method: str) -> dict[str, Parameter]:
+    """The parameters mergekit's `method` takes (the spec of its MergeMethod)."""
+    if method == "linear":
+        return {"weight": Parameter(float, True), "normalize": Parameter(bool, False, True)}
+    gta = GTA_METHODS[method]
+    parameters = {
+        "int8_mask": Parameter(bool, False, False),
+        "normalize": Parameter(bool, False, gta.default_normalize),
+        "rescale": Parameter(bool, False, gta.default_rescale),
+        "lambda": Parameter(float, False, 1.0),
+        "weight": Parameter(float, True),
+        "density": Parameter(float, True, 1.0),
+    }
+    if gta.sparsification == "magnitude_outliers":
+        parameters["gamma"] = Parameter(float, True, 0.01)
+    return parameters
+
+
+def scalar_value(value: Any, kind: type, where: str) -> Any:
+    """A scalar setting as mergekit's pydantic validation reads it (YAML writes 1e-3 as a
+    string; booleans accept true/false, yes/no, 0/1)."""
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise R2MError(f"{where}: expected a number, got {value!r}")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower() if isinstance(value, str) else None
+    if text in ("true", "yes", "on", "1", "t", "y"):
+        return True
+    if text in ("false", "no", "off", "0", "f", "n"):
+        return False
+    raise R2MError(f"{where}: expected true or false, got {value!r}")
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, str))
+
+
+def check_setting(setting: Any, kind: type, where: str) -> None:
+    """Raises, naming `where`, unless `setting` is a mergekit ParameterSetting whose scalars are
+    of `kind`: a scalar, a gradient (list of scalars), {value, filter} or a list of those."""
+    if _is_scalar(setting):
+        scalar_value(setting, kind, where)
+        return
+    if isinstance(setting, Mapping):
+        setting = [setting]
+    if not isinstance(setting, list) or not setting:
+        raise R2MError(f"{where}: expected a value, a list of values or {{filter, value}} items")
+    if all(_is_scalar(item) for item in setting):
+        for item in setting:
+            scalar_value(item, kind, where)
+        return
+    for item in setting:
+        if not isinstance(item, Mapping) or "value" not in item:
+            raise R2MError(f"{where}: each item of a filtered list needs a 'value'")
+        unknown = sorted(set(item) - {"value", "filter"})
+        if unknown:
+            raise R2MError(f"{where}: unknown key(s) {', '.join(unknown)} in a filtered item")
+        if item.get("filter") is not None and not isinstance(item["filter"], str):
+            raise R2MError(f"{where}: a filter is a tensor-name substring")
+        value = item["value"]
+        if not (_is_scalar(value) or (isinstance(value, list) and all(map(_is_scalar, value)))):
+            raise R2MError(f"{where}: a filtered value is a value or a gradient")
+        check_setting(value, kind, where)
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float, kind: type, where: str) -> Any:
+    """The value of a checked setting for one tensor at layer position `t` (mergekit's
+    evaluate_setting): the first filter contained in the name (or none, or "*") wins; a
+    gradient of numbers interpolates linearly, of booleans picks an endpoint. None where no
+    filter matches."""
+    if _is_scalar(setting):
+        return scalar_value(setting, kind, where)
+    if isinstance(setting, Mapping):
+        setting = [setting]
+    if all(_is_scalar(item) for item in setting):
+        values = [scalar_value(item, kind, where) for item in setting]
+        if kind is not float:
+            return values[int(t * (len(values) - 1))]
+        position = t * (len(values) - 1)
+        low = int(position)
+        high = min(len(values) - 1, low + 1)
+        fraction = position - low
+        return (1 - fraction) * values[low] + fraction * values[high]
+    for item in setting:
+        pattern = item.get("filter")
+        if pattern is None or pattern == "*" or (tensor_name and pattern in tensor_name):
+            return evaluate_setting(item["value"], tensor_name, t, kind, where)
+    return None
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|block)\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder/encoder layer a tensor belongs to ("model.layers.3.mlp..." -> 3), or None
+    for the tensors before and after the layers (embeddings, final norm, head)."""
+    match = _LAYER_INDEX.search(name)
+    return None if match is None else int(match.group(1))
+
+
+def layer_position(name: str, n_layers: int) -> float:
+    """mergekit's t: index / (layers - 1) inside the layers (1 with one layer), 0 outside."""
+    index = layer_index(name)
+    if index is None:
+        return 0.0
+    return index / (n_layers - 1) if n_layers > 1 else 1.0
+
+
+@dataclass(frozen=True)
+class MergekitOptions:
+    mergekit_method: str = option(
+        "task_arithmetic",
+        "which of mergekit's methods, with its semantics",
+        choices=MERGEKIT_METHODS,
+    )
+    mergekit_parameters: str = option(
+        "{}",
+        "mergekit's parameter settings as JSON: {'shared': {...}, 'inputs': [{...} for the base, "
+        "then each expert]} (what `r2m merge --config MERGEKIT.yaml` fills in)",
+    )
+    seed: int = option(0, "seed of the drop mask", check=Range(0, 2**64, high_open=True))
+
+
+@dataclass(frozen=True)
+class ParameterSettings:
+    """A merge's settings parsed from `mergekit_parameters`: shared and per input (the engine's
+    base first, then its experts), each a mapping of parameter name to setting."""
+
+    shared: Mapping[str, Any]
+    inputs: tuple[Mapping[str, Any], ...]
+
+    @classmethod
+    def parse(cls, text: str, method: str, n_inputs: int) -> ParameterSettings:
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise R2MError(f"mergekit_parameters: not JSON ({error})") from None
+        if not isinstance(document, dict) or set(document) - {"shared", "inputs"}:
+            raise R2MError("mergekit_parameters: a mapping with 'shared' and 'inputs'")
+        shared = document.get("shared") or {}
+        inputs = document.get("inputs") or [{}] * n_inputs
+        if not isinstance(inputs, list) or len(inputs) != n_inputs:
+            raise R2MError(
+                f"mergekit_parameters: 'inputs' needs one mapping per input ({n_inputs}: the base, "
+                "then each expert)"
+            )
+        known = method_parameters(method)
+        for label, settings in [("shared", shared)] + [
+            (f"input {i}", s) for i, s in enumerate(inputs)
+        ]:
+            if not isinstance(settings, dict):
+                raise R2MError(f"mergekit_parameters: {label} must be a mapping")
+            for name, setting in settings.items():
+                if name not in known:
+                    raise R2MError(
+                        f"mergekit_parameters: mergekit's {method} takes no parameter {name!r} "
+                        f"(it takes {', '.join(known)})"
+                    )
+                check_setting(setting, known[name].kind, f"mergekit_parameters: {name}")
+        return cls(shared, tuple(inputs))
+
+    def resolve(
+        self, name: str, parameter: Parameter, tensor: str, t: float, model: int | None
+    ) -> Any:
+        """A parameter's value for one tensor: the model's own setting, else the shared one,
+        else the default; a required one missing is an error naming the tensor."""
+        scopes = ([self.inputs[model]] if model is not None else []) + [self.shared]
+        for scope in scopes:
+            if name in scope:
+                value = evaluate_setting(scope[name], tensor, t, parameter.kind, name)
+                if value is not None:
+                    return value
+        if parameter.default is None:
+            who = "the base" if model == 0 else f"expert {model}"
+            raise R2MError(f"mergekit: no value of {name!r} for {who} on tensor {tensor!r}")
+        return parameter.default
+
+
+def _l1_rescaled(tau: torch.Tensor, kept: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """mergekit's rescaled_masked_tensor with RescaleNorm.l1 (or none)."""
+    masked = tau * kept
+    if not rescale:
+        return masked
+    before, after = tau.abs().sum(), masked.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked * (before / after)
+
+
+def _magnitude(tau: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+    """The int(density * numel) largest magnitudes (at least one), the rest zero. Among equal
+    magnitudes at the cut, which are kept is the sort's choice (mergekit's argsort is not
+    stable either)."""
+    if density >= 1:
+        return tau
+    if density <= 0 or tau.numel() == 0:
+        return torch.zeros_like(tau)
+    keep = max(1, int(density * tau.numel()))
+    kept = torch.zeros(tau.numel(), dtype=tau.dtype, device=tau.device)
+    kept[torch.topk(tau.abs().reshape(-1), keep, sorted=False).indices] = 1
+    return _l1_rescaled(tau, kept.view_as(tau), rescale)
+
+
+def _magnitude_outliers(tau: torch.Tensor, density: float, gamma: float, rescale: bool):
+    """Breadcrumbs: drop the int(gamma * numel) largest magnitudes and enough of the smallest
+    to keep int(density * numel) entries."""
+    if density >= 1:
+        return tau
+    count = tau.numel()
+    keep = int(density * count)
+    top = int(gamma * count)
+    bottom = max(0, count - keep - top)
+    order = torch.sort(tau.abs().reshape(-1), stable=True).indices
+    kept = torch.zeros(count, dtype=tau.dtype, device=tau.device)
+    kept[order[bottom : bottom + keep]] = 1
+    return _l1_rescaled(tau, kept.view_as(tau), rescale)
+
+
+def _random(tau: torch.Tensor, density: float, rescale: bool, mask: DareMask) -> torch.Tensor:
+    """DARE: each entry kept with probability density (r2m_ext's deterministic mask)."""
+    if density >= 1:
+        return tau
+    if density <= 0:
+        return torch.zeros_like(tau)
+    kept = dare_kept(mask, tau.shape)[0].to(device=tau.device, dtype=tau.dtype)
+    return _l1_rescaled(tau, kept, rescale)
+
+
+def merge_mergekit(tensors: TaskTensors, options: MergekitOptions, report: dict) -> MethodPasses:
+    method = options.mergekit_method
+    n = tensors.n_experts
+    settings = ParameterSettings.parse(options.mergekit_parameters, method, n + 1)
+    parameters = method_parameters(method)
+    indices = [layer_index(entry.name) for entry in tensors.body]
+    n_layers = max((i for i in indices if i is not None), default=-1) + 1
+    report["mergekit_method"] = method
+
+    def resolved(entry: TensorPlan) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """(shared values, per-input values) for one tensor, inputs as in settings.inputs."""
+        t = layer_position(entry.name, n_layers)
+        shared = {
+            name: settings.resolve(name, p, entry.name, t, None)
+            for name, p in parameters.items()
+            if not p.per_model
+        }
+        weighted = range(n + 1) if method == "linear" else range(1, n + 1)
+        per_input = [
+            {
+                name: settings.resolve(name, p, entry.name, t, model)
+                for name, p in parameters.items()
+                if p.per_model
+            }
+            for model in weighted
+        ]
+        return shared, per_input
+
+    def emit_linear(entry: TensorPlan) -> Merged:
+        shared, per_input = resolved(entry)
+        weights = [values["weight"] for values in per_input]
+        total = sum(weights)
+        for rows, base, experts in tensors.blocks(entry, extra_stacks=0):
+            merged = torch.zeros_like(base)
+            for value, weight in zip([base, *experts], weights, strict=True):
+                merged.add_(value, alpha=weight)
+            yield entry.name, rows, merged / total if shared["normalize"] else merged
+            del base, experts, merged
+
+    gta = GTA_METHODS.get(method)
+    # Sparsification that looks at the whole tensor (a rank order, a norm) needs it whole.
+    whole = gta is not None and gta.sparsification is not None
+
+    def sparsified(entry, rows, shared, per_input, tau: torch.Tensor) -> torch.Tensor:
+        """The task vectors [N, ...] after each one's sparsification."""
+        if gta.sparsification is None:
+            return tau
+        rows_first = 0 if rows is None else rows.start * entry.row_numel
+        parts = []
+        for i, values in enumerate(per_input):
+            density = values["density"]
+            if gta.sparsification == "magnitude":
+                parts.append(_magnitude(tau[i], density, shared["rescale"]))
+            elif gta.sparsification == "magnitude_outliers":
+                parts.append(
+                    _magnitude_outliers(tau[i], density, values["gamma"], shared["rescale"])
+                )
+            else:
+                stream = dare_stream(options.seed, entry.name, entry.shape, i)
+                mask = DareMask((stream,), rows_first, 1.0 - density)
+                parts.append(_random(tau[i], density, shared["rescale"], mask))
+        return torch.stack(parts)
+
+    def inputs_of(entry: TensorPlan) -> Iterator[tuple[slice | None, torch.Tensor, torch.Tensor]]:
+        if whole:
+            yield (None, *tensors.load(entry.name, extra_stacks=4))
+        else:
+            yield from tensors.blocks(entry, extra_stacks=3)
+
+    def emit_gta(entry: TensorPlan) -> Merged:
+        shared, per_input = resolved(entry)
+        for rows, base, experts in inputs_of(entry):
+            tau = sparsified(entry, rows, shared, per_input, experts - base)
+            del experts
+            weights = torch.tensor([v["weight"] for v in per_input], dtype=tau.dtype)
+            weights = weights.to(tau.device).view((-1,) + (1,) * (tau.dim() - 1))
+            tau = tau * weights
+            if gta.consensus:
+                elected = torch.where(tau.sum(0) >= 0, 1.0, -1.0).to(tau)
+                agrees = (tau.sign() == elected).to(tau)  # zeros never agree
+                update = (tau * agrees).sum(0)
+                divisor = (weights * agrees).sum(0)
+                divisor[divisor == 0] = 1
+            else:
+                update = tau.sum(0)
+                divisor = weights.sum(0)
+                divisor[divisor.abs() < 1e-8] = 1
+            if shared["normalize"]:
+                update = update / divisor
+            if shared["lambda"] != 1:
+                update = update * shared["lambda"]
+            yield entry.name, rows, base + update
+            del base, tau, update
+
+    return MethodPasses(
+        write_label=f"mergekit {method}", emit=emit_linear if method == "linear" else emit_gta
+    )
+
+
+def _check_experts(options: MergekitOptions, n_experts: int) -> None:
+    ParameterSettings.parse(options.mergekit_parameters, options.mergekit_method, n_experts + 1)
+
+
+register(
+    MergeMethod(
+        name="mergekit",
+        summary="mergekit's per-tensor methods with mergekit's semantics (see --config)",
+        options=MergekitOptions,
+        merge=merge_mergekit,
+        passes=("merge",),
+        check_experts=_check_experts,
+    )
+)
+
+
+def settings_json(shared: Mapping[str, Any], inputs: Sequence[Mapping[str, Any]]) -> str:
+    """`mergekit_parameters` as written into a recipe: canonical JSON (sorted keys)."""
+    return json.dumps({"shared": dict(shared), "inputs": [dict(i) for i in inputs]}, sort_keys=True)
