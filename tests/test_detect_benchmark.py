@@ -13,7 +13,7 @@ from r2m_ext.demo import main as demo_main
 from r2m_ext.detect.benchmark import REDUCED, SETTINGS
 from r2m_ext.detect.evaluate import BUILTIN_SPEC, load_detector
 from r2m_ext.detect.synthetic import SEEN_FAMILIES
-from r2m_ext.methods.registry import method_names
+from r2m_ext.methods.registry import default_runnable_names
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_specialists_beat_chance_on_their_own_family(benchmark_run):
 
 def test_every_method_gives_a_loadable_detector(benchmark_run):
     directory, result = benchmark_run
-    assert set(result["merged"]) == set(method_names())
+    assert set(result["merged"]) == set(default_runnable_names())
     for method, path in result["merged"].items():
         model = load_detector(BUILTIN_SPEC, path)
         assert model.config.image_size == REDUCED.model.image_size

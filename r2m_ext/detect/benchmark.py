@@ -39,7 +39,7 @@ from r2m_ext.detect.synthetic import (
     real_images,
 )
 from r2m_ext.detect.train import finetune_detector, pretrain_backbone
-from r2m_ext.methods.registry import method_names
+from r2m_ext.methods.registry import default_runnable_names, method_names
 from r2m_ext.recipe import RECIPE_FILE
 
 SETTINGS = ("in_distribution", "unseen_generator", "unseen_family")
@@ -58,7 +58,7 @@ class BenchmarkConfig:
     batch: int = 64
     test_images: int = 200  # per class and subset
     seed: int = 0
-    methods: tuple[str, ...] = field(default_factory=method_names)
+    methods: tuple[str, ...] = field(default_factory=default_runnable_names)
 
     @property
     def joint_training_steps(self) -> int:

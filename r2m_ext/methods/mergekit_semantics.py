@@ -417,6 +417,7 @@ register(
         merge=merge_mergekit,
         passes=("merge",),
         check_experts=_check_experts,
+        runs_with_defaults=False,
     )
 )
 

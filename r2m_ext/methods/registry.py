@@ -100,6 +100,9 @@ class MergeMethod:
     # Raises (R2MError) when its options cannot merge this many experts; called before any
     # tensor is read.
     check_experts: Callable[[Any, int], None] = lambda options, n_experts: None
+    # False for a method that needs settings to mean anything (mergekit's, which takes per-model
+    # weights from a config): left out of comparisons that run every method with its defaults.
+    runs_with_defaults: bool = True
 
     def option_classes(self) -> tuple[type, ...]:
         if isinstance(self.options, OptionVariants):
@@ -180,6 +183,12 @@ def method_names() -> tuple[str, ...]:
     """Every registered method: the default first, then by name."""
     _load()
     return tuple(sorted(_methods, key=lambda name: (name != DEFAULT_METHOD, name)))
+
+
+def default_runnable_names() -> tuple[str, ...]:
+    """The methods a comparison of "every method" runs with their defaults (the detector
+    benchmark)."""
+    return tuple(name for name in method_names() if _methods[name].runs_with_defaults)
 
 
 def get_method(name: str) -> MergeMethod | None:
