@@ -348,3 +348,83 @@ def test_cli_refusal_leaves_no_output(models, tmp_path):
     assert done.returncode != 0
     assert "tokenizer_source" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+# r2m_ext's TSV-M and CART registered inside mergekit (integrations/mergekit.py).
+PLUGIN_CONFIG = """
+merge_method: {method}
+base_model: MODELS/base
+models: [{{model: MODELS/m1}}, {{model: MODELS/m2}}, {{model: MODELS/m3}}]
+parameters: {parameters}
+dtype: float32
+"""
+
+
+def test_runner_runs_tsv_inside_mergekit_equal_to_r2m_ext(models, tmp_path):
+    """`python -m r2m_ext.integrations.mergekit` (mergekit-yaml with the methods registered),
+    randomized SVD with r2m_ext's defaults: the same tensors as r2m_ext's own tsv merge."""
+    config = write_config(
+        tmp_path, models, PLUGIN_CONFIG.format(method="r2m_tsv", parameters="{alpha: 0.9}")
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "r2m_ext.integrations.mergekit", config, tmp_path / "mk"]
+        + ["--no-write-model-card", "--no-copy-tokenizer"],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(Path(r2m_ext.__file__).parents[1]),
+        },
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    experts = [models / f"m{i}" for i in (1, 2, 3)]
+    own = r2m_ext.merge_files(
+        models / "base", experts, tmp_path / "own", "tsv", head_patterns=(), alpha=0.9
+    )
+    assert_same_merge(tensors_of(tmp_path / "mk"), tensors_of(own))
+
+
+@pytest.mark.parametrize(
+    "method, parameters, ours",
+    [
+        (
+            "r2m_cart",
+            "{rank_ratio: 0.25, lam: 1.5, svd: exact}",
+            {"rank_ratio": 0.25, "lam": 1.5, "svd": "exact"},
+        ),
+        ("r2m_cart", "{}", {}),
+        ("r2m_tsv", "{svd: exact, alpha: 1.0}", {"svd": "exact"}),
+    ],
+)
+def test_registered_methods_equal_r2m_exts_own(models, tmp_path, method, parameters, ours):
+    from r2m_ext.integrations.mergekit import register
+
+    register()
+    register()  # twice: once in mergekit's registry
+    config = write_config(
+        tmp_path, models, PLUGIN_CONFIG.format(method=method, parameters=parameters)
+    )
+    theirs = run_mergekit(config, tmp_path / "mk")
+    experts = [models / f"m{i}" for i in (1, 2, 3)]
+    own = r2m_ext.merge_files(
+        models / "base",
+        experts,
+        tmp_path / "own",
+        method.removeprefix("r2m_"),
+        head_patterns=(),
+        **ours,
+    )
+    assert_same_merge(theirs, tensors_of(own))
+
+
+def test_registered_method_refuses_bad_options_with_r2m_exts_message(models, tmp_path):
+    from r2m_ext.integrations.mergekit import register
+
+    register()
+    config = write_config(
+        tmp_path, models, PLUGIN_CONFIG.format(method="r2m_cart", parameters="{rank_ratio: 1.5}")
+    )
+    with pytest.raises(Exception, match="rank_ratio"):
+        run_mergekit(config, tmp_path / "mk")

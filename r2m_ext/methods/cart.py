@@ -32,16 +32,32 @@ class CartOptions(SvdOptions):
     lam: float = option(2.0, "scale of the merged update")
 
 
+def cart_elementwise(base: torch.Tensor, tau: torch.Tensor, lam: float) -> torch.Tensor:
+    """CART where no truncation applies: theta_avg + lam * sum_i (tau_i - mean), which is
+    theta_avg up to rounding; elementwise, so any block of rows."""
+    mean = tau.mean(0)
+    return base + mean + lam * (tau - mean).sum(0)
+
+
+def cart_truncated(
+    base: torch.Tensor, tau: torch.Tensor, rank: int, options: CartOptions, key: str
+) -> torch.Tensor:
+    """CART of one matrix: theta_avg + lam * sum_i of the rank-`rank` truncations of
+    tau_i - mean (tau [N, m, n]); `key` (the tensor name) keys the randomized sketch."""
+    mean = tau.mean(0)
+    u, s, v = low_rank_factors(tau - mean, rank, options, key)
+    lam = torch.full((tau.shape[0],), options.lam, dtype=torch.float64)
+    return ops.lowrank_accumulate(base + mean, u * s.unsqueeze(-2), v, lam)
+
+
 def merge_cart(tensors: TaskTensors, options: CartOptions, report: dict) -> MethodPasses:
     def emit(entry: TensorPlan) -> Merged:
         rank = truncation_rank(entry, options.rank_ratio)
         if not truncates(entry, rank):
-            # Untruncated, sum_i (tau_i - mean) = 0 up to rounding: theta_avg, elementwise.
             for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
                 tau = experts - base
                 del experts
-                mean = tau.mean(0)
-                yield entry.name, rows, base + mean + options.lam * (tau - mean).sum(0)
+                yield entry.name, rows, cart_elementwise(base, tau, options.lam)
                 del base, tau  # one block at a time (MergeInputs.blocks)
             return
         base, tau = tensors.load(
@@ -50,10 +66,7 @@ def merge_cart(tensors: TaskTensors, options: CartOptions, report: dict) -> Meth
             purpose="run CART's SVDs",
             task_vectors=True,
         )
-        mean = tau.mean(0)
-        u, s, v = low_rank_factors(tau - mean, rank, options, entry.name)
-        lam = torch.full((tensors.n_experts,), options.lam, dtype=torch.float64)
-        yield entry.name, None, ops.lowrank_accumulate(base + mean, u * s.unsqueeze(-2), v, lam)
+        yield entry.name, None, cart_truncated(base, tau, rank, options, entry.name)
 
     return MethodPasses(write_label="CART", emit=emit)
 

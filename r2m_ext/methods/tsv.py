@@ -33,28 +33,35 @@ def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
-def merge_tsv(tensors: TaskTensors, options: TsvOptions, report: dict) -> MethodPasses:
-    n = tensors.n_experts
+def tsv_rank(shape: tuple[int, ...], n_tasks: int) -> int:
+    """Spec §6: floor(min(m, n) / N) triplets per task (0 when N > min(m, n): none kept)."""
+    return min(shape) // n_tasks
 
+
+def tsv_update(tau: torch.Tensor, options: SvdOptions, key: str) -> torch.Tensor:
+    """TSV-M's merged update of one matrix from its task vectors tau [N, m, n] (tsv_rank > 0);
+    `key` (the tensor name) keys the randomized sketch."""
+    n, m, cols = tau.shape
+    rank = tsv_rank((m, cols), n)
+    u, s, v = low_rank_factors(tau, rank, options, key)
+    u_joint = polar_factor(u.permute(1, 0, 2).reshape(m, n * rank))
+    v_joint = polar_factor(v.permute(1, 0, 2).reshape(cols, n * rank))
+    return (u_joint * s.reshape(1, n * rank)) @ v_joint.T
+
+
+def merge_tsv(tensors: TaskTensors, options: TsvOptions, report: dict) -> MethodPasses:
     def emit(entry: TensorPlan) -> Merged:
         if entry.tensor_class is not TensorClass.MATRIX:
             yield from mean_update(tensors, entry)
             return
-        m, cols = entry.shape
-        rank = min(m, cols) // n
-        if rank == 0:
-            # Spec §6 keeps floor(min(m, n) / N) triplets per task: none when N > min(m, n).
+        if tsv_rank(entry.shape, tensors.n_experts) == 0:
             for rows, base, _ in tensors.blocks(entry):
                 yield entry.name, rows, base
             return
         base, tau = tensors.load(
             entry.name, svd_workspace_stacks(options), purpose="run TSV-M's SVDs", task_vectors=True
         )
-        u, s, v = low_rank_factors(tau, rank, options, entry.name)
-        u_joint = polar_factor(u.permute(1, 0, 2).reshape(m, n * rank))
-        v_joint = polar_factor(v.permute(1, 0, 2).reshape(cols, n * rank))
-        update = (u_joint * s.reshape(1, n * rank)) @ v_joint.T
-        yield entry.name, None, base + options.alpha * update
+        yield entry.name, None, base + options.alpha * tsv_update(tau, options, entry.name)
 
     return MethodPasses(write_label="TSV-M", emit=emit)
 
