@@ -100,6 +100,8 @@ setup(
     version=VERSION,
     description="Real-aware Residual Model Merging (R²M) and baselines as a PyTorch extension",
     packages=find_packages(include=["r2m_ext", "r2m_ext.*"]),
+    # FusionBench's Hydra configs of r2m_ext's algorithms (fusion_bench --config-dir).
+    package_data={"r2m_ext.integrations": ["fusion_bench_config/method/r2m_ext/*.yaml"]},
     python_requires=">=3.11",
     # The extension's ABI is that of the torch release it was compiled against.
     install_requires=[
