@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from r2m_ext import ops
 from r2m_ext.determinism import DareMask, dare_stream
 from r2m_ext.errors import R2MError
 from r2m_ext.methods.common import TaskTensors
@@ -57,6 +58,10 @@ GTA_METHODS = {
 }
 # linear is a weighted mean of every input, the base among them (it has no task vectors).
 MERGEKIT_METHODS = ("linear", *GTA_METHODS)
+# Workspace of a sparsified tensor beyond its inputs, in tensors of its size: one task's sort
+# (values and int64 indices) or DARE draw (int64 indices, float64 uniforms), its mask and the
+# masked and rescaled results; later the elected signs, the update, its divisor and a mask.
+_SPARSIFIED_WORKSPACE = 6
 
 
 @dataclass(frozen=True)
@@ -334,74 +339,79 @@ def merge_mergekit(tensors: TaskTensors, options: MergekitOptions, report: dict)
         ]
         return shared, per_input
 
-    def emit_linear(entry: TensorPlan) -> Merged:
+    gta = GTA_METHODS.get(method)
+
+    def emit_combination(entry: TensorPlan) -> Merged:
+        """linear and task_arithmetic: base_weight * base + sum_i c_i * tau_i, in one fused
+        pass over row blocks (ops.combine)."""
         shared, per_input = resolved(entry)
         weights = [values["weight"] for values in per_input]
         total = sum(weights)
-        for rows, base, experts in tensors.blocks(entry, extra_stacks=0):
-            merged = torch.zeros_like(base)
-            for value, weight in zip([base, *experts], weights, strict=True):
-                merged.add_(value, alpha=weight)
-            yield entry.name, rows, merged / total if shared["normalize"] else merged
-            del base, experts, merged
-
-    gta = GTA_METHODS.get(method)
-    # Sparsification that looks at the whole tensor (a rank order, a norm) needs it whole.
-    whole = gta is not None and gta.sparsification is not None
-
-    def sparsified(entry, rows, shared, per_input, tau: torch.Tensor) -> torch.Tensor:
-        """The task vectors [N, ...] after each one's sparsification."""
-        if gta.sparsification is None:
-            return tau
-        rows_first = 0 if rows is None else rows.start * entry.row_numel
-        parts = []
-        for i, values in enumerate(per_input):
-            density = values["density"]
-            if gta.sparsification == "magnitude":
-                parts.append(_magnitude(tau[i], density, shared["rescale"]))
-            elif gta.sparsification == "magnitude_outliers":
-                parts.append(
-                    _magnitude_outliers(tau[i], density, values["gamma"], shared["rescale"])
-                )
-            else:
-                stream = dare_stream(options.seed, entry.name, entry.shape, i)
-                mask = DareMask((stream,), rows_first, 1.0 - density)
-                parts.append(_random(tau[i], density, shared["rescale"], mask))
-        return torch.stack(parts)
-
-    def inputs_of(entry: TensorPlan) -> Iterator[tuple[slice | None, torch.Tensor, torch.Tensor]]:
-        if whole:
-            yield (None, *tensors.load(entry.name, extra_stacks=4))
+        if method == "linear":
+            # sum_j w_j theta_j = total * theta_0 + sum_i w_i tau_i (the base is input 0).
+            divisor = total if shared["normalize"] else 1.0
+            if divisor == 0:
+                raise R2MError(f"mergekit linear: the weights of {entry.name!r} sum to 0")
+            base_weight = total / divisor
+            coefficients = [w / divisor for w in weights[1:]]
         else:
-            yield from tensors.blocks(entry, extra_stacks=3)
+            divisor = total if abs(total) >= 1e-8 else 1.0
+            scale = (1.0 / divisor if shared["normalize"] else 1.0) * shared["lambda"]
+            base_weight = 1.0
+            coefficients = [w * scale for w in weights]
+        matrix = torch.tensor([coefficients], dtype=torch.float64)
+        zero_weight = [i + 1 for i, c in enumerate(coefficients) if c == 0]
+        for rows, base, experts in tensors.raw_blocks(entry):
+            merged = ops.combine(
+                base, experts, matrix, base_weight, tensors.compute_dtype, entry.out_dtype
+            )
+            tensors.check_finite(entry, rows, merged, zero_weight)
+            yield entry.name, rows, merged[0]
+            del base, experts, merged  # one block at a time (MergeInputs.raw_blocks)
 
-    def emit_gta(entry: TensorPlan) -> Merged:
+    def sparsified(entry: TensorPlan, task: int, values, shared, tau: torch.Tensor):
+        """Task `task`'s task vector (one of the stack) after its sparsification."""
+        density, rescale = values["density"], shared["rescale"]
+        if gta.sparsification == "magnitude":
+            return _magnitude(tau, density, rescale)
+        if gta.sparsification == "magnitude_outliers":
+            return _magnitude_outliers(tau, density, values["gamma"], rescale)
+        stream = dare_stream(options.seed, entry.name, entry.shape, task)
+        return _random(tau, density, rescale, DareMask((stream,), 0, 1.0 - density))
+
+    def emit_sparsified(entry: TensorPlan) -> Merged:
+        """The methods that sparsify (by a rank order or a norm of the whole tensor) and/or
+        elect signs: whole tensors, task vectors changed in place, one task at a time."""
         shared, per_input = resolved(entry)
-        for rows, base, experts in inputs_of(entry):
-            tau = sparsified(entry, rows, shared, per_input, experts - base)
-            del experts
-            weights = torch.tensor([v["weight"] for v in per_input], dtype=tau.dtype)
-            weights = weights.to(tau.device).view((-1,) + (1,) * (tau.dim() - 1))
-            tau = tau * weights
-            if gta.consensus:
-                elected = torch.where(tau.sum(0) >= 0, 1.0, -1.0).to(tau)
-                agrees = (tau.sign() == elected).to(tau)  # zeros never agree
-                update = (tau * agrees).sum(0)
-                divisor = (weights * agrees).sum(0)
-                divisor[divisor == 0] = 1
-            else:
-                update = tau.sum(0)
-                divisor = weights.sum(0)
-                divisor[divisor.abs() < 1e-8] = 1
-            if shared["normalize"]:
-                update = update / divisor
-            if shared["lambda"] != 1:
-                update = update * shared["lambda"]
-            yield entry.name, rows, base + update
-            del base, tau, update
+        base, tau = tensors.load(entry.name, _SPARSIFIED_WORKSPACE / n, task_vectors=True)
+        weights = [values["weight"] for values in per_input]
+        for task, values in enumerate(per_input):
+            if gta.sparsification is not None:
+                tau[task] = sparsified(entry, task, values, shared, tau[task])
+            tau[task].mul_(weights[task])
+        if gta.consensus:
+            elected = torch.where(tau.sum(0) >= 0, 1.0, -1.0).to(tau)
+            update, divisor = torch.zeros_like(base), torch.zeros_like(base)
+            for task, weight in enumerate(weights):
+                agrees = (tau[task].sign() == elected).to(tau.dtype)  # zeros never agree
+                update.add_(tau[task] * agrees)
+                divisor.add_(agrees.mul_(weight))
+            divisor[divisor == 0] = 1
+        else:
+            update = tau.sum(0)
+            total = sum(weights)
+            divisor = total if abs(total) >= 1e-8 else 1.0
+        del tau
+        if shared["normalize"]:
+            update.div_(divisor)
+        if shared["lambda"] != 1:
+            update.mul_(shared["lambda"])
+        yield entry.name, None, base + update
 
+    elementwise = gta is None or (gta.sparsification is None and not gta.consensus)
     return MethodPasses(
-        write_label=f"mergekit {method}", emit=emit_linear if method == "linear" else emit_gta
+        write_label=f"mergekit {method}",
+        emit=emit_combination if elementwise else emit_sparsified,
     )
 
 
