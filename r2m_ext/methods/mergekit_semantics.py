@@ -58,10 +58,10 @@ GTA_METHODS = {
 }
 # linear is a weighted mean of every input, the base among them (it has no task vectors).
 MERGEKIT_METHODS = ("linear", *GTA_METHODS)
-# Workspace of a sparsified tensor beyond its inputs, in tensors of its size: one task's sort
-# (values and int64 indices) or DARE draw (int64 indices, float64 uniforms), its mask and the
-# masked and rescaled results; later the elected signs, the update, its divisor and a mask.
-_SPARSIFIED_WORKSPACE = 6
+# Workspace of a sparsified tensor beyond its inputs, in tensors of its size: one task's
+# magnitudes, its selected indices (int64) and bool mask; later the elected signs, the divisor
+# and the update (the task vectors are masked in place).
+_SPARSIFIED_WORKSPACE = 3
 
 
 @dataclass(frozen=True)
@@ -261,54 +261,80 @@ class ParameterSettings:
         return parameter.default
 
 
-def _l1_rescaled(tau: torch.Tensor, kept: torch.Tensor, rescale: bool) -> torch.Tensor:
-    """mergekit's rescaled_masked_tensor with RescaleNorm.l1 (or none)."""
-    masked = tau * kept
-    if not rescale:
-        return masked
-    before, after = tau.abs().sum(), masked.abs().sum()
+def _l1_norm_before(tau: torch.Tensor, rescale: bool) -> torch.Tensor | None:
+    return tau.abs().sum() if rescale else None
+
+
+def _rescale_(tau: torch.Tensor, before: torch.Tensor | None) -> None:
+    """mergekit's rescaled_masked_tensor with RescaleNorm.l1, on the masked `tau` in place:
+    back to the L1 norm it had `before` the mask (None: no rescale)."""
+    if before is None:
+        return
+    after = tau.abs().sum()
     if before < 1e-7 or after < 1e-7:
-        return masked
-    return masked * (before / after)
+        return
+    tau.mul_(before / after)
 
 
-def _magnitude(tau: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
-    """The int(density * numel) largest magnitudes (at least one), the rest zero. Among equal
-    magnitudes at the cut, which are kept is the sort's choice (mergekit's argsort is not
-    stable either)."""
+def _largest(magnitudes: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` largest of a flat tensor. Among equal magnitudes at the cut,
+    which are taken is the selection's choice (mergekit's argsort is not stable either)."""
+    return torch.topk(magnitudes, count, sorted=False).indices
+
+
+def _magnitude_(tau: torch.Tensor, density: float, rescale: bool) -> None:
+    """TIES's trim in place: the int(density * numel) largest magnitudes kept (at least one)."""
     if density >= 1:
-        return tau
+        return
     if density <= 0 or tau.numel() == 0:
-        return torch.zeros_like(tau)
-    keep = max(1, int(density * tau.numel()))
-    kept = torch.zeros(tau.numel(), dtype=tau.dtype, device=tau.device)
-    kept[torch.topk(tau.abs().reshape(-1), keep, sorted=False).indices] = 1
-    return _l1_rescaled(tau, kept.view_as(tau), rescale)
+        tau.zero_()
+        return
+    before = _l1_norm_before(tau, rescale)
+    kept = torch.zeros(tau.numel(), dtype=torch.bool, device=tau.device)
+    kept[_largest(tau.abs().reshape(-1), max(1, int(density * tau.numel())))] = True
+    tau.mul_(kept.view_as(tau))
+    _rescale_(tau, before)
 
 
-def _magnitude_outliers(tau: torch.Tensor, density: float, gamma: float, rescale: bool):
-    """Breadcrumbs: drop the int(gamma * numel) largest magnitudes and enough of the smallest
-    to keep int(density * numel) entries."""
+def _magnitude_outliers_(tau: torch.Tensor, density: float, gamma: float, rescale: bool):
+    """Breadcrumbs in place: of the magnitudes in ascending order, ranks [bottom, bottom +
+    keep) kept, keep = int(density * numel), bottom = max(0, numel - keep - int(gamma *
+    numel)): the smallest and the int(gamma * numel) largest dropped (fewer largest where
+    density + gamma > 1)."""
     if density >= 1:
-        return tau
+        return
     count = tau.numel()
     keep = int(density * count)
-    top = int(gamma * count)
-    bottom = max(0, count - keep - top)
-    order = torch.sort(tau.abs().reshape(-1), stable=True).indices
-    kept = torch.zeros(count, dtype=tau.dtype, device=tau.device)
-    kept[order[bottom : bottom + keep]] = 1
-    return _l1_rescaled(tau, kept.view_as(tau), rescale)
+    upper = count - max(0, count - keep - int(gamma * count))  # ranks below it, from the top
+    before = _l1_norm_before(tau, rescale)
+    magnitudes = tau.abs().reshape(-1)
+    kept = torch.zeros(count, dtype=torch.bool, device=tau.device)
+    kept[_largest(magnitudes, upper)] = True
+    kept[_largest(magnitudes, upper - keep)] = False
+    del magnitudes
+    tau.mul_(kept.view_as(tau))
+    _rescale_(tau, before)
 
 
-def _random(tau: torch.Tensor, density: float, rescale: bool, mask: DareMask) -> torch.Tensor:
-    """DARE: each entry kept with probability density (r2m_ext's deterministic mask)."""
+# Entries of DARE's mask drawn at a time (int64 indices and float64 uniforms: 16 bytes each).
+_DRAW_CHUNK = 1 << 20
+
+
+def _random_(tau: torch.Tensor, density: float, rescale: bool, stream: int) -> None:
+    """DARE in place: each entry kept with probability density (r2m_ext's deterministic mask:
+    entry j of the tensor kept where the uniform of (stream, j) >= 1 - density)."""
     if density >= 1:
-        return tau
+        return
     if density <= 0:
-        return torch.zeros_like(tau)
-    kept = dare_kept(mask, tau.shape)[0].to(device=tau.device, dtype=tau.dtype)
-    return _l1_rescaled(tau, kept, rescale)
+        tau.zero_()
+        return
+    before = _l1_norm_before(tau, rescale)
+    flat = tau.view(-1)
+    for start in range(0, flat.numel(), _DRAW_CHUNK):
+        part = flat[start : start + _DRAW_CHUNK]
+        mask = DareMask((stream,), start, 1.0 - density)
+        part.mul_(dare_kept(mask, part.shape)[0].to(part.device))
+    _rescale_(tau, before)
 
 
 def merge_mergekit(tensors: TaskTensors, options: MergekitOptions, report: dict) -> MethodPasses:
@@ -369,44 +395,48 @@ def merge_mergekit(tensors: TaskTensors, options: MergekitOptions, report: dict)
             yield entry.name, rows, merged[0]
             del base, experts, merged  # one block at a time (MergeInputs.raw_blocks)
 
-    def sparsified(entry: TensorPlan, task: int, values, shared, tau: torch.Tensor):
-        """Task `task`'s task vector (one of the stack) after its sparsification."""
+    def sparsify_(entry: TensorPlan, task: int, values, shared, tau: torch.Tensor) -> None:
+        """Task `task`'s task vector (its row of the stack) sparsified in place."""
         density, rescale = values["density"], shared["rescale"]
         if gta.sparsification == "magnitude":
-            return _magnitude(tau, density, rescale)
-        if gta.sparsification == "magnitude_outliers":
-            return _magnitude_outliers(tau, density, values["gamma"], rescale)
-        stream = dare_stream(options.seed, entry.name, entry.shape, task)
-        return _random(tau, density, rescale, DareMask((stream,), 0, 1.0 - density))
+            _magnitude_(tau, density, rescale)
+        elif gta.sparsification == "magnitude_outliers":
+            _magnitude_outliers_(tau, density, values["gamma"], rescale)
+        else:
+            stream = dare_stream(options.seed, entry.name, entry.shape, task)
+            _random_(tau, density, rescale, stream)
 
     def emit_sparsified(entry: TensorPlan) -> Merged:
         """The methods that sparsify (by a rank order or a norm of the whole tensor) and/or
-        elect signs: whole tensors, task vectors changed in place, one task at a time."""
+        elect signs: whole tensors, the task vectors changed in place one task at a time, as
+        mergekit computes them: weighted, masked by the elected sign, summed over the tasks."""
         shared, per_input = resolved(entry)
         base, tau = tensors.load(entry.name, _SPARSIFIED_WORKSPACE / n, task_vectors=True)
         weights = [values["weight"] for values in per_input]
         for task, values in enumerate(per_input):
             if gta.sparsification is not None:
-                tau[task] = sparsified(entry, task, values, shared, tau[task])
+                sparsify_(entry, task, values, shared, tau[task])
             tau[task].mul_(weights[task])
         if gta.consensus:
-            elected = torch.where(tau.sum(0) >= 0, 1.0, -1.0).to(tau)
-            update, divisor = torch.zeros_like(base), torch.zeros_like(base)
+            positive = tau.sum(0) >= 0  # the elected sign: + where the weighted sum is >= 0
+            divisor = torch.zeros_like(base)
             for task, weight in enumerate(weights):
-                agrees = (tau[task].sign() == elected).to(tau.dtype)  # zeros never agree
-                update.add_(tau[task] * agrees)
-                divisor.add_(agrees.mul_(weight))
+                # Zeros agree with neither sign.
+                agrees = torch.where(positive, tau[task] > 0, tau[task] < 0)
+                tau[task].mul_(agrees)
+                divisor.add_(agrees, alpha=weight)
+            del positive, agrees
             divisor[divisor == 0] = 1
         else:
-            update = tau.sum(0)
             total = sum(weights)
             divisor = total if abs(total) >= 1e-8 else 1.0
+        update = tau.sum(0)
         del tau
         if shared["normalize"]:
             update.div_(divisor)
         if shared["lambda"] != 1:
             update.mul_(shared["lambda"])
-        yield entry.name, None, base + update
+        yield entry.name, None, update.add_(base)
 
     elementwise = gta is None or (gta.sparsification is None and not gta.consensus)
     return MethodPasses(
