@@ -428,3 +428,33 @@ def test_registered_method_refuses_bad_options_with_r2m_exts_message(models, tmp
     )
     with pytest.raises(Exception, match="rank_ratio"):
         run_mergekit(config, tmp_path / "mk")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # native select / sort
+def test_top_entries_take_exactly_count_first_among_ties(dtype):
+    from r2m_ext.methods.mergekit_semantics import _top_entries
+
+    values = torch.tensor([0.5, -2.0, 1.0, -1.0, 0.0, -0.0, 1.0, 3.0, -1.0, 0.25], dtype=dtype)
+    # By magnitude: 3 (7), 2 (1), then four 1s (2, 3, 6, 8) taken in index order.
+    for count, want in [
+        (0, []),
+        (1, [7]),
+        (2, [1, 7]),
+        (3, [1, 2, 7]),
+        (5, [1, 2, 3, 6, 7]),
+        (6, [1, 2, 3, 6, 7, 8]),
+        (7, [0, 1, 2, 3, 6, 7, 8]),
+        (9, [0, 1, 2, 3, 4, 6, 7, 8, 9]),  # one of the two zeros: the first
+        (10, list(range(10))),
+    ]:
+        got = torch.nonzero(_top_entries(values, count)).view(-1).tolist()
+        assert got == want, count
+    generator = torch.Generator().manual_seed(0)
+    many = torch.randn(10_000, generator=generator, dtype=dtype).round(decimals=2)  # ties
+    previous = _top_entries(many, 0)
+    for count in (1, 17, 2_000, 2_001, 9_999):
+        kept = _top_entries(many, count)
+        assert int(kept.sum()) == count
+        assert bool((kept | ~previous).all())  # nested
+        assert many.abs()[kept].min() >= many.abs()[~kept].max()
+        previous = kept

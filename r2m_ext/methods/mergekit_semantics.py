@@ -33,6 +33,7 @@ from r2m_ext.errors import R2MError
 from r2m_ext.methods.common import TaskTensors
 from r2m_ext.methods.passes import Merged, MethodPasses
 from r2m_ext.methods.registry import MergeMethod, Range, option, register
+from r2m_ext.methods.select import KthLargestMagnitude
 from r2m_ext.plan import TensorPlan
 from r2m_ext.reference import dare_kept
 
@@ -276,10 +277,39 @@ def _rescale_(tau: torch.Tensor, before: torch.Tensor | None) -> None:
     tau.mul_(before / after)
 
 
-def _largest(magnitudes: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the `count` largest of a flat tensor. Among equal magnitudes at the cut,
-    which are taken is the selection's choice (mergekit's argsort is not stable either)."""
-    return torch.topk(magnitudes, count, sorted=False).indices
+def _kth_largest_magnitude(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact k-th largest |flat| (float32, finite) by the native radix select of TIES's
+    global threshold: two histogram passes of ops.magnitude_histogram, no sort."""
+    selector = KthLargestMagnitude([k], torch.float32, collect_limit=-1)
+    zero = torch.zeros_like(flat)  # the kernel histograms |experts - base|: here |flat - 0|
+    while not selector.done:
+        prefixes, shift, width = selector.histogram_digit()
+        counts = ops.magnitude_histogram(zero, [flat], prefixes, shift, width)
+        selector.finish_pass(selector.counts_partial(counts.cpu()))
+    return selector.values()[0]
+
+
+def _top_entries(tau: torch.Tensor, count: int) -> torch.Tensor:
+    """Bool [numel]: the `count` entries of largest magnitude. Among equal magnitudes at the
+    cut, the first in index order (mergekit's argsort takes an unspecified one of them), so the
+    top j entries are within the top j + 1."""
+    flat = tau.reshape(-1)
+    if count <= 0:
+        return torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    if count >= flat.numel():
+        return torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+    if flat.dtype == torch.float32 and ops.ties_kernels_native(flat.device):
+        threshold = _kth_largest_magnitude(flat, count).to(flat.device)
+        magnitudes = flat.abs()
+        kept = magnitudes > threshold
+        short = count - int(kept.sum())
+        if short > 0:
+            kept[torch.nonzero(magnitudes == threshold).view(-1)[:short]] = True
+        return kept
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices[:count]
+    kept = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    kept[order] = True
+    return kept
 
 
 def _magnitude_(tau: torch.Tensor, density: float, rescale: bool) -> None:
@@ -290,8 +320,7 @@ def _magnitude_(tau: torch.Tensor, density: float, rescale: bool) -> None:
         tau.zero_()
         return
     before = _l1_norm_before(tau, rescale)
-    kept = torch.zeros(tau.numel(), dtype=torch.bool, device=tau.device)
-    kept[_largest(tau.abs().reshape(-1), max(1, int(density * tau.numel())))] = True
+    kept = _top_entries(tau, max(1, int(density * tau.numel())))
     tau.mul_(kept.view_as(tau))
     _rescale_(tau, before)
 
@@ -307,11 +336,8 @@ def _magnitude_outliers_(tau: torch.Tensor, density: float, gamma: float, rescal
     keep = int(density * count)
     upper = count - max(0, count - keep - int(gamma * count))  # ranks below it, from the top
     before = _l1_norm_before(tau, rescale)
-    magnitudes = tau.abs().reshape(-1)
-    kept = torch.zeros(count, dtype=torch.bool, device=tau.device)
-    kept[_largest(magnitudes, upper)] = True
-    kept[_largest(magnitudes, upper - keep)] = False
-    del magnitudes
+    kept = _top_entries(tau, upper)
+    kept &= ~_top_entries(tau, upper - keep)
     tau.mul_(kept.view_as(tau))
     _rescale_(tau, before)
 
