@@ -1,8 +1,9 @@
 """mergekit against `r2m merge --config` on the same mergekit YAML and the same files (issue 24):
 wall time and peak RSS of each command (/usr/bin/time -v), after checking that both wrote the
-same tensors. Llama-named checkpoints from make_checkpoints.py (decoder_1b); each model is shown
-to mergekit through a directory of links to its shards with a LlamaForCausalLM config.json
-derived from the shapes (the synthetic checkpoints carry no architecture).
+same tensors. Checkpoints from make_checkpoints.py: each model is shown to mergekit through a
+directory of links to its shards with a config.json (the synthetic checkpoints carry no
+architecture): for decoder_1b a LlamaForCausalLM config derived from the shapes, for the
+timm-named ViTs an unknown architecture, whose layout mergekit infers from the tensor names.
 
     python benchmarks/make_checkpoints.py decoder_1b --experts 4 --dtype bfloat16 --out /tmp/c
     python benchmarks/bench_mergekit.py /tmp/c --experts 4 --methods task_arithmetic ties
@@ -59,15 +60,20 @@ def llama_config(model: Path) -> dict:
     }
 
 
-def mergekit_view(model: Path, view: Path) -> Path:
-    """`model`'s shards and index linked into `view`, beside a Llama config.json."""
+# timm-named ViTs: mergekit infers the layout from the tensor names of an unknown architecture.
+UNKNOWN_ARCHITECTURE = {"architectures": ["TimmVisionTransformer"], "model_type": "vit"}
+
+
+def mergekit_view(model: Path, view: Path, decoder: bool) -> Path:
+    """`model`'s shards and index linked into `view`, beside a config.json mergekit reads."""
     view.mkdir(parents=True, exist_ok=True)
     for item in model.iterdir():
         if item.suffix == ".safetensors" or item.name.endswith(".index.json"):
             link = view / item.name
             if not link.exists():
                 link.symlink_to(item.resolve())
-    (view / "config.json").write_text(json.dumps(llama_config(model), indent=1))
+    config = llama_config(model) if decoder else UNKNOWN_ARCHITECTURE
+    (view / "config.json").write_text(json.dumps(config, indent=1))
     return view
 
 
@@ -123,7 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("checkpoints", type=Path, help="a decoder_1b directory")
+    parser.add_argument("checkpoints", type=Path, help="a directory from make_checkpoints.py")
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--methods", nargs="+", default=list(CONFIGS), choices=sorted(CONFIGS))
     parser.add_argument("--max-memory", default="4GB", help="r2m_ext's budget")
@@ -135,7 +141,8 @@ def main() -> None:
     scratch = args.checkpoints / "_bench_mergekit"
     shutil.rmtree(scratch, ignore_errors=True)
     names = ["base", *(f"expert_{i}" for i in range(args.experts))]
-    views = {n: mergekit_view(args.checkpoints / n, scratch / "views" / n) for n in names}
+    decoder = info["architecture"].startswith("decoder")
+    views = {n: mergekit_view(args.checkpoints / n, scratch / "views" / n, decoder) for n in names}
     inputs = [p for n in names for p in sorted((args.checkpoints / n).glob("*.safetensors"))]
     output_bytes = info["bytes"]["base"]
     io_floor(inputs, output_bytes, scratch)  # warm-up: inputs into the page cache
