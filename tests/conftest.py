@@ -11,6 +11,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# A shell starts background jobs with SIGINT ignored, and children inherit an ignored signal,
+# so the CLI's Ctrl-C tests (a real SIGINT) would see no KeyboardInterrupt. A handled signal is
+# reset to its default in a child: handling it here lets every CLI subprocess be interrupted.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def random_model(seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
     """A small ViT-like state dict: matrices, an excluded embedding, 1-D norms/biases, a conv,
