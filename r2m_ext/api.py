@@ -196,7 +196,12 @@ def merge_files(
     try:
         for path in [base_path, *expert_paths]:
             sources.append(
-                open_source(path, buffers=buffers, allow_external_shards=allow_external_shards)
+                open_source(
+                    path,
+                    base=sources[0] if sources else None,
+                    buffers=buffers,
+                    allow_external_shards=allow_external_shards,
+                )
             )
         copied = _copied_files(sources[0])
         files_read = [f for source in sources for f in source.files_read] + copied

@@ -21,6 +21,7 @@ from r2m_ext.engine.budget import format_bytes
 from r2m_ext.errors import R2MError
 from r2m_ext.io import open_source, parse_size
 from r2m_ext.io.checkpoint import EXTERNAL_SHARDS_FLAG
+from r2m_ext.io.lora import LoraAdapter, describe_adapter, is_adapter
 from r2m_ext.io.output import partial_dir
 from r2m_ext.io.writer import tensor_nbytes
 from r2m_ext.methods.registry import method_names, method_options
@@ -359,6 +360,9 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> None:
+    if is_adapter(Path(args.path)):
+        print("\n".join(describe_adapter(LoraAdapter(Path(args.path)))))
+        return
     checkpoint = open_source(args.path)
     metadata = checkpoint.metadata()
     rows = []

@@ -75,6 +75,8 @@ class SourceFormat:
     name: str
     recognizes: Callable[[Path], bool]
     open: Callable[..., TensorSource]
+    # Whether it is read on top of the merge's base (a LoRA adapter): opened with `base=`.
+    needs_base: bool = False
 
 
 _FORMATS: list[SourceFormat] = []
@@ -89,10 +91,13 @@ def register_source_format(source_format: SourceFormat, fallback: bool = False) 
         _FORMATS.insert(0, source_format)
 
 
-def open_source(path: str | Path, **options) -> TensorSource:
-    """The model at `path`, read by the first registered format that recognises it."""
+def open_source(path: str | Path, base: TensorSource | None = None, **options) -> TensorSource:
+    """The model at `path`, read by the first registered format that recognises it; `base`, the
+    merge's base, for a format read on top of it (None when `path` is the base)."""
     path = Path(path)
     for source_format in _FORMATS:
         if source_format.recognizes(path):
+            if source_format.needs_base:
+                return source_format.open(path, base)
             return source_format.open(path, **options)
     raise AssertionError("the dense checkpoint reader recognises every path")

@@ -1,0 +1,314 @@
+"""A PEFT LoRA adapter directory as an expert: `adapter_config.json` (peft_type LORA) and
+`adapter_model.safetensors` (or `adapter_model.bin`, loaded with weights_only=True), applied to
+the merge's base. Read as a TensorSource whose tensors are the dense expert PEFT's
+`merge_and_unload()` would give: W + s * B @ A for every adapted module (transposed where
+`fan_in_fan_out`; lora_embedding_A/B for embeddings), the saved tensor for `modules_to_save`
+and trained biases, the base's tensor elsewhere. One tensor at a time, so any method merges
+adapters within the memory budget.
+
+What PEFT writes is read as PEFT reads it: s = lora_alpha / r (lora_alpha / sqrt(r) with
+`use_rslora`), r and alpha per module through `rank_pattern` and `alpha_pattern` (a key matches
+a module name that ends with it after a dot), module names with PEFT's `base_model.model.`
+prefix, matched to the base's tensor names (also when the adapter's model wraps the base's under
+more prefixes, or the other way round). What cannot be honoured is refused naming the adapter
+file, the key and the feature: DoRA, other PEFT types (LoHa, LoKr, IA3, ...), convolution
+LoRA, a module with no base tensor, a shape that does not match.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from r2m_ext.errors import R2MError
+from r2m_ext.io.paths import require_regular_file
+from r2m_ext.io.safetensors_format import SafetensorsFile
+from r2m_ext.io.source import SourceFormat, TensorMeta, TensorSource, register_source_format
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+_PEFT_PREFIX = "base_model.model."
+# Key suffixes of a LoRA module's factors: (A, B, whether an embedding's).
+_FACTOR_SUFFIXES = (
+    (".lora_A.weight", ".lora_B.weight", False),
+    (".lora_embedding_A", ".lora_embedding_B", True),
+)
+
+
+def is_adapter(path: Path) -> bool:
+    return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: its factors' keys, rank, scaling and how the delta is laid out."""
+
+    module: str  # the module's name in the adapter (PEFT prefix removed)
+    key_a: str
+    key_b: str
+    rank: int
+    alpha: float
+    scaling: float
+    embedding: bool  # delta = (B @ A)^T, [num_embeddings, dim]
+    fan_in_fan_out: bool  # delta = (B @ A)^T (GPT-2's Conv1D)
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's get_pattern_key: the first pattern key that `module` ends with after a dot."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+class LoraAdapter:
+    """The adapter's config and factors, read from its directory (no base needed)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        config_path = path / ADAPTER_CONFIG
+        require_regular_file(config_path, "adapter config")
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise R2MError(f"{config_path}: not a readable adapter config ({error})") from None
+        if not isinstance(config, dict):
+            raise R2MError(f"{config_path}: not an adapter config (a JSON mapping)")
+        self.config_path = config_path
+        peft_type = config.get("peft_type")
+        if peft_type != "LORA":
+            raise R2MError(
+                f"{config_path}: peft_type {peft_type!r}: only LoRA adapters can be merged "
+                "(LoHa, LoKr, IA3 and the other PEFT types are not supported)"
+            )
+        if config.get("use_dora"):
+            raise R2MError(
+                f"{config_path}: use_dora: DoRA adapters (magnitude vectors) are not supported"
+            )
+        self.config = config
+        self.weights_path = self._weights_file()
+        self.tensors = self._load_weights()
+        self.modules = self._modules()
+
+    def _weights_file(self) -> Path:
+        for name in ADAPTER_WEIGHTS:
+            if (self.path / name).exists():
+                require_regular_file(self.path / name, "adapter weights")
+                return self.path / name
+        raise R2MError(f"{self.path}: no {' or '.join(ADAPTER_WEIGHTS)} beside {ADAPTER_CONFIG}")
+
+    def _load_weights(self) -> dict[str, torch.Tensor]:
+        path = self.weights_path
+        if path.suffix == ".safetensors":
+            handle = SafetensorsFile(path)
+            try:
+                # Adapters are small: read whole, copied out of the file's mapping.
+                return {name: handle.read(name).clone() for name in handle.entries}
+            finally:
+                handle.close()
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise R2MError(f"{path}: not a loadable adapter ({error})") from None
+        if not isinstance(loaded, dict) or not all(
+            isinstance(v, torch.Tensor) for v in loaded.values()
+        ):
+            raise R2MError(f"{path}: not a state dict of tensors")
+        return loaded
+
+    def _modules(self) -> list[LoraModule]:
+        config = self.config
+        rank_pattern = config.get("rank_pattern") or {}
+        alpha_pattern = config.get("alpha_pattern") or {}
+        modules = []
+        for key in self.tensors:
+            if "lora_magnitude_vector" in key:
+                raise R2MError(
+                    f"{self.weights_path}: {key}: DoRA magnitude vectors are not supported"
+                )
+            for suffix_a, suffix_b, embedding in _FACTOR_SUFFIXES:
+                if not key.endswith(suffix_a):
+                    continue
+                prefixed = key[: -len(suffix_a)]
+                key_b = prefixed + suffix_b
+                if key_b not in self.tensors:
+                    raise R2MError(f"{self.weights_path}: {key} has no {key_b}")
+                a, b = self.tensors[key], self.tensors[key_b]
+                if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+                    raise R2MError(
+                        f"{self.weights_path}: {key} {list(a.shape)} and {key_b} "
+                        f"{list(b.shape)}: not the factors of a linear or embedding LoRA "
+                        "(convolution LoRA is not supported)"
+                    )
+                module = prefixed.removeprefix(_PEFT_PREFIX)
+                rank = int(a.shape[0])
+                declared = _pattern_value(rank_pattern, module, config.get("r", rank))
+                if declared != rank:
+                    raise R2MError(
+                        f"{self.weights_path}: {key} has rank {rank}, the config says {declared}"
+                    )
+                alpha = float(_pattern_value(alpha_pattern, module, config.get("lora_alpha", 8)))
+                root = math.sqrt(rank) if config.get("use_rslora") else rank
+                modules.append(
+                    LoraModule(
+                        module,
+                        key,
+                        key_b,
+                        rank,
+                        alpha,
+                        alpha / root,
+                        embedding,
+                        bool(config.get("fan_in_fan_out")) and not embedding,
+                    )
+                )
+        if not modules:
+            raise R2MError(f"{self.weights_path}: no LoRA factors (lora_A/lora_B) in the adapter")
+        return modules
+
+    def full_tensors(self) -> dict[str, str]:
+        """Tensors saved whole (modules_to_save, trained biases, embedding layers saved with the
+        adapter), by their name without PEFT's prefix: the adapter key of each."""
+        factors = {k for m in self.modules for k in (m.key_a, m.key_b)}
+        return {
+            key.removeprefix(_PEFT_PREFIX).replace(".base_layer.", "."): key
+            for key in self.tensors
+            if key not in factors
+        }
+
+    def delta(self, module: LoraModule) -> torch.Tensor:
+        """s * B @ A laid out as the module's weight, in float32."""
+        a = self.tensors[module.key_a].float()
+        b = self.tensors[module.key_b].float()
+        delta = (b @ a) * module.scaling
+        return delta.T if module.embedding or module.fan_in_fan_out else delta
+
+
+def _match(name: str, base_names: set[str]) -> str | None:
+    """The base tensor an adapter tensor name refers to: the same name, or the same after
+    leading components are dropped from either (a task model's `model.` around a backbone)."""
+    if name in base_names:
+        return name
+    parts = name.split(".")
+    for start in range(1, len(parts) - 1):
+        shorter = ".".join(parts[start:])
+        if shorter in base_names:
+            return shorter
+    wider = [b for b in base_names if b.endswith("." + name)]
+    return wider[0] if len(wider) == 1 else None
+
+
+class LoraSource:
+    """A LoRA adapter applied to `base`, as a TensorSource of the dense expert."""
+
+    def __init__(self, path: Path, base: TensorSource | None):
+        self.adapter = LoraAdapter(path)
+        if base is None:
+            raise R2MError(
+                f"{path}: a LoRA adapter, not a dense model: it is merged as an expert onto the "
+                "base, and cannot be the base"
+            )
+        self._base = base
+        self.label = str(path)
+        self.directory = path
+        self.files = [self.adapter.weights_path]
+        self.files_read = [self.adapter.config_path, self.adapter.weights_path, *base.files_read]
+        base_meta = base.metadata()
+        names = set(base_meta)
+        self._deltas: dict[str, LoraModule] = {}
+        self._whole: dict[str, str] = {}
+        weights = self.adapter.weights_path
+        for module in self.adapter.modules:
+            target = _match(module.module + ".weight", names)
+            if target is None:
+                raise R2MError(
+                    f"{weights}: {module.key_a}: module {module.module!r} has no weight in the "
+                    f"base {base.label}"
+                )
+            shape = tuple(base_meta[target][0])
+            rows, columns = (
+                (
+                    self.adapter.tensors[module.key_a].shape[1],
+                    self.adapter.tensors[module.key_b].shape[0],
+                )
+                if module.embedding or module.fan_in_fan_out
+                else (
+                    self.adapter.tensors[module.key_b].shape[0],
+                    self.adapter.tensors[module.key_a].shape[1],
+                )
+            )
+            if shape != (rows, columns):
+                raise R2MError(
+                    f"{weights}: {module.key_a}: the update is [{rows}, {columns}], the base's "
+                    f"{target} is {list(shape)}"
+                )
+            self._deltas[target] = module
+        for name, key in self.adapter.full_tensors().items():
+            target = _match(name, names)
+            if target is None:
+                raise R2MError(f"{weights}: {key}: no tensor {name!r} in the base {base.label}")
+            saved = self.adapter.tensors[key]
+            if tuple(saved.shape) != tuple(base_meta[target][0]):
+                raise R2MError(
+                    f"{weights}: {key} is {list(saved.shape)}, the base's {target} is "
+                    f"{list(base_meta[target][0])}"
+                )
+            self._whole[target] = key
+        self._meta = base_meta
+
+    def metadata(self) -> dict[str, TensorMeta]:
+        return dict(self._meta)
+
+    def read(self, name: str, rows: slice | None = None, pinned: bool = False) -> torch.Tensor:
+        if name in self._whole:  # saved whole: replaces the base's (an embedding: then + delta)
+            tensor = self.adapter.tensors[self._whole[name]].to(self._meta[name][1])
+            tensor = tensor if rows is None else tensor[rows]
+        else:
+            tensor = self._base.read(name, rows)
+        module = self._deltas.get(name)
+        if module is not None:
+            delta = self.adapter.delta(module)
+            delta = delta if rows is None else delta[rows]
+            tensor = (tensor.float() + delta).to(tensor.dtype)
+        return tensor.pin_memory() if pinned else tensor
+
+    def where(self, name: str) -> str:
+        if name in self._whole or name in self._deltas:
+            return str(self.adapter.weights_path)
+        return self._base.where(name)
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> list[str]:
+        return describe_adapter(self.adapter)
+
+
+def describe_adapter(adapter: LoraAdapter) -> list[str]:
+    """`r2m inspect ADAPTER`: the modules, ranks and scalings."""
+    config = adapter.config
+    lines = [
+        f"{adapter.path}: LoRA adapter, {len(adapter.modules)} modules, r {config.get('r')}, "
+        f"lora_alpha {config.get('lora_alpha')}"
+        + (", rsLoRA (alpha / sqrt(r))" if config.get("use_rslora") else "")
+        + (", fan_in_fan_out" if config.get("fan_in_fan_out") else ""),
+    ]
+    width = max(len(m.module) for m in adapter.modules)
+    lines.append(f"{'module'.ljust(width)}  rank  alpha  scaling  kind")
+    for m in adapter.modules:
+        kind = "embedding" if m.embedding else "linear"
+        lines.append(
+            f"{m.module.ljust(width)}  {m.rank:4d}  {m.alpha:5g}  {m.scaling:7.4g}  {kind}"
+        )
+    for name in adapter.full_tensors():
+        lines.append(f"{name}: saved whole (modules_to_save, bias or embedding layer)")
+    return lines
+
+
+register_source_format(
+    SourceFormat("lora", recognizes=is_adapter, open=LoraSource, needs_base=True)
+)
