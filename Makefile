@@ -11,7 +11,7 @@ TORCH_PIN := torch==2.13.0
 DEPS := torch:$(TORCH_PIN) numpy:numpy safetensors:safetensors yaml:pyyaml tqdm:tqdm \
         pytest:pytest pytest_benchmark:pytest-benchmark ninja:ninja ruff:ruff \
         clang_format:clang-format wheel:wheel matplotlib:matplotlib PIL:pillow \
-        mergekit:mergekit==0.1.5 fusion_bench:fusion-bench==0.2.33
+        peft:peft==0.21.2 mergekit:mergekit==0.1.5 fusion_bench:fusion-bench==0.2.33
 NATIVE_SOURCES := $(shell find csrc python -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 NATIVE_BUILD := build/native
 

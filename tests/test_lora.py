@@ -1,0 +1,221 @@
+"""PEFT LoRA adapters as experts (io/lora.py), checked against PEFT itself: adapters created with
+PEFT on a tiny Llama built from a config (no download), with random non-zero factors, several
+ranks, rsLoRA, rank/alpha patterns, an adapted embedding, modules_to_save on the head, trained
+biases, and a dense expert in the mix; every method's merge of the adapters equals its merge of
+the same experts materialised by PEFT's merge_and_unload()."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import r2m_ext
+from r2m_ext.errors import R2MError
+from tests.conftest import relative_error, run_cli
+
+peft = pytest.importorskip("peft")
+from peft import LoHaConfig, LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+METHODS = ("r2m", "average", "task_arithmetic", "ties", "dare", "tsv", "cart")
+
+
+def llama_config(hidden: int = 32) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=True,
+        tie_word_embeddings=False,
+    )
+
+
+def make_adapter(base_dir: Path, out: Path, config, seed: int, biases: bool = False, **save):
+    """A PEFT adapter with random factors (init_lora_weights=False) and, with `biases`, moved
+    biases of the adapted modules."""
+    torch.manual_seed(seed)
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), config)
+    if biases:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name.endswith(".bias") and parameter.requires_grad:
+                    parameter.add_(0.1 * torch.randn_like(parameter))
+    model.save_pretrained(out, **save)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """base/; adapters a1 (rsLoRA, rank and alpha patterns, embedding, head in
+    modules_to_save), a2 (rank 2, biases, saved as .bin), a3 (rank 8); d1..d3 the same merged by
+    PEFT; dense/ a full fine-tune."""
+    root = tmp_path_factory.mktemp("lora")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(llama_config())
+    base.save_pretrained(root / "base")
+    adapters = {
+        "a1": (
+            LoraConfig(
+                r=4,
+                lora_alpha=8,
+                target_modules=["q_proj", "v_proj", "embed_tokens"],
+                init_lora_weights=False,
+                modules_to_save=["lm_head"],
+                use_rslora=True,
+                rank_pattern={"layers.1.self_attn.q_proj": 2},
+                alpha_pattern={"v_proj": 3},
+            ),
+            {},
+            False,
+        ),
+        "a2": (
+            LoraConfig(
+                r=2,
+                lora_alpha=4,
+                target_modules=["q_proj", "k_proj", "o_proj", "up_proj"],
+                init_lora_weights=False,
+                bias="lora_only",
+            ),
+            {"safe_serialization": False},
+            True,
+        ),
+        "a3": (LoraConfig(r=8, lora_alpha=16, init_lora_weights=False), {}, False),
+    }
+    for i, (name, (config, save, biases)) in enumerate(adapters.items(), start=1):
+        path = make_adapter(root / "base", root / name, config, seed=i, biases=biases, **save)
+        merged = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(root / "base"), path)
+        merged.merge_and_unload().save_pretrained(root / f"d{i}")
+    dense = LlamaForCausalLM(llama_config())
+    with torch.no_grad():
+        for parameter, original in zip(dense.parameters(), base.parameters(), strict=True):
+            parameter.copy_(original + 0.02 * torch.randn_like(original))
+    dense.save_pretrained(root / "dense")
+    return root
+
+
+def tensors_of(directory: Path) -> dict[str, torch.Tensor]:
+    found = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        found.update(load_file(shard))
+    return found
+
+
+def test_the_adapter_reads_as_peft_merges_it(models):
+    """Every tensor of each adapter's expert, whole and in row blocks, is PEFT's merged model."""
+    from r2m_ext.io import open_source
+
+    base = open_source(models / "base")
+    for i in (1, 2, 3):
+        source = open_source(models / f"a{i}", base=base)
+        want = tensors_of(models / f"d{i}")
+        assert sorted(source.metadata()) == sorted(want)
+        for name, value in want.items():
+            assert torch.equal(source.read(name), value), (i, name)
+            assert torch.equal(source.read(name, slice(1, 3)), value[1:3]), (i, name)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_merges_adapters_as_their_dense_experts(models, tmp_path, method):
+    experts = [models / "a1", models / "a2", models / "a3", models / "dense"]
+    dense = [models / "d1", models / "d2", models / "d3", models / "dense"]
+    for compute_dtype in ("float64", "float32"):
+        options = {"compute_dtype": compute_dtype}
+        got = r2m_ext.merge_files(
+            models / "base", experts, tmp_path / f"a_{compute_dtype}", method, **options
+        )
+        want = r2m_ext.merge_files(
+            models / "base", dense, tmp_path / f"d_{compute_dtype}", method, **options
+        )
+        got, want = tensors_of(got), tensors_of(want)
+        assert sorted(got) == sorted(want)
+        tolerance = 1e-5 if compute_dtype == "float64" else 1e-4
+        for name in want:
+            assert relative_error(got[name], want[name]) <= tolerance, (compute_dtype, name)
+
+
+def test_cli_merges_adapters_and_inspects_one(models, tmp_path):
+    done = run_cli(
+        "merge",
+        "--base", models / "base",
+        "--expert", models / "a1",
+        "--expert", models / "a3",
+        "--method", "ties",
+        "--max-memory", "2MB",
+        "--out", tmp_path / "out",
+        "--quiet",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    want = r2m_ext.merge_files(
+        models / "base", [models / "d1", models / "d3"], tmp_path / "dense", "ties"
+    )
+    got, want = tensors_of(tmp_path / "out"), tensors_of(want)
+    assert all(relative_error(got[n], want[n]) <= 1e-4 for n in want)
+    shown = run_cli("inspect", models / "a1")
+    assert shown.returncode == 0, shown.stderr
+    assert "rsLoRA" in shown.stdout
+    line = next(
+        x for x in shown.stdout.splitlines() if x.startswith("model.layers.1.self_attn.q_proj")
+    )
+    assert line.split()[1:4] == ["2", "8", "5.657"]  # rank pattern, alpha 8 / sqrt(2)
+    assert "lm_head.weight: saved whole" in shown.stdout
+
+
+def _write_adapter(tmp_path, models, name, config, base_config=None):
+    base_dir = models / "base"
+    if base_config is not None:
+        torch.manual_seed(0)
+        LlamaForCausalLM(base_config).save_pretrained(tmp_path / "other_base")
+        base_dir = tmp_path / "other_base"
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), config)
+    model.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+BAD_ADAPTERS = {
+    "dora": (lambda: LoraConfig(r=2, use_dora=True, init_lora_weights=False), None, "DoRA"),
+    "loha": (lambda: LoHaConfig(r=2, target_modules=["q_proj"]), None, "peft_type 'LOHA'"),
+    "shape": (
+        lambda: LoraConfig(r=2, init_lora_weights=False),
+        lambda: llama_config(hidden=16),
+        "the update is",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ADAPTERS))
+def test_bad_adapters_are_refused_naming_file_and_feature(models, tmp_path, case):
+    config, base_config, expected = BAD_ADAPTERS[case]
+    adapter = _write_adapter(
+        tmp_path, models, case, config(), None if base_config is None else base_config()
+    )
+    with pytest.raises(R2MError, match=expected) as caught:
+        r2m_ext.merge_files(models / "base", [adapter, models / "a3"], tmp_path / "out", "average")
+    assert str(adapter) in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_module_without_a_base_tensor_and_adapter_as_base_are_refused(models, tmp_path):
+    adapter = tmp_path / "renamed"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_bytes(
+        (models / "a3" / "adapter_config.json").read_bytes()
+    )
+    from safetensors.torch import save_file
+
+    factors = load_file(models / "a3" / "adapter_model.safetensors")
+    save_file(
+        {k.replace("layers.0.", "layers.7."): v for k, v in factors.items()},
+        adapter / "adapter_model.safetensors",
+    )
+    with pytest.raises(R2MError, match="layers.7.self_attn.q_proj' has no weight in the base"):
+        r2m_ext.merge_files(models / "base", [adapter, models / "a3"], tmp_path / "out", "average")
+    with pytest.raises(R2MError, match="cannot be the base"):
+        r2m_ext.merge_files(
+            models / "a3", [models / "a1", models / "a2"], tmp_path / "out", "average"
+        )
+    assert not (tmp_path / "out").exists()
