@@ -292,15 +292,27 @@ def merge_config(config: str | Path, out: str | Path | None = None, **merge_argu
     fields = load_recipe(config)
     if not fields["base"] or not fields["experts"]:
         raise R2MError(f"{config}: the config names no base or no experts")
+    return _merge_fields(config, fields, fields["experts"], out, merge_arguments)
+
+
+def _merge_fields(
+    config: str | Path,
+    fields: dict,
+    experts: Sequence[str],
+    out: str | Path | None,
+    merge_arguments: dict[str, Any],
+) -> Path:
+    """merge_files with a loaded config's base, method, options and shard size, into `out`
+    (default: the config's own output); arguments given here override the config's."""
     target = out if out is not None else fields["out"]
     if target is None:
-        raise R2MError(f"{config}: the config has no output directory; give one")
+        raise R2MError(f"{config}: the recipe has no output directory; give one")
     arguments = {
         "shard_size": fields["shard_size"] or DEFAULT_SHARD_SIZE,
         **fields["options"],
         **merge_arguments,
     }
-    return merge_files(fields["base"], fields["experts"], target, fields["method"], **arguments)
+    return merge_files(fields["base"], experts, target, fields["method"], **arguments)
 
 
 def expand_files(
@@ -326,18 +338,7 @@ def expand_files(
         added.append(resolved)
     if not added:
         raise R2MError(f"{recipe}: name at least one new expert to add")
-    target = out if out is not None else fields["out"]
-    if target is None:
-        raise R2MError(f"{recipe}: the recipe has no output directory; give one")
-    # Arguments given here override the recipe's (an option, or the shard size).
-    arguments = {
-        "shard_size": fields["shard_size"] or DEFAULT_SHARD_SIZE,
-        **fields["options"],
-        **merge_arguments,
-    }
-    return merge_files(
-        fields["base"], [*fields["experts"], *added], target, fields["method"], **arguments
-    )
+    return _merge_fields(recipe, fields, [*fields["experts"], *added], out, merge_arguments)
 
 
 # A method option named like a keyword of these would be taken by the keyword.

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from r2m_ext.options import resolve_options
 from r2m_ext.recipe import Recipe, load_recipe
@@ -32,6 +32,14 @@ def save_sharded(state: dict, directory: Path, shards: int = 3, config: dict | N
     if config is not None:
         (directory / "config.json").write_text(json.dumps(config))
     return directory
+
+
+def tensors_in(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the .safetensors files of a model directory (an output, a HF model)."""
+    found = {}
+    for shard in sorted(Path(directory).glob("*.safetensors")):
+        found.update(load_file(shard))
+    return found
 
 
 def save_pickled(state: dict, path: Path) -> Path:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import r2m_ext
 from r2m_ext.errors import R2MError
+from tests.checkpoints import tensors_in
 from tests.conftest import relative_error, run_cli
 
 peft = pytest.importorskip("peft")
@@ -97,13 +98,6 @@ def models(tmp_path_factory):
     return root
 
 
-def tensors_of(directory: Path) -> dict[str, torch.Tensor]:
-    found = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        found.update(load_file(shard))
-    return found
-
-
 def test_the_adapter_reads_as_peft_merges_it(models):
     """Every tensor of each adapter's expert, whole and in row blocks, is PEFT's merged model."""
     from r2m_ext.io import open_source
@@ -111,7 +105,7 @@ def test_the_adapter_reads_as_peft_merges_it(models):
     base = open_source(models / "base")
     for i in (1, 2, 3):
         source = open_source(models / f"a{i}", base=base)
-        want = tensors_of(models / f"d{i}")
+        want = tensors_in(models / f"d{i}")
         assert sorted(source.metadata()) == sorted(want)
         for name, value in want.items():
             assert torch.equal(source.read(name), value), (i, name)
@@ -130,7 +124,7 @@ def test_every_method_merges_adapters_as_their_dense_experts(models, tmp_path, m
         want = r2m_ext.merge_files(
             models / "base", dense, tmp_path / f"d_{compute_dtype}", method, **options
         )
-        got, want = tensors_of(got), tensors_of(want)
+        got, want = tensors_in(got), tensors_in(want)
         assert sorted(got) == sorted(want)
         tolerance = 1e-5 if compute_dtype == "float64" else 1e-4
         for name in want:
@@ -152,7 +146,7 @@ def test_cli_merges_adapters_and_inspects_one(models, tmp_path):
     want = r2m_ext.merge_files(
         models / "base", [models / "d1", models / "d3"], tmp_path / "dense", "ties"
     )
-    got, want = tensors_of(tmp_path / "out"), tensors_of(want)
+    got, want = tensors_in(tmp_path / "out"), tensors_in(want)
     assert all(relative_error(got[n], want[n]) <= 1e-4 for n in want)
     shown = run_cli("inspect", models / "a1")
     assert shown.returncode == 0, shown.stderr

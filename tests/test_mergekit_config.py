@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 import r2m_ext
 from r2m_ext.errors import R2MError
 from r2m_ext.methods.mergekit_semantics import evaluate_setting, layer_position
+from tests.checkpoints import tensors_in
 from tests.conftest import relative_error, run_cli
 
 mergekit = pytest.importorskip("mergekit")
@@ -59,13 +59,6 @@ def models(tmp_path_factory) -> Path:
     return root
 
 
-def tensors_of(directory: Path) -> dict[str, torch.Tensor]:
-    found = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        found.update(load_file(shard))
-    return found
-
-
 def write_config(tmp_path: Path, models: Path, text: str) -> Path:
     """The config with MODELS/ replaced by the models' directory (absolute: mergekit resolves
     paths against the current directory)."""
@@ -78,7 +71,7 @@ def run_mergekit(config: Path, out: Path) -> dict[str, torch.Tensor]:
     document = MergeConfiguration.model_validate(yaml.safe_load(config.read_text()))
     options = MergekitOptions(write_model_card=False, copy_tokenizer=False, quiet=True)
     run_merge(document, str(out), options=options)
-    return tensors_of(out)
+    return tensors_in(out)
 
 
 def assert_same_merge(ours: dict, theirs: dict, tolerance: float = 1e-6) -> None:
@@ -179,10 +172,10 @@ def test_config_merges_to_mergekits_tensors(models, tmp_path, name):
     config = write_config(tmp_path, models, DETERMINISTIC_CONFIGS[name])
     theirs = run_mergekit(config, tmp_path / "mergekit")
     out = r2m_ext.merge_config(config, tmp_path / "r2m")
-    assert_same_merge(tensors_of(out), theirs)
+    assert_same_merge(tensors_in(out), theirs)
     # Under a budget that streams tensor by tensor: the same merge.
     small = r2m_ext.merge_config(config, tmp_path / "r2m_small", max_memory="300KB")
-    assert_same_merge(tensors_of(small), tensors_of(out), tolerance=0.0)
+    assert_same_merge(tensors_in(small), tensors_in(out), tolerance=0.0)
 
 
 def test_cli_config_against_mergekit_yaml(models, tmp_path):
@@ -200,7 +193,7 @@ def test_cli_config_against_mergekit_yaml(models, tmp_path):
     )
     done = run_cli("merge", "--config", config, "--out", tmp_path / "r2m", "--quiet")
     assert done.returncode == 0, done.stderr
-    assert_same_merge(tensors_of(tmp_path / "r2m"), tensors_of(tmp_path / "mk"))
+    assert_same_merge(tensors_in(tmp_path / "r2m"), tensors_in(tmp_path / "mk"))
     assert (tmp_path / "r2m" / "config.json").is_file()
     again = run_cli(
         "merge", "--config", tmp_path / "r2m" / "r2m_recipe.yaml", "--out", tmp_path / "again"
@@ -226,10 +219,10 @@ models:
 dtype: float32
 """,
     )
-    base, expert = tensors_of(models / "base"), tensors_of(models / "m1")
+    base, expert = tensors_in(models / "base"), tensors_in(models / "m1")
     for merged in (
         run_mergekit(config, tmp_path / "mk"),
-        tensors_of(r2m_ext.merge_config(config, tmp_path / "r2m")),
+        tensors_in(r2m_ext.merge_config(config, tmp_path / "r2m")),
     ):
         kept_total = count_total = 0
         for name, value in merged.items():
@@ -255,9 +248,9 @@ models:
   - {model: MODELS/m2, parameters: {weight: 1.0, density: 0.5}}
 """
     config = write_config(tmp_path, models, text)
-    first = tensors_of(r2m_ext.merge_config(config, tmp_path / "a"))
-    again = tensors_of(r2m_ext.merge_config(config, tmp_path / "b", max_memory="300KB"))
-    other = tensors_of(r2m_ext.merge_config(config, tmp_path / "c", seed=1))
+    first = tensors_in(r2m_ext.merge_config(config, tmp_path / "a"))
+    again = tensors_in(r2m_ext.merge_config(config, tmp_path / "b", max_memory="300KB"))
+    other = tensors_in(r2m_ext.merge_config(config, tmp_path / "c", seed=1))
     name = "model.layers.0.mlp.up_proj.weight"
     assert all(torch.equal(first[n], again[n]) for n in first)
     assert not torch.equal(first[name], other[name])
@@ -383,7 +376,7 @@ def test_runner_runs_tsv_inside_mergekit_equal_to_r2m_ext(models, tmp_path):
     own = r2m_ext.merge_files(
         models / "base", experts, tmp_path / "own", "tsv", head_patterns=(), alpha=0.9
     )
-    assert_same_merge(tensors_of(tmp_path / "mk"), tensors_of(own))
+    assert_same_merge(tensors_in(tmp_path / "mk"), tensors_in(own))
 
 
 @pytest.mark.parametrize(
@@ -416,7 +409,7 @@ def test_registered_methods_equal_r2m_exts_own(models, tmp_path, method, paramet
         head_patterns=(),
         **ours,
     )
-    assert_same_merge(theirs, tensors_of(own))
+    assert_same_merge(theirs, tensors_in(own))
 
 
 def test_registered_method_refuses_bad_options_with_r2m_exts_message(models, tmp_path):

@@ -17,8 +17,7 @@ from typing import Any
 from r2m_ext.errors import R2MError
 from r2m_ext.methods.mergekit_semantics import (
     MERGEKIT_METHODS,
-    check_setting,
-    method_parameters,
+    check_parameter_settings,
     settings_json,
 )
 
@@ -120,17 +119,10 @@ def load_mergekit_config(path: Path, document: Mapping) -> dict:
         raise R2MError(f"{path}: 'models' lists no model besides the base")
 
     shared = _settings(document.get("parameters"), "parameters", path)
-    known = method_parameters(method)
     labelled = [("parameters", shared), ("base_model", base_settings)]
     labelled += [(f"models[{i}].parameters", s) for i, (_, s) in enumerate(entries)]
     for where, settings in labelled:
-        for name, setting in settings.items():
-            if name not in known:
-                raise R2MError(
-                    f"{path}: '{where}.{name}': mergekit's {method} takes no parameter {name!r} "
-                    f"(it takes {', '.join(known)})"
-                )
-            check_setting(setting, known[name].kind, f"{path}: '{where}.{name}'")
+        check_parameter_settings(settings, method, f"{path}: {where}")
     weighted = [("base_model", base_settings)] if method == "linear" else []
     weighted += [(str(model), settings) for model, settings in entries]
     for who, settings in weighted:

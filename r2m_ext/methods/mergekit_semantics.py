@@ -149,6 +149,21 @@ def check_setting(setting: Any, kind: type, where: str) -> None:
         check_setting(value, kind, where)
 
 
+def check_parameter_settings(settings: Any, method: str, where: str) -> None:
+    """Raises, naming `where`, unless `settings` maps parameters of mergekit's `method` to
+    settings of their types."""
+    if not isinstance(settings, dict) or not all(isinstance(k, str) for k in settings):
+        raise R2MError(f"{where}: must be a mapping of parameter names to values")
+    known = method_parameters(method)
+    for name, setting in settings.items():
+        if name not in known:
+            raise R2MError(
+                f"{where}.{name}: mergekit's {method} takes no parameter {name!r} "
+                f"(it takes {', '.join(known)})"
+            )
+        check_setting(setting, known[name].kind, f"{where}.{name}")
+
+
 def evaluate_setting(setting: Any, tensor_name: str, t: float, kind: type, where: str) -> Any:
     """The value of a checked setting for one tensor at layer position `t` (mergekit's
     evaluate_setting): the first filter contained in the name (or none, or "*") wins; a
@@ -230,19 +245,10 @@ class ParameterSettings:
                 f"mergekit_parameters: 'inputs' needs one mapping per input ({n_inputs}: the base, "
                 "then each expert)"
             )
-        known = method_parameters(method)
         for label, settings in [("shared", shared)] + [
             (f"input {i}", s) for i, s in enumerate(inputs)
         ]:
-            if not isinstance(settings, dict):
-                raise R2MError(f"mergekit_parameters: {label} must be a mapping")
-            for name, setting in settings.items():
-                if name not in known:
-                    raise R2MError(
-                        f"mergekit_parameters: mergekit's {method} takes no parameter {name!r} "
-                        f"(it takes {', '.join(known)})"
-                    )
-                check_setting(setting, known[name].kind, f"mergekit_parameters: {name}")
+            check_parameter_settings(settings, method, f"mergekit_parameters: {label}")
         return cls(shared, tuple(inputs))
 
     def resolve(
