@@ -310,7 +310,8 @@ BAD_CONFIGS = {
     "modules": (LINEAR + "modules: {text: {models: [{model: MODELS/m1}]}}\n", "'modules'"),
     "tokenizer": (LINEAR + TWO + "tokenizer_source: union\n", "'tokenizer_source'"),
     "chat_template": (LINEAR + TWO + "chat_template: chatml\n", "'chat_template'"),
-    "lora": (TIES + "models: [{model: MODELS/m1+MODELS/adapter}]\n", "LoRA"),
+    "lora_missing": (TIES + "models: [{model: MODELS/base+MODELS/nothing}]\n", "not a local path"),
+    "lora_not_adapter": (TIES + "models: [{model: MODELS/base+MODELS/m2}]\n", "not a PEFT LoRA"),
     "hub_id": (TIES + "models: [{model: mistralai/Mistral-7B-v0.1}]\n", "not a local path"),
     "method": ("merge_method: slerp\nbase_model: MODELS/base\n" + ONE, "'slerp' is not supported"),
     "unknown_key": (LINEAR + TWO + "model_name: x\n", "model_name"),
@@ -451,3 +452,52 @@ def test_top_entries_take_exactly_count_first_among_ties(dtype):
         assert bool((kept | ~previous).all())  # nested
         assert many.abs()[kept].min() >= many.abs()[~kept].max()
         previous = kept
+
+
+@pytest.fixture(scope="module")
+def adapter(models) -> Path:
+    """A PEFT LoRA adapter (random factors) on the base of `models`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(7)
+    model = LlamaForCausalLM.from_pretrained(models / "base")
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    get_peft_model(model, config).save_pretrained(models / "adapter")
+    return models / "adapter"
+
+
+def test_base_plus_lora_merges_as_mergekit_applies_it(models, adapter, tmp_path):
+    """`BASE+ADAPTER` in a config is the adapter as an expert: the same tensors as mergekit,
+    which merges the adapter into the base with PEFT first."""
+    config = write_config(
+        tmp_path,
+        models,
+        """
+merge_method: ties
+base_model: MODELS/base
+models:
+  - {model: MODELS/base+MODELS/adapter, parameters: {weight: 0.7, density: 0.5}}
+  - {model: MODELS/m2, parameters: {weight: 0.4, density: 0.5}}
+dtype: float32
+""",
+    )
+    document = MergeConfiguration.model_validate(yaml.safe_load(config.read_text()))
+    options = MergekitOptions(
+        write_model_card=False,
+        copy_tokenizer=False,
+        quiet=True,
+        lora_merge_cache=str(tmp_path / "cache"),
+    )
+    run_merge(document, str(tmp_path / "mk"), options=options)
+    out = r2m_ext.merge_config(config, tmp_path / "r2m")
+    assert_same_merge(tensors_in(out), tensors_in(tmp_path / "mk"))
+
+
+def test_lora_on_another_model_than_the_base_is_refused(models, adapter, tmp_path):
+    config = write_config(tmp_path, models, TIES + "models: [{model: MODELS/m1+MODELS/adapter}]\n")
+    with pytest.raises(R2MError, match="applies a LoRA adapter to the merge's base"):
+        r2m_ext.merge_config(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -4,8 +4,9 @@ written for `mergekit-yaml` and runs it through r2m_ext's streaming engine with 
 
 What a config can ask that r2m_ext does not do is refused, naming the key: layer stacking
 (`slices`, `modules`), tokenizer surgery (`tokenizer_source`, `tokenizer`, `chat_template`),
-LoRA references (`model+lora`), models that are not local paths (hub ids), and mergekit's
-other methods. Model paths are read as mergekit reads them: relative to the current directory.
+LoRA references on another model than the base (`other+lora`; `base+lora` is an expert: the
+adapter on the base), models that are not local paths (hub ids), and mergekit's other
+methods. Model paths are read as mergekit reads them: relative to the current directory.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from r2m_ext.errors import R2MError
+from r2m_ext.io.lora import is_adapter
 from r2m_ext.methods.mergekit_semantics import (
     MERGEKIT_METHODS,
     check_parameter_settings,
@@ -48,15 +50,8 @@ def _dtype(value: Any, key: str, path: Path) -> str | None:
     return name
 
 
-def _model_path(reference: Any, key: str, path: Path) -> Path:
-    """A model reference as a local path (mergekit resolves it against the current directory)."""
-    if not isinstance(reference, str) or not reference:
-        raise R2MError(f"{path}: '{key}' must be a model path")
-    if "+" in reference and not Path(reference).exists():
-        raise R2MError(
-            f"{path}: '{key}: {reference}' applies a LoRA adapter (model+lora), which "
-            "r2m merge --config does not do yet: merge the adapter into its model first"
-        )
+def _local(reference: str, key: str, path: Path) -> Path:
+    """A model path as mergekit resolves it: against the current directory."""
     local = Path(reference)
     if not local.exists():
         raise R2MError(
@@ -64,6 +59,21 @@ def _model_path(reference: Any, key: str, path: Path) -> Path:
             "(download the model, e.g. with `huggingface-cli download`, and give its directory)"
         )
     return local.resolve()
+
+
+def _model_reference(reference: Any, key: str, path: Path) -> tuple[Path, Path | None]:
+    """(model, LoRA adapter or None) of a mergekit model reference `MODEL[+LORA]`."""
+    if not isinstance(reference, str) or not reference:
+        raise R2MError(f"{path}: '{key}' must be a model path")
+    if Path(reference).exists():  # a path that holds a "+" itself
+        return Path(reference).resolve(), None
+    chunks = reference.split("+")
+    if len(chunks) > 2:
+        raise R2MError(f"{path}: '{key}: {reference}' is not MODEL or MODEL+LORA")
+    lora = _local(chunks[1], key, path) if len(chunks) == 2 else None
+    if lora is not None and not is_adapter(lora):
+        raise R2MError(f"{path}: '{key}: {reference}': {chunks[1]} is not a PEFT LoRA adapter")
+    return _local(chunks[0], key, path), lora
 
 
 def _settings(value: Any, where: str, path: Path) -> dict:
@@ -92,7 +102,8 @@ def load_mergekit_config(path: Path, document: Mapping) -> dict:
     models = document.get("models")
     if not isinstance(models, list) or not models:
         raise R2MError(f"{path}: 'models' must list the models to merge")
-    entries: list[tuple[Path, dict]] = []
+    # (model, adapter or None, settings) per listed model
+    entries: list[tuple[Path, Path | None, dict]] = []
     for index, item in enumerate(models):
         where = f"models[{index}]"
         if not isinstance(item, dict) or "model" not in item:
@@ -100,31 +111,44 @@ def load_mergekit_config(path: Path, document: Mapping) -> dict:
         extra = sorted(set(item) - {"model", "parameters"})
         if extra:
             raise R2MError(f"{path}: unknown key(s) {', '.join(extra)} in '{where}'")
-        model = _model_path(item["model"], f"{where}.model", path)
-        if any(model == seen for seen, _ in entries):
+        model, lora = _model_reference(item["model"], f"{where}.model", path)
+        if any((model, lora) == (seen, seen_lora) for seen, seen_lora, _ in entries):
             raise R2MError(f"{path}: '{where}.model' lists {item['model']} a second time")
-        entries.append((model, _settings(item.get("parameters"), f"{where}.parameters", path)))
+        settings = _settings(item.get("parameters"), f"{where}.parameters", path)
+        entries.append((model, lora, settings))
 
     base_reference = document.get("base_model")
     if base_reference is None and method != "linear":
         raise R2MError(f"{path}: mergekit's {method} needs a 'base_model'")
     if base_reference is None:
-        base, base_settings = entries.pop(0)  # linear: every model is an input alike
+        if entries[0][1] is not None:
+            raise R2MError(f"{path}: models[0] is the base of a linear merge: not a model+lora")
+        base, _, base_settings = entries.pop(0)  # linear: every model is an input alike
     else:
-        base = _model_path(base_reference, "base_model", path)
-        listed = [settings for model, settings in entries if model == base]
-        entries = [(model, settings) for model, settings in entries if model != base]
+        base, base_lora = _model_reference(base_reference, "base_model", path)
+        if base_lora is not None:
+            raise R2MError(f"{path}: 'base_model: {base_reference}': the base cannot be model+lora")
+        listed = [settings for model, lora, settings in entries if (model, lora) == (base, None)]
+        entries = [entry for entry in entries if (entry[0], entry[1]) != (base, None)]
         base_settings = listed[0] if listed else {}
+    for model, lora, _ in entries:
+        if lora is not None and model != base:
+            raise R2MError(
+                f"{path}: '{model}+{lora}': r2m_ext applies a LoRA adapter to the merge's base "
+                f"({base}) only; merge it into {model} first"
+            )
     if not entries:
         raise R2MError(f"{path}: 'models' lists no model besides the base")
+    # An expert is a model, or a LoRA adapter on the base (read as PEFT merges it: io/lora.py).
+    experts = [(lora or model, settings) for model, lora, settings in entries]
 
     shared = _settings(document.get("parameters"), "parameters", path)
     labelled = [("parameters", shared), ("base_model", base_settings)]
-    labelled += [(f"models[{i}].parameters", s) for i, (_, s) in enumerate(entries)]
+    labelled += [(f"models[{i}].parameters", s) for i, (_, s) in enumerate(experts)]
     for where, settings in labelled:
         check_parameter_settings(settings, method, f"{path}: {where}")
     weighted = [("base_model", base_settings)] if method == "linear" else []
-    weighted += [(str(model), settings) for model, settings in entries]
+    weighted += [(str(expert), settings) for expert, settings in experts]
     for who, settings in weighted:
         if "weight" not in settings and "weight" not in shared:
             raise R2MError(f"{path}: no 'weight' for {who} (mergekit's {method} requires one)")
@@ -133,7 +157,7 @@ def load_mergekit_config(path: Path, document: Mapping) -> dict:
     out_dtype = _dtype(document.get("out_dtype"), "out_dtype", path) or dtype
     options: dict[str, Any] = {
         "mergekit_method": method,
-        "mergekit_parameters": settings_json(shared, [base_settings, *(s for _, s in entries)]),
+        "mergekit_parameters": settings_json(shared, [base_settings, *(s for _, s in experts)]),
         "head_patterns": [],
         "compute_dtype": "float64" if dtype == "float64" else "float32",
     }
@@ -142,7 +166,7 @@ def load_mergekit_config(path: Path, document: Mapping) -> dict:
     return {
         "method": "mergekit",
         "base": str(base),
-        "experts": [str(model) for model, _ in entries],
+        "experts": [str(expert) for expert, _ in experts],
         "out": None,
         "shard_size": None,
         "options": options,
