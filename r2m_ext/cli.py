@@ -41,9 +41,12 @@ baseline. Every expert must be fine-tuned from the same base model.
   r2m merge --base base/ --expert ff/ --expert fs/ --out merged/          # R²M, defaults
   r2m merge --base base/ --expert ff/ --expert fs/ --out m/ --method ties --density 0.3
   r2m merge --config merged/r2m_recipe.yaml --out again/                  # re-run a merge
+  r2m merge --config mergekit.yaml --out merged/        # a mergekit config, mergekit's semantics
+  r2m merge --base base/ --expert lora_adapter/ --expert ft/ --out m/   # PEFT LoRA adapters too
   r2m merge ... --max-memory 2GB     # bound everything the merge holds
   r2m report merged/ --plot plots/   # what the merge did, with PNG plots
   r2m inspect base/                  # what is head, matrix, other, before merging
+  r2m inspect lora_adapter/          # an adapter's modules, ranks and scalings
   r2m expand merged/r2m_recipe.yaml --expert new_family/ --out merged2/   # add a specialist
   r2m eval --checkpoint merged/ --data test_images/ --json auc.json      # AUC/AP/EER per subset
 """
@@ -124,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--config",
         metavar="RECIPE",
-        help=f"a recipe file ({RECIPE_FILE}, as every merge writes); flags given too override it",
+        help=f"a recipe file ({RECIPE_FILE}, as every merge writes) or a mergekit YAML (its "
+        "merge_method, base_model, models, parameters); flags given too override it",
     )
     merge.add_argument(
         "--shard-size",
