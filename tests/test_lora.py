@@ -213,3 +213,50 @@ def test_module_without_a_base_tensor_and_adapter_as_base_are_refused(models, tm
             models / "a3", [models / "a1", models / "a2"], tmp_path / "out", "average"
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_fan_in_fan_out_adapter_reads_as_peft_merges_it(tmp_path):
+    """GPT-2's Conv1D stores weights [in, out]: PEFT's fan_in_fan_out transposes the update."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from r2m_ext.io import open_source
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=16)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
+    lora = LoraConfig(
+        r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False
+    )
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), lora)
+    model.save_pretrained(tmp_path / "adapter")
+    merged = PeftModel.from_pretrained(
+        GPT2LMHeadModel.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+    )
+    want = merged.merge_and_unload().state_dict()
+    source = open_source(tmp_path / "adapter", base=open_source(tmp_path / "base"))
+    changed = 0
+    for name in source.metadata():
+        got = source.read(name)
+        assert torch.equal(got, want[name]), name
+        changed += not torch.equal(got, open_source(tmp_path / "base").read(name))
+    assert changed == 4  # c_attn and c_fc of both layers
+
+
+def test_adapter_of_a_task_model_applies_to_its_backbone(models, tmp_path):
+    """An adapter saved on LlamaForCausalLM (model.layers...) merged onto a checkpoint of the
+    backbone alone (layers..., no `model.` prefix)."""
+    from safetensors.torch import save_file
+
+    from r2m_ext.io import open_source
+
+    backbone = tmp_path / "backbone"
+    backbone.mkdir()
+    full = tensors_in(models / "base")
+    save_file(
+        {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")},
+        backbone / "model.safetensors",
+    )
+    source = open_source(models / "a3", base=open_source(backbone))
+    want = tensors_in(models / "d3")
+    for name in source.metadata():
+        assert torch.equal(source.read(name), want["model." + name]), name
