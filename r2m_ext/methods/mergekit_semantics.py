@@ -283,16 +283,17 @@ def _rescale_(tau: torch.Tensor, before: torch.Tensor | None) -> None:
     tau.mul_(before / after)
 
 
-def _kth_largest_magnitude(flat: torch.Tensor, k: int) -> torch.Tensor:
+def _kth_largest_magnitude(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     """The exact k-th largest |flat| (float32, finite) by the native radix select of TIES's
-    global threshold: two histogram passes of ops.magnitude_histogram, no sort."""
+    global threshold (two histogram passes of ops.magnitude_histogram, no sort), and how many
+    entries equal to it are among the k largest."""
     selector = KthLargestMagnitude([k], torch.float32, collect_limit=-1)
     zero = torch.zeros_like(flat)  # the kernel histograms |experts - base|: here |flat - 0|
     while not selector.done:
         prefixes, shift, width = selector.histogram_digit()
         counts = ops.magnitude_histogram(zero, [flat], prefixes, shift, width)
         selector.finish_pass(selector.counts_partial(counts.cpu()))
-    return selector.values()[0]
+    return selector.values()[0], selector.needed_at_value()[0]
 
 
 def _top_entries(tau: torch.Tensor, count: int) -> torch.Tensor:
@@ -305,12 +306,14 @@ def _top_entries(tau: torch.Tensor, count: int) -> torch.Tensor:
     if count >= flat.numel():
         return torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
     if flat.dtype == torch.float32 and ops.ties_kernels_native(flat.device):
-        threshold = _kth_largest_magnitude(flat, count).to(flat.device)
+        threshold, needed = _kth_largest_magnitude(flat, count)
         magnitudes = flat.abs()
+        threshold = threshold.to(flat.device)
         kept = magnitudes > threshold
-        short = count - int(kept.sum())
-        if short > 0:
-            kept[torch.nonzero(magnitudes == threshold).view(-1)[:short]] = True
+        at_threshold = magnitudes == threshold
+        if needed == int(torch.count_nonzero(at_threshold)):
+            return kept.logical_or_(at_threshold)
+        kept[torch.nonzero(at_threshold).view(-1)[:needed]] = True
         return kept
     order = torch.sort(flat.abs(), descending=True, stable=True).indices[:count]
     kept = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
@@ -453,8 +456,8 @@ def merge_mergekit(tensors: TaskTensors, options: MergekitOptions, report: dict)
             positive = tau.sum(0) >= 0  # the elected sign: + where the weighted sum is >= 0
             divisor = torch.zeros_like(base)
             for task, weight in enumerate(weights):
-                # Zeros agree with neither sign.
-                agrees = torch.where(positive, tau[task] > 0, tau[task] < 0)
+                # The sign bit differs from the elected "negative"; zeros agree with neither.
+                agrees = (torch.signbit(tau[task]) ^ positive).logical_and_(tau[task] != 0)
                 tau[task].mul_(agrees)
                 divisor.add_(agrees, alpha=weight)
             del positive, agrees

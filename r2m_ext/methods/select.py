@@ -111,6 +111,12 @@ class KthLargestMagnitude:
             self._free_bits[i] -= width
         self._start_pass()
 
+    def needed_at_value(self) -> list[int]:
+        """Once `done`: per task, how many of the entries equal to `values()` are among its k
+        largest (the others of the k are strictly larger). Histogram passes only."""
+        assert self.done and not any(self._collecting), "after histogram passes"
+        return list(self._ks)
+
     def values(self) -> torch.Tensor:
         bits = torch.tensor(self._prefix, dtype=torch.int64).to(self._int_dtype)
         return bits.view(self._dtype)
