@@ -99,7 +99,8 @@ def models(tmp_path_factory):
 
 
 def test_the_adapter_reads_as_peft_merges_it(models):
-    """Every tensor of each adapter's expert, whole and in row blocks, is PEFT's merged model."""
+    """Every tensor of each adapter's expert is PEFT's merged model: read whole, bit for bit; in
+    row blocks, to float rounding."""
     from r2m_ext.io import open_source
 
     base = open_source(models / "base")
@@ -109,7 +110,8 @@ def test_the_adapter_reads_as_peft_merges_it(models):
         assert sorted(source.metadata()) == sorted(want)
         for name, value in want.items():
             assert torch.equal(source.read(name), value), (i, name)
-            assert torch.equal(source.read(name, slice(1, 3)), value[1:3]), (i, name)
+            # A row block: its own product, equal to float rounding.
+            assert relative_error(source.read(name, slice(1, 3)), value[1:3]) < 1e-6, (i, name)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -180,12 +180,19 @@ class LoraAdapter:
             if key not in factors
         }
 
-    def delta(self, module: LoraModule) -> torch.Tensor:
-        """s * B @ A laid out as the module's weight, in float32."""
+    def delta(self, module: LoraModule, rows: slice | None = None) -> torch.Tensor:
+        """s * B @ A laid out as the module's weight (transposed for embeddings and
+        fan_in_fan_out), in float32: only `rows` of it, so that a tensor read in row blocks
+        costs one product in all."""
         a = self.tensors[module.key_a].float()
         b = self.tensors[module.key_b].float()
-        delta = (b @ a) * module.scaling
-        return delta.T if module.embedding or module.fan_in_fan_out else delta
+        # A whole tensor is B @ A as PEFT computes it (the same bits as merge_and_unload). A row
+        # block is the product of just its rows of B (columns of A where transposed): bounded
+        # memory and work, equal to the whole's rows to float rounding (BLAS may sum a subset
+        # in another order), as the engine allows between budgets.
+        if module.embedding or module.fan_in_fan_out:
+            return ((b @ (a if rows is None else a[:, rows])) * module.scaling).T
+        return ((b if rows is None else b[rows]) @ a) * module.scaling
 
 
 def _match(name: str, base_names: set[str]) -> str | None:
@@ -194,7 +201,9 @@ def _match(name: str, base_names: set[str]) -> str | None:
     if name in base_names:
         return name
     parts = name.split(".")
-    for start in range(1, len(parts) - 1):
+    # At most two leading components (`model.`, `base_model.`, `vit.`): dropping more could
+    # name another module's tensor.
+    for start in range(1, min(3, len(parts) - 1)):
         shorter = ".".join(parts[start:])
         if shorter in base_names:
             return shorter
@@ -271,9 +280,7 @@ class LoraSource:
             tensor = self._base.read(name, rows)
         module = self._deltas.get(name)
         if module is not None:
-            delta = self.adapter.delta(module)
-            delta = delta if rows is None else delta[rows]
-            tensor = (tensor.float() + delta).to(tensor.dtype)
+            tensor = (tensor.float() + self.adapter.delta(module, rows)).to(tensor.dtype)
         return tensor.pin_memory() if pinned else tensor
 
     def where(self, name: str) -> str:
