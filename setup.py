@@ -111,7 +111,13 @@ setup(
         "pyyaml",
         "tqdm",
     ],
-    extras_require={"plots": ["matplotlib"]},
+    # The tools r2m_ext plugs into (integrations/, r2m_ext.peft), at the versions it is tested with.
+    extras_require={
+        "plots": ["matplotlib"],
+        "mergekit": ["mergekit==0.1.5"],
+        "fusion-bench": ["fusion-bench==0.2.33"],
+        "peft": ["peft==0.21.2"],
+    },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
     entry_points={"console_scripts": ["r2m = r2m_ext.cli:run"]},
