@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
@@ -17,6 +18,7 @@ import torch
 from r2m_ext.engine import MemoryBudget, MergeInputs, run_merge
 from r2m_ext.engine.budget import peak_rss_bytes, return_large_frees_to_os
 from r2m_ext.engine.inputs import WRITE_BEHIND_SHARE
+from r2m_ext.engine.ranks import DEFAULT_DIST_TIMEOUT_S, Ranks, join_ranks
 from r2m_ext.errors import R2MError
 from r2m_ext.io import ShardWriter, StateDictSource, TensorSource, open_source, parse_size
 from r2m_ext.io.buffers import HostBuffers
@@ -28,11 +30,11 @@ from r2m_ext.io.output import (
     partial_dir,
 )
 from r2m_ext.io.paths import stat_path
-from r2m_ext.methods.registry import reserve
+from r2m_ext.methods.registry import get_method, reserve
 from r2m_ext.options import resolve_options
 from r2m_ext.plan import plan_merge
 from r2m_ext.recipe import RECIPE_FILE, Recipe, load_recipe
-from r2m_ext.report import REPORT_FILE
+from r2m_ext.report import REPORT_FILE, combine_rank_reports, sum_counts
 
 DEFAULT_SHARD_SIZE = "5GB"
 DEFAULT_IO_THREADS = 2
@@ -156,6 +158,7 @@ def merge_files(
     device: str = "cpu",
     allow_external_shards: bool = False,
     scratch_dir: str | Path | None = None,
+    dist_timeout: float = DEFAULT_DIST_TIMEOUT_S,
     **options: Any,
 ) -> Path:
     """Merges checkpoints on disk into the directory `out` (Hugging Face layout), streaming.
@@ -179,14 +182,72 @@ def merge_files(
     memory) bounds GPU memory. What a method keeps between passes (R²M's truncation factors)
     stays in memory while the budget allows, else goes to an anonymous scratch file in
     `scratch_dir` (default: beside the partial output; "none": recompute it instead, with the
-    same bits). Returns `out`.
+    same bits).
+    Under torchrun (or any launcher that sets RANK and WORLD_SIZE), or inside a process group
+    the caller initialised, the merge runs on every rank: each reads, merges and writes its own
+    share of the tensors (`max_memory` per rank), statistics are exchanged so that the output
+    is bitwise the single-process one, and rank 0 publishes it once every rank's share is on
+    disk; a failure on any rank ends every rank within `dist_timeout` seconds. Returns `out`.
     """
     started = time.perf_counter()
+    ranks = join_ranks(str(device), dist_timeout)
+    try:
+        # Under several ranks every failure, here or on another rank, ends every rank with the
+        # first failing rank's message; rank 0 publishes the output only if none failed.
+        ranks.exchange(
+            lambda: _merge_files_on_rank(
+                ranks,
+                started,
+                base,
+                experts,
+                out,
+                method,
+                shard_size=shard_size,
+                max_memory=max_memory,
+                io_threads=io_threads,
+                overwrite=overwrite,
+                resume=resume,
+                progress=progress,
+                report=report,
+                device=device,
+                allow_external_shards=allow_external_shards,
+                scratch_dir=scratch_dir,
+                options=options,
+            )
+        )
+    finally:
+        ranks.close()
+    return _output_path(out)
+
+
+def _merge_files_on_rank(
+    ranks: Ranks,
+    started: float,
+    base: str | Path,
+    experts: Sequence[str | Path],
+    out: str | Path,
+    method: str,
+    *,
+    shard_size: str | int,
+    max_memory: str | int | None,
+    io_threads: int,
+    overwrite: bool,
+    resume: bool,
+    progress: bool,
+    report: dict | None,
+    device: str,
+    allow_external_shards: bool,
+    scratch_dir: str | Path | None,
+    options: dict[str, Any],
+) -> None:
+    """merge_files' work on one rank (the whole merge on a process of its own)."""
     return_large_frees_to_os()
     resolved = resolve_options(method, **options)
     out = _output_path(out)
     base_path, expert_paths = Path(base), [Path(e) for e in experts]
     shard_bytes = parse_size(shard_size)
+    if ranks.distributed and str(device) == "cuda":
+        device = f"cuda:{ranks.local_rank}"  # one GPU per rank of a node
     compute_device = _compute_device(device)
     budget = MemoryBudget(max_memory, compute_device)
     if io_threads < 0:
@@ -208,8 +269,6 @@ def merge_files(
         check_inputs_apart(out, [base_path, *expert_paths], files_read)
         check_output_target(out, overwrite)
         scratch = _scratch_directory(scratch_dir, partial_dir(out))
-        if overwrite and not resume:
-            _clear_stale_partial(out)
         plan = plan_merge(sources, resolved)
         recipe = Recipe(
             base=str(base_path.resolve()),
@@ -219,11 +278,21 @@ def merge_files(
             out=str(out.resolve()),
         )
         layout = [(t.name, t.shape, t.out_dtype) for t in plan.tensors]
+        if ranks.distributed:
+            _agree(ranks, recipe, layout, files_read)
+            merge_method = get_method(resolved.method)
+            n_inputs = plan.n_experts + 1
+            ranks.split(
+                plan,
+                lambda t: n_inputs * t.numel * t.in_dtype.itemsize * merge_method.relative_work(t),
+            )
+        if overwrite and not resume and ranks.rank == 0:
+            _clear_stale_partial(out)
         report = {} if report is None else report
         # With I/O threads, a writer thread writes and fsyncs while the next tensors compute.
         write_behind = int(budget.limit * WRITE_BEHIND_SHARE) if io_threads > 0 else 0
         with ShardWriter(
-            out, layout, shard_bytes, recipe.identity(), resume, write_behind, overwrite
+            out, layout, shard_bytes, recipe.identity(), resume, write_behind, overwrite, ranks
         ) as writer:
             inputs = MergeInputs(
                 plan,
@@ -232,17 +301,60 @@ def merge_files(
                 budget=budget,
                 workspace=buffers,
                 io_threads=io_threads,
-                show_progress=progress,
+                show_progress=progress and ranks.rank == 0,
                 done=writer.done_names,
                 device=compute_device,
                 written_behind=lambda: writer.queued_bytes,
                 scratch_dir=scratch,
+                owns=ranks.owns,
             )
-            try:
-                for name, _, values in run_merge(plan, inputs, resolved, report, writer.done_names):
+
+            def merge_share() -> dict:
+                for name, _, values in run_merge(
+                    plan, inputs, resolved, report, writer.done_names, ranks
+                ):
                     writer.write(name, values.cpu())
+                written = writer.finish_share()
+                return {
+                    "written": written,
+                    "report": report,
+                    "rank": {
+                        **ranks.describe(),
+                        "tensors": sum(ranks.owns(t.name) for t in plan.tensors),
+                        "input_bytes": sum(
+                            (plan.n_experts + 1) * t.numel * t.in_dtype.itemsize
+                            for t in plan.tensors
+                            if ranks.owns(t.name)
+                        ),
+                        "input_bytes_read": inputs.input_bytes_read,
+                        "timings_s": dict(inputs.timings),
+                        "io_bytes": inputs.pass_io,
+                        "peak_rss": peak_rss_bytes(),
+                        **(
+                            {"device_peak_after_pass": inputs.device_peaks}
+                            if inputs.device_peaks
+                            else {}
+                        ),
+                    },
+                    "tiled": sorted(inputs.tiled),
+                }
+
+            try:
+                shares = ranks.exchange(merge_share)
             finally:
                 inputs.close()
+            if ranks.rank != 0:
+                return
+            if ranks.distributed:
+                writer.note_shares([share["written"] for share in shares])
+                report.clear()
+                report.update(
+                    combine_rank_reports(
+                        [share["report"] for share in shares],
+                        get_method(resolved.method).summed_report_keys,
+                        [t.name for t in plan.tensors],
+                    )
+                )
             for path in copied:
                 writer.copy_file(path)
             writer.add_file(RECIPE_FILE, recipe.to_yaml())
@@ -259,15 +371,37 @@ def merge_files(
                         else {}
                     ),
                 },
-                tiled_tensors=sorted(inputs.tiled),
-                io_bytes=inputs.pass_io,
+                tiled_tensors=sorted({name for share in shares for name in share["tiled"]}),
+                io_bytes=sum_counts([share["rank"]["io_bytes"] for share in shares]),
                 resumed_shards=writer.resumed,
             )
+            if ranks.distributed:
+                report["ranks"] = [share["rank"] for share in shares]
             writer.add_file(REPORT_FILE, json.dumps(report, indent=1) + "\n")
     finally:
         for source in sources:
             source.close()
-    return out
+
+
+def _agree(ranks: Ranks, recipe: Recipe, layout, files_read: Sequence[Path]) -> None:
+    """Refuses, on every rank and before any tensor is read, ranks that were started with
+    different arguments or see different inputs: a digest of the recipe, the plan's layout and
+    the size of every input file, compared across ranks."""
+    described = {
+        "recipe": recipe.identity(),
+        "out": recipe.out,
+        "layout": [[name, list(shape), str(dtype)] for name, shape, dtype in layout],
+        "files": [[str(path), path.stat().st_size] for path in files_read],
+    }
+    text = json.dumps(described, sort_keys=True, default=str)
+    digests = ranks.exchange(lambda: hashlib.sha256(text.encode()).hexdigest())
+    differing = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
+    if differing:
+        raise R2MError(
+            f"rank(s) {', '.join(map(str, differing))} of {ranks.world} were started with other "
+            "arguments or see other input files than rank 0 (recipe, tensors or file sizes "
+            "differ); start every rank with the same command on the same files"
+        )
 
 
 def _scratch_directory(given: str | Path | None, partial: Path) -> Path | None:

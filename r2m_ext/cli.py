@@ -18,6 +18,7 @@ from r2m_ext.api import DEFAULT_IO_THREADS, DEFAULT_SHARD_SIZE, expand_files, me
 from r2m_ext.classify import TensorClass, classify
 from r2m_ext.detect import BUILTIN_SPEC, SPEC_FORMS
 from r2m_ext.engine.budget import format_bytes
+from r2m_ext.engine.ranks import DEFAULT_DIST_TIMEOUT_S, launch_environment
 from r2m_ext.errors import R2MError
 from r2m_ext.io import open_source, parse_size
 from r2m_ext.io.checkpoint import EXTERNAL_SHARDS_FLAG
@@ -175,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(R²M's truncation factors; an anonymous file, gone when the merge ends); default: beside "
         "the partial output; none: recompute instead",
     )
+    merge.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_DIST_TIMEOUT_S,
+        metavar="SECONDS",
+        help="under torchrun (several ranks): how long a rank waits for the others before the "
+        f"merge fails on every rank (default: {DEFAULT_DIST_TIMEOUT_S:g})",
+    )
     merge.add_argument("--quiet", action="store_true", help="print nothing but errors")
     _add_option_flags(merge)
 
@@ -285,14 +294,16 @@ def _run_merge(args: argparse.Namespace) -> None:
             device=args.device,
             allow_external_shards=args.allow_external_shards,
             scratch_dir=args.scratch_dir,
+            dist_timeout=args.dist_timeout,
             **options,
         )
     except KeyboardInterrupt:
         if partial_dir(Path(out)).exists():
             raise _MergeInterrupted(partial_dir(Path(out))) from None
         raise
-    if args.quiet:
-        return
+    launched = launch_environment()
+    if args.quiet or (launched is not None and launched[0] != 0):
+        return  # under torchrun, rank 0 speaks for the merge
     seconds = time.perf_counter() - started
     written = sum(p.stat().st_size for p in out_path.glob("*.safetensors"))
     print(backend_info())

@@ -17,6 +17,39 @@ REPORT_FILE = "report.json"
 MALFORMED_REPORT_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
 
 
+# Where a method reports tensor by tensor: {tensor name: {...}}, written by the rank merging it.
+PER_TENSOR_REPORT = "tensors"
+
+
+def sum_counts(parts: list) -> int | dict:
+    """Counts (ints, or dicts of them, nested) added key by key, keys in first-seen order."""
+    if all(isinstance(part, int) for part in parts):
+        return sum(parts)
+    total: dict = {}
+    for part in parts:
+        for key, value in part.items():
+            total.setdefault(key, []).append(value)
+    return {key: sum_counts(values) for key, values in total.items()}
+
+
+def combine_rank_reports(reports: list[dict], summed_keys, tensor_order: list[str]) -> dict:
+    """The report of a distributed merge from its ranks' reports: what the method counted per
+    rank (`summed_keys`) added up, the per-tensor entries of every rank in plan order, and every
+    other entry as rank 0 has it (each rank computed it from the same exchanged statistics)."""
+    combined = dict(reports[0])
+    for key in summed_keys:
+        if key in combined:
+            combined[key] = sum_counts([report[key] for report in reports])
+    if PER_TENSOR_REPORT in combined:
+        per_tensor = {}
+        for report in reports:
+            per_tensor.update(report[PER_TENSOR_REPORT])
+        combined[PER_TENSOR_REPORT] = {
+            name: per_tensor[name] for name in tensor_order if name in per_tensor
+        }
+    return combined
+
+
 def load_report(out: str | Path) -> dict:
     path = Path(out) / REPORT_FILE if Path(out).is_dir() else Path(out)
     require_regular_file(path, "merge report")

@@ -392,11 +392,11 @@ def test_a_failed_write_on_the_writer_thread_reaches_the_caller_and_leaves_nothi
     out = tmp_path / "failing"
     writes = []
 
-    def disk_full_after_two_writes(fd, data):  # the header and t0's bytes, then ENOSPC
+    def disk_full_after_two_writes(fd, data, offset):  # the header and t0's bytes, then ENOSPC
         writes.append(threading.current_thread().name)
         if len(writes) > 2:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        os.write(fd, data)
+        os.pwrite(fd, data, offset)
 
     monkeypatch.setattr(writer_module, "_write_all", disk_full_after_two_writes)
     with pytest.raises(R2MError, match="write failed \\(No space left on device\\)"):

@@ -123,9 +123,11 @@ class MergeInputs:
         device: torch.device | str = "cpu",
         written_behind: Callable[[], int] = lambda: 0,
         scratch_dir: Path | None = None,
+        owns: Callable[[str], bool] = lambda name: True,
     ):
         self.body = plan.body
-        self.outputs = tuple(t for t in plan.body if t.name not in done)
+        # What the write pass produces: this rank's tensors (all on one process) not yet done.
+        self.outputs = tuple(t for t in plan.body if t.name not in done and owns(t.name))
         self.n_experts = plan.n_experts
         self.compute_dtype = COMPUTE_DTYPES[options.compute_dtype]
         self.budget = budget
@@ -148,7 +150,8 @@ class MergeInputs:
         self._checked: set[tuple] = set()
         self._written_behind = written_behind  # bytes of merged blocks the writer still holds
         self._kept = KeptStore(scratch_dir)
-        self._keep_free = 0  # bytes kept values must leave for the method's later steps
+        # Bytes of the budget kept values may hold in memory, fixed before the first pass.
+        self._kept_allowance = 0
         # Per pass: bytes read from the inputs and from and to the scratch file.
         self.pass_io: dict[str, dict[str, int]] = {}
         self._input_bytes = 0
@@ -183,11 +186,19 @@ class MergeInputs:
         the bits of the result, depend on --max-memory alone, never on --io-threads or timing."""
         return self.budget.free - int(self.budget.limit * (PREFETCH_SHARE + WRITE_BEHIND_SHARE))
 
+    def block_budget(self) -> int:
+        """What a step plans on: the step budget as if kept values held their whole allowance.
+        Whether a tensor comes whole or in row blocks, and the blocks' sizes (and with them the
+        bits of a result), then depend on --max-memory and the tensor alone, never on which
+        values the method happens to hold at that moment, which differs between the passes of
+        one process and between the ranks of a distributed merge."""
+        return self.step_budget() + self._kept.memory_bytes() - self._kept_allowance
+
     def whole_need(self, entry: TensorPlan, extra_stacks: float = 0) -> int:
         return int(entry.numel * self.bytes_per_element(entry, extra_stacks))
 
     def fits_whole(self, entry: TensorPlan, extra_stacks: float = 0) -> bool:
-        return self.whole_need(entry, extra_stacks) <= self.step_budget()
+        return self.whole_need(entry, extra_stacks) <= self.block_budget()
 
     # -- reading -----------------------------------------------------------------------------
     def _read_all(self, name: str) -> Uploaded:
@@ -285,12 +296,12 @@ class MergeInputs:
         `extra_stacks` workspace stacks) is known to fit the budget; raises when it does not."""
         entry = self._entries[name]
         need = self.whole_need(entry, extra_stacks)
-        if need > self.step_budget():
+        if need > self.block_budget():
             raise R2MError(
                 f"tensor {name!r} {list(entry.shape)} needs {format_bytes(need)} to {purpose} "
                 f"with {self.n_experts} experts, more than --max-memory "
                 f"{format_bytes(self.budget.limit)} leaves for one step "
-                f"({format_bytes(self.step_budget())}); raise --max-memory"
+                f"({format_bytes(self.block_budget())}); raise --max-memory"
             )
         self.budget.note_step(need + self._in_flight())
         prefetched = self._prefetcher.take(name) if self._prefetcher is not None else None
@@ -370,7 +381,7 @@ class MergeInputs:
         """None (the whole tensor) when it fits the step budget, else slices of rows that do."""
         rows = entry.rows
         per_row = max(1, entry.row_numel) * per_element
-        fit = int(self.step_budget() // per_row)
+        fit = int(self.block_budget() // per_row)
         if fit >= rows or not entry.shape:
             yield None
             return
@@ -405,7 +416,7 @@ class MergeInputs:
 
     # -- what methods hold beside the steps -----------------------------------------------------
     def _try_reserve(self, nbytes: int, keep_free: int) -> bool:
-        if self.step_budget() - nbytes < keep_free:
+        if self.block_budget() - nbytes < keep_free:
             return False
         return self.budget.try_reserve(nbytes)
 
@@ -430,11 +441,11 @@ class MergeInputs:
         nor the scratch directory can hold it."""
         if kept is None:
             return
-        self._keep_free = max(
-            (self.whole_need(t, kept.step_stacks) for t in kept.steps_after), default=0
-        )
+        # Kept values leave room for a whole step of any later tensor that fits whole at all.
+        keep_free = max((self.whole_need(t, kept.step_stacks) for t in kept.steps_after), default=0)
+        self._kept_allowance = max(0, min(kept.total_bytes, self.step_budget() - keep_free))
         scratch = self._kept.scratch_dir
-        beyond_memory = kept.total_bytes - max(0, self.step_budget() - self._keep_free)
+        beyond_memory = kept.total_bytes - self._kept_allowance
         if scratch is None or beyond_memory <= 0:
             return
         free = shutil.disk_usage(scratch).free
@@ -448,7 +459,8 @@ class MergeInputs:
 
     def keep(self, key: str, values: tuple[torch.Tensor, ...]) -> str | None:
         nbytes = sum(v.numel() * v.element_size() for v in values)
-        in_memory = self._try_reserve(nbytes, keep_free=self._keep_free)
+        in_memory = self._kept.memory_bytes() + nbytes <= self._kept_allowance
+        in_memory = in_memory and self.budget.try_reserve(nbytes)
         return self._kept.put(key, values, nbytes, in_memory)
 
     def take(self, key: str) -> tuple[torch.Tensor, ...] | None:
@@ -479,6 +491,12 @@ class MergeInputs:
             total += self.raw(i, entry.name).to(self.compute_dtype)
         return total / self.n_experts
 
+    @property
+    def input_bytes_read(self) -> int:
+        """Bytes read from the inputs so far, in every pass and outside them (heads)."""
+        with self._input_bytes_lock:
+            return self._input_bytes
+
     def _io_counts(self) -> dict[str, int]:
         with self._input_bytes_lock:
             read = self._input_bytes
@@ -493,11 +511,13 @@ class MergeInputs:
         """`items` in order, as one pass: the reader loads ahead the tensors that fit whole, a
         progress bar shows on a terminal, and the pass's time goes into `timings`."""
         items = list(items)
+        # Counted from before the reader starts on this pass's tensors.
+        before = self._io_counts()
         if self._prefetcher is not None:
             raw_bytes = [
                 (t.name, (self.n_experts + 1) * t.numel * t.in_dtype.itemsize) for t in items
             ]
-            fits = self.step_budget()
+            fits = self.block_budget()
             self._prefetcher.plan(
                 [
                     (n, b)
@@ -514,7 +534,6 @@ class MergeInputs:
             except ImportError:
                 pass
         started = time.perf_counter()
-        before = self._io_counts()
         yield from iterator
         self.timings[description] = (
             self.timings.get(description, 0.0) + time.perf_counter() - started

@@ -9,7 +9,13 @@ interruption (Ctrl-C, SIGTERM) the shards completed so far are kept with a progr
 `--resume` with the same recipe continues from there and produces the identical output.
 
 With a write-behind allowance, a writer thread does the writing and the fsyncs while the merge
-computes the next tensors; the blocks it has not written yet are held within that allowance."""
+computes the next tensors; the blocks it has not written yet are held within that allowance.
+
+On several ranks of a distributed merge (engine/ranks.py) every rank writes its own tensors into
+the same shard files, each at its place (every offset follows from the layout), and records what
+it has written and fsynced in a progress file of its own; rank 0 alone creates, resumes and
+publishes the partial directory, once every rank has said its share is on disk. A resumed merge,
+on any number of ranks, keeps the shards that every rank together completed."""
 
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from r2m_ext.engine.ranks import RankLost, Ranks
 from r2m_ext.errors import R2MError
 from r2m_ext.io.output import (
     MANIFEST_FILE,
@@ -40,9 +47,14 @@ from r2m_ext.io.safetensors_format import header_bytes, tensor_bytes
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PROGRESS_FILE = "r2m_progress.json"
+# What one rank of a distributed merge wrote: r2m_progress-rank-K.json.
+RANK_PROGRESS_PATTERN = "r2m_progress-rank-*.json"
 # Fault injection for the resume tests: a real SIGINT to this process once this many shards of
 # the run are complete.
 INTERRUPT_AFTER_SHARDS_ENV = "R2M_TEST_INTERRUPT_AFTER_SHARDS"
+# For the distributed tests, "RANK:K": that rank kills itself (SIGKILL, no cleanup) once it has
+# written its part of K shards.
+KILL_RANK_AFTER_SHARDS_ENV = "R2M_TEST_KILL_RANK_AFTER_SHARDS"
 _SIZE_UNITS = {
     "": 1,
     "B": 1,
@@ -101,11 +113,13 @@ def plan_shards(layout: Layout, shard_size: int) -> list[list[str]]:
     return shards if shards[0] else []
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    """os.write may write less than asked (large buffers, signals): loop until all is out."""
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    """`data` at `offset` of the file. os.pwrite may write less than asked (large buffers,
+    signals): loop until all is out."""
     data = data.cast("B")
     while data:
-        data = data[os.write(fd, data) :]
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
 
 
 def _load_sync_file_range():
@@ -151,8 +165,10 @@ class ShardWriter:
         resume: bool = False,
         write_behind: int = 0,
         overwrite: bool = False,
+        ranks: Ranks | None = None,
     ):
         self.out = Path(out)
+        self._ranks = Ranks() if ranks is None else ranks
         self._overwrite = overwrite
         self.tmp = partial_dir(self.out)
         self._identity = identity
@@ -166,6 +182,15 @@ class ShardWriter:
             else [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
         )
         self._shard_of = {name: i for i, shard in enumerate(self._shards) for name in shard}
+        # Where each tensor's bytes start in its shard file: after the header, in layout order.
+        self._offset: dict[str, int] = {}
+        for shard in self._shards:
+            offset = len(header_bytes([(n, *self._meta[n]) for n in shard]))
+            for name in shard:
+                self._offset[name] = offset
+                offset += tensor_nbytes(*self._meta[name])
+        self.written_here: list[str] = []  # tensors this rank wrote and fsynced (ranks only)
+        self._shares_done = 0  # shards this rank wrote its part of (ranks only)
         self.complete: set[int] = set()
         self.resumed = 0  # shards a resumed run found complete
         self._open = None  # (shard index, file object, {name: bytes still to come})
@@ -187,6 +212,16 @@ class ShardWriter:
         return {name for i in self.complete for name in self._shards[i]}
 
     def __enter__(self) -> ShardWriter:
+        """Rank 0 (a merge on its own is rank 0) creates the partial directory, or resumes it;
+        the other ranks learn from it which shards are complete."""
+        prepare = self._prepare if self._ranks.rank == 0 else lambda: None
+        complete = self._ranks.exchange(prepare)[0]
+        if self._ranks.rank != 0:
+            self.complete = set(complete)
+            self.resumed = len(self.complete)
+        return self
+
+    def _prepare(self) -> list[int]:
         try:
             if self.tmp.exists() and self._resume:
                 self._load_progress()
@@ -203,10 +238,20 @@ class ShardWriter:
             raise R2MError(
                 f"{self.out}: cannot create output ({error.strerror or error})"
             ) from None
-        return self
+        return sorted(self.complete)
 
     def _progress_path(self) -> Path:
         return self.tmp / PROGRESS_FILE
+
+    def _rank_progress_path(self) -> Path:
+        return self.tmp / RANK_PROGRESS_PATTERN.replace("*", str(self._ranks.rank))
+
+    def _save_rank_progress(self) -> None:
+        state = {"identity": self._identity, "tensors": self.written_here}
+        path = self._rank_progress_path()
+        staging = path.with_name(path.name + ".new")
+        staging.write_text(json.dumps(state, indent=1))
+        os.replace(staging, path)
 
     def _save_progress(self) -> None:
         state = {"identity": self._identity, "complete": sorted(self.complete)}
@@ -235,8 +280,16 @@ class ShardWriter:
         for index in complete:
             if isinstance(index, bool) or not isinstance(index, int):
                 raise unreadable
-            if not 0 <= index < len(self._shards) or index in self.complete:
-                continue  # not a shard of this layout: written again
+        written = {
+            name
+            for index in complete
+            if 0 <= index < len(self._shards)
+            for name in self._shards[index]
+        }
+        written |= self._tensors_ranks_wrote()
+        for index, shard in enumerate(self._shards):
+            if index in self.complete or not written.issuperset(shard):
+                continue  # incomplete, or not a shard of this layout: written again
             path = self.tmp / self._shard_names[index]
             layout = [(n, *self._meta[n]) for n in self._shards[index]]
             expected = len(header_bytes(layout)) + sum(
@@ -248,9 +301,38 @@ class ShardWriter:
         for path in self.tmp.glob("*.safetensors"):
             if path not in self._files:
                 path.unlink()
+        # From here on the complete shards are those of the progress file alone.
+        self._save_progress()
+        for path in self.tmp.glob(RANK_PROGRESS_PATTERN):
+            path.unlink()
         self.resumed = len(self.complete)
 
+    def _tensors_ranks_wrote(self) -> set[str]:
+        """Tensors the ranks of an interrupted distributed merge wrote and fsynced, from their
+        progress files (each checked to come from this merge)."""
+        written: set[str] = set()
+        for path in sorted(self.tmp.glob(RANK_PROGRESS_PATTERN)):
+            try:
+                state = json.loads(path.read_bytes().decode("utf-8"))
+            except (OSError, ValueError, RecursionError):
+                continue  # torn by the interruption: its tensors are written again
+            if not isinstance(state, dict) or state.get("identity") != self._identity:
+                raise R2MError(
+                    f"{path} was written by a different merge; resume with the same recipe, or "
+                    "pass --overwrite to start over"
+                )
+            names = state.get("tensors")
+            if isinstance(names, list):
+                written.update(n for n in names if isinstance(n, str) and n in self._meta)
+        return written
+
     def __exit__(self, exc_type, exc, traceback) -> None:
+        if self._ranks.rank != 0:
+            # Rank 0 publishes or removes the partial directory; this rank's share is on disk
+            # (finish_share) or abandoned.
+            self._stop_thread()
+            self._close_incomplete()
+            return
         if exc_type is None:
             try:
                 self._drain()
@@ -264,7 +346,9 @@ class ShardWriter:
             return
         self._stop_thread()
         self._close_incomplete()
-        if not issubclass(exc_type, KeyboardInterrupt):
+        # Kept for --resume after an interruption, or where a rank was lost (killed, its
+        # machine gone): what the ranks completed is sound.
+        if not issubclass(exc_type, (KeyboardInterrupt, RankLost)):
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- the writer thread ---------------------------------------------------------------------
@@ -324,7 +408,8 @@ class ShardWriter:
         if self._open is not None:
             index, fd, _ = self._open
             os.close(fd)
-            (self.tmp / self._shard_names[index]).unlink(missing_ok=True)
+            if not self._ranks.distributed:  # on ranks, others' tensors may be in it
+                (self.tmp / self._shard_names[index]).unlink(missing_ok=True)
             self._open = None
 
     def write(self, name: str, block: torch.Tensor) -> None:
@@ -346,7 +431,8 @@ class ShardWriter:
         _, fd, remaining = self._open
         if len(data) > remaining.get(name, 0):
             raise AssertionError(f"more data for {name!r} than planned")
-        self._guarded(lambda: _write_all(fd, data))
+        offset = self._offset[name] + tensor_nbytes(*self._meta[name]) - remaining[name]
+        self._guarded(lambda: _write_all(fd, data, offset))
         _start_writeback(fd)
         remaining[name] -= len(data)
         if remaining[name] == 0:
@@ -359,16 +445,28 @@ class ShardWriter:
             raise AssertionError(f"shard {self._open[0]} left incomplete")
         path = self.tmp / self._shard_names[shard]
         layout = [(n, *self._meta[n]) for n in self._shards[shard]]
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        fd = self._guarded(lambda: os.open(path, flags, 0o644))
-        self._open = (shard, fd, {n: tensor_nbytes(*self._meta[n]) for n in self._shards[shard]})
-        self._guarded(lambda: _write_all(fd, memoryview(header_bytes(layout))))
+        # Not truncated: on ranks, others write their tensors into the same file. Each rank
+        # writing into a shard writes its header too (the same bytes, from the same layout).
+        fd = self._guarded(lambda: os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+        mine = [n for n in self._shards[shard] if self._ranks.owns(n)]
+        self._open = (shard, fd, {n: tensor_nbytes(*self._meta[n]) for n in mine})
+        self._guarded(lambda: _write_all(fd, memoryview(header_bytes(layout)), 0))
 
     def _finish_shard(self) -> None:
         shard, fd, _ = self._open
         self._guarded(lambda: os.fsync(fd))
         os.close(fd)
         self._open = None
+        if self._ranks.distributed:
+            self.written_here += [n for n in self._shards[shard] if self._ranks.owns(n)]
+            self._guarded(self._save_rank_progress)
+            self._shares_done += 1
+            if (
+                os.environ.get(KILL_RANK_AFTER_SHARDS_ENV)
+                == f"{self._ranks.rank}:{self._shares_done}"
+            ):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return
         self.complete.add(shard)
         self._files.append(self.tmp / self._shard_names[shard])
         self._guarded(self._save_progress)
@@ -381,6 +479,21 @@ class ShardWriter:
             return action()
         except OSError as error:
             raise R2MError(f"{self.out}: write failed ({error.strerror or error})") from None
+
+    def finish_share(self) -> list[str]:
+        """Waits until this rank's tensors are written and fsynced; returns their names."""
+        self._drain()
+        return self.written_here
+
+    def note_shares(self, shares: list[list[str]]) -> None:
+        """On rank 0 of a distributed merge: the tensors every rank wrote (finish_share),
+        which complete the shards that hold them."""
+        written = {name for i in self.complete for name in self._shards[i]}
+        written.update(name for share in shares for name in share)
+        self.complete.update(i for i, s in enumerate(self._shards) if written.issuperset(s))
+        self._files = [self.tmp / self._shard_names[i] for i in sorted(self.complete)]
+        for path in self.tmp.glob(RANK_PROGRESS_PATTERN):
+            path.unlink()
 
     def add_file(self, name: str, text: str) -> None:
         self._drain()

@@ -11,6 +11,7 @@ from r2m_ext import ops
 from r2m_ext.methods.common import (
     SvdOptions,
     TaskTensors,
+    factoring_work,
     finite_if_factored,
     low_rank_factors,
     svd_workspace_stacks,
@@ -79,5 +80,6 @@ register(
         merge=merge_cart,
         passes=("merge",),
         why_finite_required=finite_if_factored,
+        relative_work=factoring_work,
     )
 )

@@ -20,6 +20,7 @@ from r2m_ext.errors import R2MError
 from r2m_ext.methods.common import (
     SvdOptions,
     TaskTensors,
+    factoring_work,
     low_rank_factors,
     streamed_low_rank_factors,
     streamed_workspace_bytes,
@@ -37,6 +38,7 @@ from r2m_ext.methods.passes import (
 )
 from r2m_ext.methods.registry import MergeMethod, Range, option, register
 from r2m_ext.plan import TensorPlan
+from r2m_ext.report import PER_TENSOR_REPORT
 
 
 @dataclass(frozen=True)
@@ -179,12 +181,13 @@ class _R2mMerge:
             t.name: t for t in tensors.body if truncates(t, truncation_rank(t, options.rank_ratio))
         }
         self.whole_stacks = 2 + self.svd_stacks
-        self.factors_kept = {"memory": 0, "scratch": 0}  # where the engine holds factors
+        # Where the engine held the factors of the truncated matrices this process observed.
+        self.factors_kept = {"memory": 0, "scratch": 0, "recomputed": 0}
         # Factorisations of [N, m, n] stacks per pass (N each): a matrix factored in both the
         # truncation and the write pass counts twice.
         self.factorisations: dict[str, int] = {}
         self.streamed: set[str] = set()
-        self.tensor_reports = report.setdefault("tensors", {})
+        self.tensor_reports = report.setdefault(PER_TENSOR_REPORT, {})
 
     def statistic_passes(self) -> Iterator[StatisticPass]:
         n = self.n
@@ -350,10 +353,9 @@ class _R2mMerge:
                 energy_kept=torch.where(full_sq > 0, kept_sq / full_sq, 1.0).tolist(),
                 singular_values=singular.double().tolist(),
             )
-            tier = tensors.keep(entry.name, (left, right))
-            if tier is not None:
-                self.factors_kept[tier] += 1
-            entry_report["factors"] = tier or "recomputed"
+            tier = tensors.keep(entry.name, (left, right)) or "recomputed"
+            self.factors_kept[tier] += 1
+            entry_report["factors"] = tier
         else:
             for _, base, experts in tensors.blocks(entry, extra_stacks=2):
                 tau = (experts - base).reshape(n, -1)
@@ -408,6 +410,8 @@ class _R2mMerge:
         else:
             self.eta = options.alpha
         for name, grams in residual_grams.items():
+            if name not in self.tensor_reports:
+                continue  # observed by another rank, which reports it
             before = gram_norms(grams)
             self.tensor_reports[name]["residual_norm_before"] = before.tolist()
             self.tensor_reports[name]["residual_norm_after"] = (self.scales[name] * before).tolist()
@@ -420,7 +424,7 @@ class _R2mMerge:
             eta=self.eta,
             factors_cached=self.factors_kept["memory"],
             factors_spilled=self.factors_kept["scratch"],
-            factors_recomputed=len(self.truncating) - sum(self.factors_kept.values()),
+            factors_recomputed=self.factors_kept["recomputed"],
             factorisations=self.factorisations,
         )
 
@@ -521,5 +525,12 @@ register(
         passes=("gram", "truncation", "write"),
         why_finite_required=_why_finite_required,
         check_experts=_check_experts,
+        relative_work=factoring_work,
+        summed_report_keys=(
+            "factors_cached",
+            "factors_spilled",
+            "factors_recomputed",
+            "factorisations",
+        ),
     )
 )

@@ -103,6 +103,13 @@ class MergeMethod:
     # False for a method that needs settings to mean anything (mergekit's, which takes per-model
     # weights from a config): left out of comparisons that run every method with its defaults.
     runs_with_defaults: bool = True
+    # Work per byte of a tensor's inputs, relative to a memory-bound pass (1): how ranks of a
+    # distributed merge balance their shares (engine/ranks.py). A rough model, not a timing.
+    relative_work: Callable[[Any], int] = lambda entry: 1
+    # Report entries that count what each rank did (ints, or dicts of ints): summed over the
+    # ranks of a distributed merge. Every other entry is the same on every rank, except the
+    # per-tensor ones under report["tensors"], which the rank owning the tensor writes.
+    summed_report_keys: tuple[str, ...] = ()
 
     def option_classes(self) -> tuple[type, ...]:
         if isinstance(self.options, OptionVariants):

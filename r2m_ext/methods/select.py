@@ -29,6 +29,8 @@ def combine_partials(total: SelectPartial | None, more: SelectPartial) -> Select
     order-free, so partials may be combined in any grouping."""
     if total is None:
         return more
+    if more is None:  # a share with no tensors (a rank that observed none)
+        return total
     return [None if a is None else a + b for a, b in zip(total, more, strict=True)]
 
 

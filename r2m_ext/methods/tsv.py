@@ -12,6 +12,7 @@ from r2m_ext.classify import TensorClass
 from r2m_ext.methods.common import (
     SvdOptions,
     TaskTensors,
+    factoring_work,
     finite_if_factored,
     low_rank_factors,
     mean_update,
@@ -74,5 +75,6 @@ register(
         merge=merge_tsv,
         passes=("merge",),
         why_finite_required=finite_if_factored,
+        relative_work=factoring_work,
     )
 )
