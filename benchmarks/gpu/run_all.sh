@@ -7,7 +7,7 @@
 # Where one lease call is too short: R2M_GPU_PARTS=ops first, then R2M_GPU_TESTS=0
 # R2M_GPU_PARTS=streaming (the tests need not run twice). R2M_CPU_MERGE=1 adds the CPU merge
 # benchmark (bench_svd.py, svd_<date>.json and .md); R2M_GPU_TESTS=0 R2M_GPU_PARTS=none
-# R2M_CPU_MERGE=1 runs it alone after the build.
+# R2M_CPU_MERGE=1 runs it alone after the build. R2M_GPU_DIST=0 leaves out the distributed part.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 RESULTS="${1:-benchmarks/results/gpu_$(date +%Y-%m-%d)}"
@@ -60,5 +60,20 @@ if [ "${R2M_CPU_MERGE:-0}" = 1 ]; then
   R2M_COMMIT="$COMMIT" "$PY" benchmarks/bench_svd.py --shapes --results "$RESULTS" \
     > "$RESULTS/bench_cpu_merge.log" 2>&1 || status=1
   tail -12 "$RESULTS/bench_cpu_merge.log"
+fi
+# R2M_GPU_DIST=1 (default): one merge on 2 torchrun ranks sharing this GPU (cuda:LOCAL_RANK
+# modulo the GPUs; NCCL initialised beside gloo, exchanges on gloo) against one process, outputs
+# compared byte for byte, then the CPU (gloo) distributed tests.
+if [ "${R2M_GPU_DIST:-1}" = 1 ]; then
+  echo "== distributed: 2 ranks on one GPU =="
+  DIST_CKPT="${TMPDIR:-/tmp}/r2m_dist_vit_b16"
+  "$PY" benchmarks/make_checkpoints.py vit_b16 --experts 8 --dtype float32 --out "$DIST_CKPT" \
+    > "$RESULTS/bench_distributed.log" 2>&1
+  R2M_COMMIT="$COMMIT" "$PY" benchmarks/bench_distributed.py "$DIST_CKPT" --ranks 2 --device cuda \
+    --max-memory 4GB --repeat 1 --results "$RESULTS" >> "$RESULTS/bench_distributed.log" 2>&1 || status=1
+  tail -12 "$RESULTS/bench_distributed.log"
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_distributed.py > "$RESULTS/tests_distributed.log" 2>&1 \
+    || status=1
+  tail -3 "$RESULTS/tests_distributed.log"
 fi
 exit $status
