@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from r2m_ext.engine import MemoryBudget, MergeInputs, run_merge
-from r2m_ext.engine.budget import peak_rss_bytes, return_large_frees_to_os
+from r2m_ext.engine.budget import default_budget, peak_rss_bytes, return_large_frees_to_os
 from r2m_ext.engine.inputs import WRITE_BEHIND_SHARE
 from r2m_ext.engine.ranks import DEFAULT_DIST_TIMEOUT_S, Ranks, join_ranks
 from r2m_ext.errors import R2MError
@@ -246,9 +246,11 @@ def _merge_files_on_rank(
     out = _output_path(out)
     base_path, expert_paths = Path(base), [Path(e) for e in experts]
     shard_bytes = parse_size(shard_size)
-    if ranks.distributed and str(device) == "cuda":
-        device = f"cuda:{ranks.local_rank}"  # one GPU per rank of a node
+    device, sharing = ranks.device_and_share(device)
     compute_device = _compute_device(device)
+    if max_memory is None and sharing > 1:
+        # The default budget is per rank: the ranks of a machine share its memory.
+        max_memory = default_budget(compute_device) // sharing
     budget = MemoryBudget(max_memory, compute_device)
     if io_threads < 0:
         raise R2MError(f"io_threads must be >= 0, got {io_threads}")

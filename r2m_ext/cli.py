@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-memory",
         metavar="SIZE",
         help="bound on everything the merge holds: inputs, workspace, caches, output blocks "
-        "(default: half the available memory)",
+        "(default: half the available memory); under torchrun, per rank (default: the ranks of "
+        "a machine share that half)",
     )
     merge.add_argument(
         "--io-threads",

@@ -346,3 +346,12 @@ def test_rank_reports_add_counts_and_keep_each_tensor_from_its_rank():
         "tensors": {"x": {"rank": 4}, "y": {"rank": 1}},
     }
     assert list(combined["tensors"]) == ["x", "y"]  # plan order
+
+
+def test_a_rank_takes_its_gpu_and_its_share_of_the_machines_memory():
+    assert Ranks().device_and_share("cuda") == ("cuda", 1)  # one process: as given
+    four = Ranks(rank=5, world=8, local_rank=1, local_world=4)
+    assert four.device_and_share("cpu") == ("cpu", 4)
+    assert four.device_and_share("cuda:0") == ("cuda:0", 1)  # named by the caller
+    gpus = max(1, torch.cuda.device_count())
+    assert four.device_and_share("cuda") == (f"cuda:{1 % gpus}", -(-4 // gpus))

@@ -81,6 +81,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # ranks on this machine, which share its memory (and GPUs)
     timeout_s: float = DEFAULT_DIST_TIMEOUT_S
     _group: Any = None  # the process group exchanges go through (None: the default group)
     _initialised_here: bool = False  # whether close() ends the process group
@@ -146,6 +147,19 @@ class Ranks:
             raise RankFailed(f"rank {rank} of {self.world}{also}: {message}")
         return [value for _, value in gathered]
 
+    def device_and_share(self, device: str) -> tuple[str, int]:
+        """This rank's device for `device` ("cuda" becomes cuda:LOCAL_RANK, wrapping around
+        where a machine has fewer GPUs than ranks), and how many ranks share its memory: a
+        default budget is that memory's share of one rank."""
+        if not self.distributed:
+            return device, 1
+        if str(device) != "cuda":
+            return device, self.local_world if str(device) == "cpu" else 1
+        import torch
+
+        gpus = max(1, torch.cuda.device_count())
+        return f"cuda:{self.local_rank % gpus}", -(-self.local_world // gpus)
+
     def describe(self) -> dict:
         return {"rank": self.rank, "host": socket.gethostname(), "local_rank": self.local_rank}
 
@@ -175,7 +189,7 @@ def join_ranks(device: str, timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> Ranks:
         # a gloo group of their own (created by every rank, as new_group requires).
         group = dist.new_group(backend="gloo", timeout=timeout)
         local = int(os.environ.get("LOCAL_RANK", rank))
-        return Ranks(rank, world, local, timeout_s, group)
+        return Ranks(rank, world, local, _local_world(os.environ), timeout_s, group)
     launched = launch_environment()
     if launched is None or launched[1] == 1:
         return Ranks()
@@ -195,4 +209,16 @@ def join_ranks(device: str, timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> Ranks:
         )
     except (RuntimeError, ValueError) as error:
         raise R2MError(f"rank {rank} of {world}: cannot join the process group ({error})") from None
-    return Ranks(rank, world, local, timeout_s, None, _initialised_here=True)
+    local_world = _local_world(os.environ)
+    return Ranks(rank, world, local, local_world, timeout_s, None, _initialised_here=True)
+
+
+def _local_world(environment: Mapping[str, str]) -> int:
+    """Ranks on this machine: torchrun's LOCAL_WORLD_SIZE, SLURM's tasks per node, else 1."""
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if name in environment:
+            try:
+                return max(1, int(environment[name].split("(")[0]))
+            except ValueError:
+                break
+    return 1
