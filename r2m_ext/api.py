@@ -21,6 +21,12 @@ from r2m_ext.engine.inputs import WRITE_BEHIND_SHARE
 from r2m_ext.engine.ranks import DEFAULT_DIST_TIMEOUT_S, Ranks, join_ranks
 from r2m_ext.errors import R2MError
 from r2m_ext.io import ShardWriter, StateDictSource, TensorSource, open_source, parse_size
+from r2m_ext.io.adapter_output import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    OUT_FORMATS,
+    AdapterOutput,
+)
 from r2m_ext.io.buffers import HostBuffers
 from r2m_ext.io.checkpoint import PICKLE_SUFFIXES
 from r2m_ext.io.output import (
@@ -30,6 +36,7 @@ from r2m_ext.io.output import (
     partial_dir,
 )
 from r2m_ext.io.paths import stat_path
+from r2m_ext.io.writer import SINGLE_FILE
 from r2m_ext.methods.registry import get_method, reserve
 from r2m_ext.options import resolve_options
 from r2m_ext.plan import plan_merge
@@ -37,6 +44,8 @@ from r2m_ext.recipe import RECIPE_FILE, Recipe, load_recipe
 from r2m_ext.report import REPORT_FILE, combine_rank_reports, sum_counts
 
 DEFAULT_SHARD_SIZE = "5GB"
+# An adapter is one file, however large.
+_MAX_SHARD_BYTES = 2**62
 DEFAULT_IO_THREADS = 2
 # In memory the inputs are already resident: the budget only bounds the engine's own workspace.
 _IN_MEMORY_BUDGET = 1 << 62
@@ -159,6 +168,8 @@ def merge_files(
     allow_external_shards: bool = False,
     scratch_dir: str | Path | None = None,
     dist_timeout: float = DEFAULT_DIST_TIMEOUT_S,
+    out_format: str = "safetensors",
+    max_rank: int | None = None,
     **options: Any,
 ) -> Path:
     """Merges checkpoints on disk into the directory `out` (Hugging Face layout), streaming.
@@ -212,6 +223,8 @@ def merge_files(
                 device=device,
                 allow_external_shards=allow_external_shards,
                 scratch_dir=scratch_dir,
+                out_format=out_format,
+                max_rank=max_rank,
                 options=options,
             )
         )
@@ -238,6 +251,8 @@ def _merge_files_on_rank(
     device: str,
     allow_external_shards: bool,
     scratch_dir: str | Path | None,
+    out_format: str,
+    max_rank: int | None,
     options: dict[str, Any],
 ) -> None:
     """merge_files' work on one rank (the whole merge on a process of its own)."""
@@ -278,8 +293,15 @@ def _merge_files_on_rank(
             options=resolved,
             shard_size=shard_bytes,
             out=str(out.resolve()),
+            out_format=out_format,
+            max_rank=max_rank,
         )
         layout = [(t.name, t.shape, t.out_dtype) for t in plan.tensors]
+        adapter = _adapter_output(out_format, max_rank, plan, sources, resolved.method, ranks)
+        single_file = SINGLE_FILE
+        if adapter is not None:
+            layout, copied = adapter.layout, []  # an adapter directory holds no base files
+            single_file, shard_bytes = ADAPTER_WEIGHTS_FILE, _MAX_SHARD_BYTES
         if ranks.distributed:
             _agree(ranks, recipe, layout, files_read)
             merge_method = get_method(resolved.method)
@@ -294,8 +316,19 @@ def _merge_files_on_rank(
         # With I/O threads, a writer thread writes and fsyncs while the next tensors compute.
         write_behind = int(budget.limit * WRITE_BEHIND_SHARE) if io_threads > 0 else 0
         with ShardWriter(
-            out, layout, shard_bytes, recipe.identity(), resume, write_behind, overwrite, ranks
+            out,
+            layout,
+            shard_bytes,
+            recipe.identity(),
+            resume,
+            write_behind,
+            overwrite,
+            ranks,
+            single_file,
         ) as writer:
+            done = writer.done_names
+            if adapter is not None and done:  # its one file is complete: nothing to merge
+                done = {t.name for t in plan.tensors}
             inputs = MergeInputs(
                 plan,
                 sources,
@@ -304,7 +337,7 @@ def _merge_files_on_rank(
                 workspace=buffers,
                 io_threads=io_threads,
                 show_progress=progress and ranks.rank == 0,
-                done=writer.done_names,
+                done=done,
                 device=compute_device,
                 written_behind=lambda: writer.queued_bytes,
                 scratch_dir=scratch,
@@ -312,10 +345,12 @@ def _merge_files_on_rank(
             )
 
             def merge_share() -> dict:
-                for name, _, values in run_merge(
-                    plan, inputs, resolved, report, writer.done_names, ranks
-                ):
-                    writer.write(name, values.cpu())
+                for name, rows, values in run_merge(plan, inputs, resolved, report, done, ranks):
+                    if adapter is None:
+                        writer.write(name, values.cpu())
+                        continue
+                    for key, tensor in adapter.convert(name, rows, values.cpu()):
+                        writer.write(key, tensor)
                 written = writer.finish_share()
                 return {
                     "written": written,
@@ -379,10 +414,29 @@ def _merge_files_on_rank(
             )
             if ranks.distributed:
                 report["ranks"] = [share["rank"] for share in shares]
+            if adapter is not None:
+                writer.add_file(ADAPTER_CONFIG_FILE, adapter.config_text())
+                report["adapter"] = {"max_rank": max_rank, "modules": adapter.module_reports}
             writer.add_file(REPORT_FILE, json.dumps(report, indent=1) + "\n")
     finally:
         for source in sources:
             source.close()
+
+
+def _adapter_output(
+    out_format: str, max_rank: int | None, plan, sources, method: str, ranks: Ranks
+) -> AdapterOutput | None:
+    """What turns the merge into a PEFT adapter, for out_format "peft"; None for a model."""
+    if out_format not in OUT_FORMATS:
+        raise R2MError(f"out_format must be one of {', '.join(OUT_FORMATS)}, got {out_format!r}")
+    if out_format == "safetensors":
+        if max_rank is not None:
+            raise R2MError("--max-rank applies to --out-format peft (an adapter's rank)")
+        return None
+    if ranks.distributed:
+        raise R2MError("--out-format peft runs on one process; not yet under torchrun")
+    in_span = get_method(method).update_in_expert_span
+    return AdapterOutput(plan, sources, in_span, max_rank, method)
 
 
 def _agree(ranks: Ranks, recipe: Recipe, layout, files_read: Sequence[Path]) -> None:
@@ -445,6 +499,7 @@ def _merge_fields(
         raise R2MError(f"{config}: the recipe has no output directory; give one")
     arguments = {
         "shard_size": fields["shard_size"] or DEFAULT_SHARD_SIZE,
+        **{k: fields[k] for k in ("out_format", "max_rank") if fields.get(k) is not None},
         **fields["options"],
         **merge_arguments,
     }

@@ -178,6 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
         "the partial output; none: recompute instead",
     )
     merge.add_argument(
+        "--out-format",
+        choices=("safetensors", "peft"),
+        help="safetensors (default): the merged model; peft: for LoRA experts, the merge as a "
+        "PEFT LoRA adapter (exact for average, task_arithmetic, r2m, cart)",
+    )
+    merge.add_argument(
+        "--max-rank",
+        type=int,
+        metavar="R",
+        help="with --out-format peft: each module's update compressed to its best rank-R "
+        "factors (needed for ties, dare, tsv); the report gives the energy kept per module",
+    )
+    merge.add_argument(
         "--dist-timeout",
         type=float,
         default=DEFAULT_DIST_TIMEOUT_S,
@@ -296,6 +309,8 @@ def _run_merge(args: argparse.Namespace) -> None:
             allow_external_shards=args.allow_external_shards,
             scratch_dir=args.scratch_dir,
             dist_timeout=args.dist_timeout,
+            out_format=args.out_format or recipe.get("out_format") or "safetensors",
+            max_rank=args.max_rank if args.max_rank is not None else recipe.get("max_rank"),
             **options,
         )
     except KeyboardInterrupt:

@@ -16,7 +16,17 @@ from r2m_ext.io.paths import require_regular_file, resolved
 from r2m_ext.options import MergeOptions
 
 RECIPE_FILE = "r2m_recipe.yaml"
-_TOP_LEVEL = {"r2m_ext_version", "method", "base", "experts", "out", "options", "shard_size"}
+_TOP_LEVEL = {
+    "r2m_ext_version",
+    "method",
+    "base",
+    "experts",
+    "out",
+    "options",
+    "shard_size",
+    "out_format",
+    "max_rank",
+}
 
 
 @dataclass(frozen=True)
@@ -26,6 +36,15 @@ class Recipe:
     options: MergeOptions
     shard_size: int
     out: str | None = None
+    out_format: str = "safetensors"  # or "peft": a LoRA adapter (io/adapter_output.py)
+    max_rank: int | None = None
+
+    def _output_fields(self) -> dict:
+        """How the output is written, where it is not a whole model (so that the recipes of
+        whole-model merges stay as they were)."""
+        if self.out_format == "safetensors" and self.max_rank is None:
+            return {}
+        return {"out_format": self.out_format, "max_rank": self.max_rank}
 
     def to_yaml(self) -> str:
         options = self.options.to_dict()
@@ -36,6 +55,7 @@ class Recipe:
             "experts": list(self.experts),
             "out": self.out,
             "shard_size": self.shard_size,
+            **self._output_fields(),
             "options": options,
         }
         return yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
@@ -46,6 +66,7 @@ class Recipe:
             "base": self.base,
             "experts": list(self.experts),
             "shard_size": self.shard_size,
+            **self._output_fields(),
             **self.options.to_dict(),
         }
 
@@ -95,6 +116,11 @@ def load_recipe(path: str | Path) -> dict:
         isinstance(shard_size, bool) or not isinstance(shard_size, (int, str))
     ):
         raise R2MError(f"{path}: 'shard_size' must be a size like 5GB, got {shard_size!r}")
+    if document.get("out_format") not in (None, "safetensors", "peft"):
+        raise R2MError(f"{path}: 'out_format' must be safetensors or peft")
+    max_rank = document.get("max_rank")
+    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int)):
+        raise R2MError(f"{path}: 'max_rank' must be an integer, got {max_rank!r}")
 
     def resolve(value):
         return None if value is None else str(resolved(path.parent / value))
@@ -105,5 +131,7 @@ def load_recipe(path: str | Path) -> dict:
         "experts": [resolve(e) for e in experts],
         "out": resolve(document.get("out")),
         "shard_size": shard_size,
+        "out_format": document.get("out_format"),
+        "max_rank": max_rank,
         "options": options,
     }

@@ -4,6 +4,7 @@ ranks, rsLoRA, rank/alpha patterns, an adapted embedding, modules_to_save on the
 biases, and a dense expert in the mix; every method's merge of the adapters equals its merge of
 the same experts materialised by PEFT's merge_and_unload()."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,107 @@ def test_adapter_of_a_task_model_applies_to_its_backbone(models, tmp_path):
     want = tensors_in(models / "d3")
     for name in source.metadata():
         assert torch.equal(source.read(name), want["model." + name]), name
+
+
+# -- the merge written as a PEFT adapter (--out-format peft) -----------------------------------
+ADAPTERS = ("a1", "a2", "a3")
+
+
+def peft_merged(models, adapter_dir) -> tuple[dict, torch.nn.Module]:
+    """The weights and model PEFT gives for `adapter_dir` on the base, merged."""
+    base = LlamaForCausalLM.from_pretrained(models / "base")
+    model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    return model.state_dict(), model
+
+
+def dense_update(models, merged: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    base = load_file(models / "base" / "model.safetensors")
+    return merged[name].double() - base[name].double()
+
+
+@pytest.mark.parametrize("method", ("average", "task_arithmetic", "r2m", "cart"))
+def test_adapter_output_is_the_dense_merge_exactly(models, tmp_path, method):
+    """The methods whose update stays in the experts' factor span: the adapter PEFT loads is the
+    dense merge, weights and forward pass, and every module keeps all its energy."""
+    experts = [models / name for name in ADAPTERS]
+    dense = tensors_in(r2m_ext.merge_files(models / "base", experts, tmp_path / "d", method))
+    report: dict = {}
+    out = r2m_ext.merge_files(
+        models / "base", experts, tmp_path / "a", method, out_format="peft", report=report
+    )
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("r2m_")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "report.json",
+    ]
+    weights, model = peft_merged(models, out)
+    for name, want in dense.items():
+        assert relative_error(weights[name], want) <= 1e-5, name
+    modules = report["adapter"]["modules"]
+    assert len(modules) == 11  # every module any adapter updates, embedding included
+    assert all(abs(m["energy_kept"] - 1) < 1e-9 for m in modules.values())
+    # The update of layer 0's q_proj has the rank of all three adapters' factors: 4 + 2 + 8.
+    assert modules["model.layers.0.self_attn.q_proj"]["rank"] == 14
+    reference = LlamaForCausalLM.from_pretrained(models / "base")
+    reference.load_state_dict(dense)
+    tokens = torch.tensor([[1, 5, 9, 33, 2]])
+    with torch.no_grad():
+        assert relative_error(model(tokens).logits, reference(tokens).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("method", ("r2m", "ties"))
+def test_max_rank_gives_the_best_rank_r_adapter_and_says_what_it_kept(models, tmp_path, method):
+    """--max-rank 3: each module's factors are the best rank-3 approximation of its merged
+    update (Eckart-Young, from the update's own SVD: exact where the update is in the span, a
+    randomized sketch's near-best for TIES), with the energy they keep reported."""
+    experts = [models / name for name in ADAPTERS]
+    dense = tensors_in(r2m_ext.merge_files(models / "base", experts, tmp_path / "d", method))
+    done = run_cli(
+        "merge", "--base", models / "base", *[a for e in experts for a in ("--expert", e)],
+        "--method", method, "--out-format", "peft", "--max-rank", "3", "--out", tmp_path / "a",
+        "--quiet",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    weights, _ = peft_merged(models, tmp_path / "a")
+    for module, figures in report["adapter"]["modules"].items():
+        name = module + ".weight"
+        update = dense_update(models, dense, name)
+        singular = torch.linalg.svdvals(update)
+        best = float(singular[3:].square().sum().sqrt())
+        error = float((dense_update(models, weights, name) - update).norm())
+        slack = 1e-6 if method == "r2m" else 0.05
+        assert error <= best * (1 + slack) + 1e-6 * float(update.norm()), module
+        # At most 3; fewer where the adapters' factors span fewer (a rank-2 adapter's module).
+        numerical_rank = int((singular > 1e-5 * singular[0]).sum())
+        assert min(3, numerical_rank) <= figures["rank"] <= 3
+        if method == "ties":
+            assert figures["rank"] == 3
+        kept = 1 - error**2 / float(update.square().sum())
+        assert figures["energy_kept"] == pytest.approx(kept, abs=1e-4)
+
+
+def test_adapter_output_refuses_what_it_cannot_write(models, tmp_path):
+    experts = [models / "a1", models / "a3"]
+    cases = [
+        ({"method": "ties", "out_format": "peft"}, experts, "pass --max-rank R"),
+        ({"method": "tsv", "out_format": "peft"}, experts, "pass --max-rank R"),
+        ({"out_format": "peft"}, [*experts, models / "dense"], "merges LoRA adapters only"),
+        ({"max_rank": 3}, experts, "--max-rank applies to --out-format peft"),
+        ({"out_format": "gguf"}, experts, "out_format must be one of"),
+    ]
+    for arguments, inputs, message in cases:
+        with pytest.raises(R2MError, match=message):
+            r2m_ext.merge_files(models / "base", inputs, tmp_path / "out", **arguments)
+        assert not (tmp_path / "out").exists()
+
+
+def test_adapter_recipe_reruns_to_the_same_bytes(models, tmp_path):
+    experts = [models / name for name in ADAPTERS]
+    first = r2m_ext.merge_files(
+        models / "base", experts, tmp_path / "a", "r2m", out_format="peft", max_rank=5
+    )
+    again = r2m_ext.merge_config(first / "r2m_recipe.yaml", tmp_path / "b")
+    weights = "adapter_model.safetensors"
+    assert (first / weights).read_bytes() == (again / weights).read_bytes()
+    assert json.loads((again / "adapter_config.json").read_text())["r"] == 5

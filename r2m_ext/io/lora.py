@@ -32,7 +32,7 @@ from r2m_ext.io.source import SourceFormat, TensorMeta, TensorSource, register_s
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-_PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."
 # Key suffixes of a LoRA module's factors: (A, B, whether an embedding's).
 _FACTOR_SUFFIXES = (
     (".lora_A.weight", ".lora_B.weight", False),
@@ -145,7 +145,7 @@ class LoraAdapter:
                         f"{list(b.shape)}: not the factors of a linear or embedding LoRA "
                         "(convolution LoRA is not supported)"
                     )
-                module = prefixed.removeprefix(_PEFT_PREFIX)
+                module = prefixed.removeprefix(PEFT_PREFIX)
                 rank = int(a.shape[0])
                 declared = _pattern_value(rank_pattern, module, config.get("r", rank))
                 if declared != rank:
@@ -175,7 +175,7 @@ class LoraAdapter:
         adapter), by their name without PEFT's prefix: the adapter key of each."""
         factors = {k for m in self.modules for k in (m.key_a, m.key_b)}
         return {
-            key.removeprefix(_PEFT_PREFIX).replace(".base_layer.", "."): key
+            key.removeprefix(PEFT_PREFIX).replace(".base_layer.", "."): key
             for key in self.tensors
             if key not in factors
         }
@@ -271,6 +271,14 @@ class LoraSource:
 
     def metadata(self) -> dict[str, TensorMeta]:
         return dict(self._meta)
+
+    def adapted_modules(self) -> dict[str, LoraModule]:
+        """The LoRA modules, by the base tensor each updates."""
+        return dict(self._deltas)
+
+    def whole_tensors(self) -> dict[str, str]:
+        """Tensors saved whole in the adapter, by base tensor name: the adapter key of each."""
+        return dict(self._whole)
 
     def read(self, name: str, rows: slice | None = None, pinned: bool = False) -> torch.Tensor:
         if name in self._whole:  # saved whole: replaces the base's (an embedding: then + delta)

@@ -166,6 +166,7 @@ class ShardWriter:
         write_behind: int = 0,
         overwrite: bool = False,
         ranks: Ranks | None = None,
+        single_file: str = SINGLE_FILE,
     ):
         self.out = Path(out)
         self._ranks = Ranks() if ranks is None else ranks
@@ -177,7 +178,7 @@ class ShardWriter:
         self._shards = plan_shards(layout, shard_size)
         total = len(self._shards)
         self._shard_names = (
-            [SINGLE_FILE]
+            [single_file]
             if total == 1
             else [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
         )

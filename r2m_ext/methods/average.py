@@ -25,5 +25,6 @@ register(
         options=AverageOptions,
         merge=merge_average,
         passes=("merge",),
+        update_in_expert_span=True,
     )
 )

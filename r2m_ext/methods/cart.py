@@ -79,6 +79,7 @@ register(
         options=CartOptions,
         merge=merge_cart,
         passes=("merge",),
+        update_in_expert_span=True,
         why_finite_required=finite_if_factored,
         relative_work=factoring_work,
     )

@@ -523,6 +523,7 @@ register(
         options=R2mOptions,
         merge=merge_r2m,
         passes=("gram", "truncation", "write"),
+        update_in_expert_span=True,
         why_finite_required=_why_finite_required,
         check_experts=_check_experts,
         relative_work=factoring_work,

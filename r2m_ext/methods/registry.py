@@ -106,6 +106,10 @@ class MergeMethod:
     # Work per byte of a tensor's inputs, relative to a memory-bound pass (1): how ranks of a
     # distributed merge balance their shares (engine/ranks.py). A rough model, not a timing.
     relative_work: Callable[[Any], int] = lambda entry: 1
+    # Whether each merged update is a linear combination, within the span of the experts'
+    # update factors (average, task arithmetic, the SVD methods; not TIES's or DARE's
+    # elementwise masks): then a merge of LoRA experts is an exact LoRA adapter.
+    update_in_expert_span: bool = False
     # Report entries that count what each rank did (ints, or dicts of ints): summed over the
     # ranks of a distributed merge. Every other entry is the same on every rank, except the
     # per-tensor ones under report["tensors"], which the rank owning the tensor writes.

@@ -31,5 +31,6 @@ register(
         options=TaskArithmeticOptions,
         merge=merge_task_arithmetic,
         passes=("merge",),
+        update_in_expert_span=True,
     )
 )
