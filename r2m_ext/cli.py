@@ -317,9 +317,8 @@ def _run_merge(args: argparse.Namespace) -> None:
         if partial_dir(Path(out)).exists():
             raise _MergeInterrupted(partial_dir(Path(out))) from None
         raise
-    launched = launch_environment()
-    if args.quiet or (launched is not None and launched[0] != 0):
-        return  # under torchrun, rank 0 speaks for the merge
+    if args.quiet or not _speaks_for_the_merge():
+        return
     seconds = time.perf_counter() - started
     written = sum(p.stat().st_size for p in out_path.glob("*.safetensors"))
     print(backend_info())
@@ -350,6 +349,12 @@ def _run_report(args: argparse.Namespace) -> None:
         raise R2MError("--tensor chooses spectra to plot: add --plot DIR")
 
 
+def _speaks_for_the_merge() -> bool:
+    """Under torchrun every rank runs the command: rank 0 alone prints what it did."""
+    launched = launch_environment()
+    return launched is None or launched[0] == 0
+
+
 def _run_expand(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     out = expand_files(
@@ -360,7 +365,7 @@ def _run_expand(args: argparse.Namespace) -> None:
         max_memory=args.max_memory,
         allow_external_shards=args.allow_external_shards,
     )
-    if not args.quiet:
+    if not args.quiet and _speaks_for_the_merge():
         seconds = time.perf_counter() - started
         print(f"added {len(args.expert)} expert(s) and merged again into {out} in {seconds:.1f} s")
         print(f"  recipe: {out / RECIPE_FILE}   report: r2m report {out}")
