@@ -190,6 +190,9 @@ def test_nonfinite_inputs_refused_unless_allowed(toy):
         ("task_arithmetic", {"lam": 0.0}),  # zero weights: the inputs are checked one by one
         ("r2m", {}),
         ("r2m", {"residual_scale": "fixed", "alpha": 0.0}),
+        ("ties", {}),
+        # Under DARE's mask the NaN may be dropped: the inputs held are checked themselves.
+        ("dare", {"dare_combine": "ties", "drop_rate": 0.9}),
     ],
 )
 @pytest.mark.parametrize("source", [0, 1, 2])

@@ -357,6 +357,7 @@ class MergeInputs:
         rows: slice | None,
         result: torch.Tensor,
         zero_weight_sources: Iterable[int] = (),
+        held: Sequence[torch.Tensor] | None = None,
     ) -> None:
         """The NaN/Inf check of a raw block, from what was computed of it. A NaN or Inf input
         that enters a sum, difference or product with a nonzero weight makes the result NaN or
@@ -375,7 +376,10 @@ class MergeInputs:
             proven = set(range(self.n_experts + 1)).difference(suspects)
             self._checked.update(self._check_key(s, entry.name, rows) for s in proven)
         for source in suspects:
-            self.raw(source, entry.name, rows)
+            if held is not None:  # the block's inputs as read: checked where they are
+                self._checked_raw(source, entry.name, held[source], rows)
+            else:
+                self.raw(source, entry.name, rows)
 
     def _row_blocks(self, entry: TensorPlan, per_element: float) -> Iterator[slice | None]:
         """None (the whole tensor) when it fits the step budget, else slices of rows that do."""

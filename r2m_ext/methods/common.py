@@ -74,10 +74,13 @@ class TaskTensors(Protocol):
         rows: slice | None,
         result: torch.Tensor,
         zero_weight_sources: Iterable[int] = (),
+        held: Sequence[torch.Tensor] | None = None,
     ) -> None:
         """Raises, naming the file, if an input of this raw block holds NaN or Inf. `result` is
         what the caller computed from the block with every input (source 0 the base, i the
-        expert i - 1) entering with a nonzero weight except `zero_weight_sources`."""
+        expert i - 1) entering with a nonzero weight except `zero_weight_sources`, which are
+        checked one by one: in `held` (the block's inputs, base first) if given, else read
+        again."""
 
     def fits_whole(self, entry: TensorPlan, extra_stacks: float = 0) -> bool:
         """Whether `load` can serve this tensor whole with that workspace (else a method that

@@ -119,7 +119,7 @@ class _Thresholds:
                 nonfinite = counts_nonfinite(counts, shift, width)
                 suspects = range(tensors.n_experts + 1) if mask is not None else ()
                 proof = torch.full((), math.inf if nonfinite else 0)
-                tensors.check_finite(entry, rows, proof, suspects)
+                tensors.check_finite(entry, rows, proof, suspects, held=[base, *experts])
             total = combine_partials(total, selector.counts_partial(counts.cpu()))
             del base, experts  # one block at a time (MergeInputs.raw_blocks)
         return total
