@@ -156,12 +156,16 @@ def test_every_method_on_ranks_equals_one_process(inputs, single, tmp_path, worl
         ranks = report["ranks"]
         assert [r["rank"] for r in ranks] == list(range(world))
         assert sum(r["tensors"] for r in ranks) == len(tensors_in(single[name]))
+        # Each rank reads its own tensors' inputs, as many times as the method passes over
+        # them: read / assigned is about 1 for one pass (10%: heads are read from the experts
+        # alone) and the same on every rank for several.
+        ratios = [r["input_bytes_read"] / r["input_bytes"] for r in ranks]
+        assert all(
+            abs(ratio - sum(ratios) / world) <= 0.1 * sum(ratios) / world for ratio in ratios
+        )
+        assert min(ratios) >= 0.9
         if method in ("average", "task_arithmetic"):
-            # One pass: each rank reads the inputs of its own tensors, once (10%: its heads
-            # are read from the experts alone).
-            for r in ranks:
-                assert r["input_bytes"] > 0
-                assert abs(r["input_bytes_read"] - r["input_bytes"]) <= 0.1 * r["input_bytes"]
+            assert max(ratios) <= 1.1
         if name == "r2m":
             # Each of the 8 truncated matrices factored once per expert, by one rank or another.
             assert report["factorisations"]["R²M truncation pass"] == 8 * N_EXPERTS
