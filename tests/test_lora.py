@@ -367,3 +367,64 @@ def test_adapter_recipe_reruns_to_the_same_bytes(models, tmp_path):
     weights = "adapter_model.safetensors"
     assert (first / weights).read_bytes() == (again / weights).read_bytes()
     assert json.loads((again / "adapter_config.json").read_text())["r"] == 5
+
+
+# -- R²M's truncation from the adapters' factors (no m x n residual, nothing sketched) ----------
+@pytest.mark.parametrize("svd, rank_ratio", [("exact", 0.1), ("randomized", 0.1), ("exact", 0.5)])
+def test_r2m_truncates_lora_experts_from_their_factors_exactly(models, tmp_path, svd, rank_ratio):
+    """All experts LoRA adapters: every truncated matrix they update is truncated from their
+    factors (QR of the stacked factors, SVD of the small core), equal to the exact SVD of the
+    dense residuals of PEFT's materialised experts: for svd=randomized too (nothing is sketched),
+    where rho < sum r_j (rank_ratio 0.1: rho 3) and where it keeps everything (0.5: rho 16)."""
+    options = {"compute_dtype": "float64", "rank_ratio": rank_ratio}
+    report: dict = {}
+    got = r2m_ext.merge_files(
+        models / "base",
+        [models / name for name in ADAPTERS],
+        tmp_path / "a",
+        "r2m",
+        svd=svd,
+        report=report,
+        **options,
+    )
+    want = r2m_ext.merge_files(
+        models / "base",
+        [models / f"d{i}" for i in (1, 2, 3)],
+        tmp_path / "d",
+        "r2m",
+        svd="exact",
+        **options,
+    )
+    got, want = tensors_in(got), tensors_in(want)
+    for name in want:
+        assert relative_error(got[name], want[name]) <= 1e-6, name
+    tensors = report["tensors"]
+    factored = {name for name, figures in tensors.items() if figures.get("factored")}
+    # Every truncated matrix but lm_head (saved whole by a1: not a low-rank update).
+    assert "lm_head.weight" not in factored and "model.layers.0.self_attn.q_proj.weight" in factored
+    assert factored == {n for n, f in tensors.items() if "rank" in f} - {"lm_head.weight"}
+    if rank_ratio == 0.5:  # rho 16 >= sum r_j (4 + 2 + 8; 2): the residuals are kept whole
+        for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"):
+            assert min(tensors[name]["energy_kept"]) > 1 - 1e-12, name
+    else:  # rho 3 < 14: cut
+        assert min(tensors["model.layers.0.self_attn.q_proj.weight"]["energy_kept"]) < 0.99
+
+
+def test_factored_truncation_recomputed_in_the_write_pass_gives_the_same_merge(models, tmp_path):
+    experts = [models / name for name in ADAPTERS]
+    kept = r2m_ext.merge_files(models / "base", experts, tmp_path / "kept", "r2m")
+    report: dict = {}
+    recomputed = r2m_ext.merge_files(
+        models / "base",
+        experts,
+        tmp_path / "again",
+        "r2m",
+        max_memory="100KB",  # no room to keep any factor: all recomputed
+        scratch_dir="none",
+        report=report,
+    )
+    assert report["factors_recomputed"] == 15
+    assert report["factorisations"]["R²M write pass"] > 0
+    kept, recomputed = tensors_in(kept), tensors_in(recomputed)
+    for name in kept:
+        assert relative_error(recomputed[name], kept[name]) <= 1e-6, name

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from r2m_ext.classify import TensorClass
 from r2m_ext.engine.budget import MemoryBudget, format_bytes
 from r2m_ext.engine.kept import KeptStore
 from r2m_ext.errors import R2MError
@@ -485,6 +486,23 @@ class MergeInputs:
         """Bytes held outside the step: tensors read ahead and blocks waiting to be written."""
         read_ahead = self._prefetcher.in_flight if self._prefetcher is not None else 0
         return read_ahead + self._written_behind()
+
+    def low_rank_updates(self, entry: TensorPlan) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Every expert's update of a matrix as factors (left [m, r_i], right [n, r_i], in the
+        compute dtype on the compute device, update = left @ right^T) where every expert is a
+        low-rank update of the base there (LoRA adapters); else None, and the method forms the
+        task vectors from the inputs. Factors that are not finite also give None: the dense
+        path then names the file."""
+        if entry.tensor_class is not TensorClass.MATRIX:
+            return None
+        factors = []
+        for source in self._sources[1:]:
+            update = getattr(source, "low_rank_update", None)
+            found = update(entry.name) if update is not None else None
+            if found is None or not all(bool(torch.isfinite(f).all()) for f in found):
+                return None
+            factors.append(tuple(f.to(self.device, self.compute_dtype) for f in found))
+        return factors
 
     def head(self, entry: TensorPlan) -> torch.Tensor:
         if entry.head_only_in_base:

@@ -280,6 +280,22 @@ class LoraSource:
         """Tensors saved whole in the adapter, by base tensor name: the adapter key of each."""
         return dict(self._whole)
 
+    def low_rank_update(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(left [m, r], right [n, r]) in float32 with this expert's update of matrix `name`
+        equal to left @ right^T (rank 0 where the adapter leaves it as the base's), or None
+        where the adapter saved it whole (its update is not low-rank)."""
+        if name in self._whole:
+            return None
+        module = self._deltas.get(name)
+        if module is None:
+            rows, columns = self._meta[name][0]
+            return torch.zeros(rows, 0), torch.zeros(columns, 0)
+        a = self.adapter.tensors[module.key_a].float()
+        b = self.adapter.tensors[module.key_b].float() * module.scaling
+        if module.embedding or module.fan_in_fan_out:  # the update is (B @ A)^T = A^T B^T
+            return a.T, b
+        return b, a.T
+
     def read(self, name: str, rows: slice | None = None, pinned: bool = False) -> torch.Tensor:
         if name in self._whole:  # saved whole: replaces the base's (an embedding: then + delta)
             tensor = self.adapter.tensors[self._whole[name]].to(self._meta[name][1])

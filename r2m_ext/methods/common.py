@@ -82,6 +82,10 @@ class TaskTensors(Protocol):
         checked one by one: in `held` (the block's inputs, base first) if given, else read
         again."""
 
+    def low_rank_updates(self, entry: TensorPlan) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Each expert's update of this matrix as factors (left [m, r_i], right [n, r_i]) where
+        every expert is a low-rank update of the base there (LoRA adapters), else None."""
+
     def fits_whole(self, entry: TensorPlan, extra_stacks: float = 0) -> bool:
         """Whether `load` can serve this tensor whole with that workspace (else a method that
         needs it whole must work over its row blocks)."""

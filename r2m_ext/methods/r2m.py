@@ -187,6 +187,8 @@ class _R2mMerge:
         # truncation and the write pass counts twice.
         self.factorisations: dict[str, int] = {}
         self.streamed: set[str] = set()
+        # Matrices every expert updates by LoRA factors: truncated from the factors, exactly.
+        self.factored: set[str] = set()
         self.tensor_reports = report.setdefault(PER_TENSOR_REPORT, {})
 
     def statistic_passes(self) -> Iterator[StatisticPass]:
@@ -270,6 +272,51 @@ class _R2mMerge:
         )
         return u * s.unsqueeze(-2), v, s
 
+    def factored_factors(self, entry: TensorPlan, factors, in_pass: str):
+        """truncated_factors of a matrix whose task vectors are low-rank updates
+        tau_j = L_j R_j^T (LoRA experts), computed from the factors alone, exactly: each residual
+        r_i = sum_j W[i, j] L_j R_j^T is Q_L (T_L D_i T_R^T) Q_R^T with Q_L T_L and Q_R T_R the QRs
+        of the stacked factors [L_1 .. L_N] and [R_1 .. R_N] and D_i the diagonal of W[i, j] over
+        task j's columns, so its best rank-rho approximation is that of the small core (at most
+        sum r_j square): no m x n matrix is formed and nothing is sketched, for svd=exact and
+        randomized alike. Also returns each residual's squared norm (the core's). In float64."""
+        self.factorisations[in_pass] = self.factorisations.get(in_pass, 0) + self.n
+        n, rank = self.n, truncation_rank(entry, self.options.rank_ratio)
+        m, columns = entry.shape
+        if sum(left.shape[1] for left, _ in factors) == 0:  # no expert updates it
+            device, dtype = self.tensors.device, self.tensors.compute_dtype
+            zeros = torch.zeros(n, rank, dtype=torch.float64)
+            return (
+                torch.zeros(n, m, rank, dtype=dtype, device=device),
+                torch.zeros(n, columns, rank, dtype=dtype, device=device),
+                zeros,
+                torch.zeros(n, dtype=torch.float64),
+            )
+        lefts = torch.cat([left.double() for left, _ in factors], dim=1)
+        rights = torch.cat([right.double() for _, right in factors], dim=1)
+        owner = torch.cat(
+            [
+                torch.full((left.shape[1],), j, dtype=torch.long)
+                for j, (left, _) in enumerate(factors)
+            ]
+        ).to(lefts.device)
+        _, r_weights = self.weights_for(entry, lefts)
+        q_left, t_left = torch.linalg.qr(lefts)
+        q_right, t_right = torch.linalg.qr(rights)
+        # core_i = T_L D_i T_R^T: task j's columns of T_L weighted by W[i, j].
+        core = (t_left.unsqueeze(0) * r_weights[:, owner].unsqueeze(1)) @ t_right.T
+        u, singular, vh = torch.linalg.svd(core, full_matrices=False)
+        keep = min(rank, singular.shape[-1])
+        left = q_left @ (u[..., :keep] * singular[:, None, :keep])
+        right = q_right @ vh[:, :keep].mT
+        if keep < rank:  # fewer directions than rho: the rest are zero
+            left = torch.cat([left, left.new_zeros(n, m, rank - keep)], dim=2)
+            right = torch.cat([right, right.new_zeros(n, columns, rank - keep)], dim=2)
+            singular = torch.cat([singular[:, :keep], singular.new_zeros(n, rank - keep)], dim=1)
+        dtype = self.tensors.compute_dtype
+        full_sq = core.square().sum(dim=(1, 2)).cpu()
+        return left.to(dtype), right.to(dtype), singular[:, :rank], full_sq
+
     def streams(self, entry: TensorPlan) -> bool:
         """Whether a truncated matrix is factored over row blocks: it does not fit whole, and the
         randomized SVD (the exact one needs the whole matrix) can work in passes. Asked in the
@@ -318,7 +365,19 @@ class _R2mMerge:
         core_parts: list[float] = []
         entry_report = {"class": entry.tensor_class.value}
         if entry.name in self.truncating:
-            if self.streams(entry):
+            factored = tensors.low_rank_updates(entry)
+            if factored is not None:
+                self.factored.add(entry.name)
+                # A truncated matrix is in S (spec §0), so the Gram pass took its Gram.
+                task_gram = self.tensor_grams[entry.name]
+                c_weights, _ = self.weights_for(entry, task_gram)
+                task_sq += task_gram.diagonal()
+                core_parts.append(float(c_weights @ task_gram @ c_weights))
+                left, right, singular, full_sq = self.factored_factors(
+                    entry, factored, TRUNCATION_PASS
+                )
+                entry_report["factored"] = True
+            elif self.streams(entry):
                 self.streamed.add(entry.name)
                 sums = {"core": 0.0, "task": torch.zeros(n, dtype=torch.float64), "full": 0.0}
 
@@ -436,6 +495,9 @@ class _R2mMerge:
             kept = tensors.take(entry.name)
             if kept is not None:
                 left, right = kept
+            elif entry.name in self.factored:
+                factors = tensors.low_rank_updates(entry)
+                left, right, _, _ = self.factored_factors(entry, factors, WRITE_PASS)
             elif entry.name in self.streamed:
                 left, right, _ = self.streamed_factors(entry, WRITE_PASS)
             else:
