@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import r2m_ext
 from r2m_ext.errors import R2MError
@@ -428,3 +428,18 @@ def test_factored_truncation_recomputed_in_the_write_pass_gives_the_same_merge(m
     kept, recomputed = tensors_in(kept), tensors_in(recomputed)
     for name in kept:
         assert relative_error(recomputed[name], kept[name]) <= 1e-6, name
+
+
+def test_nan_in_the_base_under_lora_experts_is_still_named(models, tmp_path):
+    """The factored Gram and truncation read no base tensor: the write pass finds it."""
+    base = tmp_path / "base"
+    base.mkdir()
+    for path in (models / "base").iterdir():
+        (base / path.name).write_bytes(path.read_bytes())
+    weights = load_file(base / "model.safetensors")
+    weights["model.layers.0.self_attn.q_proj.weight"][3, 4] = float("nan")
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    experts = [models / name for name in ADAPTERS]
+    with pytest.raises(R2MError, match=r"'model.layers.0.self_attn.q_proj.weight' in .*base"):
+        r2m_ext.merge_files(base, experts, tmp_path / "out", "r2m")
+    assert not (tmp_path / "out").exists()

@@ -214,6 +214,19 @@ class _R2mMerge:
 
     # -- Gram pass: the N x N Gram of task vectors on the core set S --------------------------
     def observe_gram(self, entry: TensorPlan) -> torch.Tensor:
+        factors = self.tensors.low_rank_updates(entry)
+        if factors is not None:
+            # LoRA experts: <L_i R_i^T, L_j R_j^T> = sum((L_i^T L_j) * (R_i^T R_j)), from the
+            # factors (the inputs are read, and checked for NaN/Inf, by the write pass).
+            tensor_gram = torch.zeros(self.n, self.n, dtype=torch.float64)
+            for i, (left_i, right_i) in enumerate(factors):
+                for j, (left_j, right_j) in enumerate(factors[: i + 1]):
+                    products = (left_i.double().T @ left_j.double()) * (
+                        right_i.double().T @ right_j.double()
+                    )
+                    tensor_gram[i, j] = tensor_gram[j, i] = products.sum().cpu()
+            self.tensor_grams[entry.name] = tensor_gram
+            return tensor_gram
         tensor_gram = torch.zeros(self.n, self.n, dtype=torch.float64)
         for rows, base, experts in self.tensors.raw_blocks(entry, outputs=0):
             block_gram = ops.delta_gram(base, experts).cpu()
