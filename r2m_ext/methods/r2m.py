@@ -297,12 +297,12 @@ class _R2mMerge:
         n, rank = self.n, truncation_rank(entry, self.options.rank_ratio)
         m, columns = entry.shape
         if sum(left.shape[1] for left, _ in factors) == 0:  # no expert updates it
+            # One zero direction (not none: the products downstream want a rank).
             device, dtype = self.tensors.device, self.tensors.compute_dtype
-            zeros = torch.zeros(n, rank, dtype=torch.float64)
             return (
-                torch.zeros(n, m, rank, dtype=dtype, device=device),
-                torch.zeros(n, columns, rank, dtype=dtype, device=device),
-                zeros,
+                torch.zeros(n, m, 1, dtype=dtype, device=device),
+                torch.zeros(n, columns, 1, dtype=dtype, device=device),
+                torch.zeros(n, 1, dtype=torch.float64),
                 torch.zeros(n, dtype=torch.float64),
             )
         lefts = torch.cat([left.double() for left, _ in factors], dim=1)
@@ -319,16 +319,15 @@ class _R2mMerge:
         # core_i = T_L D_i T_R^T: task j's columns of T_L weighted by W[i, j].
         core = (t_left.unsqueeze(0) * r_weights[:, owner].unsqueeze(1)) @ t_right.T
         u, singular, vh = torch.linalg.svd(core, full_matrices=False)
+        # Where sum r_j < rho the residuals have no more directions: the factors keep their
+        # sum r_j columns rather than zeros up to rho (7B-Llama-shaped modules: rho 409, sum r_j
+        # 128, and every later product with the factors would be 3x the work).
         keep = min(rank, singular.shape[-1])
         left = q_left @ (u[..., :keep] * singular[:, None, :keep])
         right = q_right @ vh[:, :keep].mT
-        if keep < rank:  # fewer directions than rho: the rest are zero
-            left = torch.cat([left, left.new_zeros(n, m, rank - keep)], dim=2)
-            right = torch.cat([right, right.new_zeros(n, columns, rank - keep)], dim=2)
-            singular = torch.cat([singular[:, :keep], singular.new_zeros(n, rank - keep)], dim=1)
         dtype = self.tensors.compute_dtype
         full_sq = core.square().sum(dim=(1, 2)).cpu()
-        return left.to(dtype), right.to(dtype), singular[:, :rank], full_sq
+        return left.to(dtype), right.to(dtype), singular[:, :keep], full_sq
 
     def streams(self, entry: TensorPlan) -> bool:
         """Whether a truncated matrix is factored over row blocks: it does not fit whole, and the
