@@ -257,6 +257,10 @@ def _merge_files_on_rank(
 ) -> None:
     """merge_files' work on one rank (the whole merge on a process of its own)."""
     return_large_frees_to_os()
+    if out_format == "peft":
+        # An adapter's factors come from merged - base: taken in float32 unless told, so that
+        # the output dtype's rounding (bf16: a tenth of a LoRA update's energy) is not factored.
+        options = {"out_dtype": "float32", **options}
     resolved = resolve_options(method, **options)
     out = _output_path(out)
     base_path, expert_paths = Path(base), [Path(e) for e in experts]
