@@ -157,6 +157,7 @@ class MergeInputs:
         self.pass_io: dict[str, dict[str, int]] = {}
         self._input_bytes = 0
         self._input_bytes_lock = threading.Lock()  # the reader threads count too
+        self._base_only: set[str] = set()  # reads_base_only
         self._prefetcher = None
         if io_threads > 0:
             self._prefetcher = _Prefetcher(
@@ -197,6 +198,10 @@ class MergeInputs:
 
     def whole_need(self, entry: TensorPlan, extra_stacks: float = 0) -> int:
         return int(entry.numel * self.bytes_per_element(entry, extra_stacks))
+
+    def fits_step(self, nbytes: int) -> bool:
+        """Whether a step holding `nbytes` fits the budget (block_budget)."""
+        return nbytes <= self.block_budget()
 
     def fits_whole(self, entry: TensorPlan, extra_stacks: float = 0) -> bool:
         return self.whole_need(entry, extra_stacks) <= self.block_budget()
@@ -504,6 +509,11 @@ class MergeInputs:
             factors.append(tuple(f.to(self.device, self.compute_dtype) for f in found))
         return factors
 
+    def reads_base_only(self, names: Iterable[str]) -> None:
+        """Tensors whose experts the method will not read in its later passes (their updates
+        come as factors): the reader does not load them ahead."""
+        self._base_only.update(names)
+
     def head(self, entry: TensorPlan) -> torch.Tensor:
         if entry.head_only_in_base:
             # Spec §4: a head tensor no expert has counts as 0.
@@ -544,7 +554,7 @@ class MergeInputs:
                 [
                     (n, b)
                     for (n, b), t in zip(raw_bytes, items, strict=True)
-                    if self.whole_need(t) <= fits
+                    if self.whole_need(t) <= fits and t.name not in self._base_only
                 ]
             )
         iterator = items

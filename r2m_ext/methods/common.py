@@ -86,6 +86,13 @@ class TaskTensors(Protocol):
         """Each expert's update of this matrix as factors (left [m, r_i], right [n, r_i]) where
         every expert is a low-rank update of the base there (LoRA adapters), else None."""
 
+    def reads_base_only(self, names: Iterable[str]) -> None:
+        """Says which tensors' experts later passes will not read (their updates come as
+        factors), so that they are not read ahead."""
+
+    def fits_step(self, nbytes: int) -> bool:
+        """Whether a step holding `nbytes` beside what is kept fits the budget."""
+
     def fits_whole(self, entry: TensorPlan, extra_stacks: float = 0) -> bool:
         """Whether `load` can serve this tensor whole with that workspace (else a method that
         needs it whole must work over its row blocks)."""

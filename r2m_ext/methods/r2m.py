@@ -329,6 +329,37 @@ class _R2mMerge:
         full_sq = core.square().sum(dim=(1, 2)).cpu()
         return left.to(dtype), right.to(dtype), singular[:, :keep], full_sq
 
+    def factored_merge_bytes(self, entry: TensorPlan) -> int:
+        """What factored_merge holds: the base as read and in the compute dtype, the result."""
+        compute = self.tensors.compute_dtype.itemsize
+        return entry.numel * (entry.in_dtype.itemsize + 2 * compute)
+
+    def factored_merge(self, entry: TensorPlan, weights_out: torch.Tensor) -> torch.Tensor:
+        """The write pass of a matrix the experts update by LoRA factors, from the base alone:
+        theta_0 + sum_j c_j L_j R_j^T + sum_i w_i left_i right_i^T is one low-rank product of
+        the core's and the truncated residuals' factors side by side, added to the base (no
+        expert's dense tensor is formed or read)."""
+        tensors = self.tensors
+        factors = tensors.low_rank_updates(entry)
+        kept = tensors.take(entry.name)
+        if kept is None:
+            left, right, _, _ = self.factored_factors(entry, factors, WRITE_PASS)
+        else:
+            left, right = kept
+        c_weights, _ = self.weights_for(entry, left)
+        weights = weights_out.to(left)
+        lefts = [c_weights[j] * factor for j, (factor, _) in enumerate(factors)]
+        lefts += [weights[i] * left[i] for i in range(self.n)]
+        rights = [factor for _, factor in factors] + [right[i] for i in range(self.n)]
+        # Read here, and so checked for NaN/Inf naming its file: the base enters with weight 1.
+        base = tensors.raw(0, entry.name).to(tensors.compute_dtype)
+        return ops.lowrank_accumulate(
+            base,
+            torch.cat(lefts, dim=1).unsqueeze(0),
+            torch.cat(rights, dim=1).unsqueeze(0),
+            torch.ones(1, dtype=left.dtype, device=left.device),
+        )
+
     def streams(self, entry: TensorPlan) -> bool:
         """Whether a truncated matrix is factored over row blocks: it does not fit whole, and the
         randomized SVD (the exact one needs the whole matrix) can work in passes. Asked in the
@@ -480,6 +511,8 @@ class _R2mMerge:
             self.eta = options.alpha * core_norm
         else:
             self.eta = options.alpha
+        # The write pass reads only the base of the matrices truncated from factors.
+        self.tensors.reads_base_only(self.factored)
         for name, grams in residual_grams.items():
             if name not in self.tensor_reports:
                 continue  # observed by another rank, which reports it
@@ -503,6 +536,9 @@ class _R2mMerge:
     def emit(self, entry: TensorPlan) -> Merged:
         n, tensors = self.n, self.tensors
         weights_out = (self.eta / n) * self.scales[entry.name]
+        if entry.name in self.factored and tensors.fits_step(self.factored_merge_bytes(entry)):
+            yield entry.name, None, self.factored_merge(entry, weights_out)
+            return
         if entry.name in self.truncating:
             kept = tensors.take(entry.name)
             if kept is not None:
