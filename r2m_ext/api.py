@@ -24,7 +24,6 @@ from r2m_ext.io import ShardWriter, StateDictSource, TensorSource, open_source, 
 from r2m_ext.io.adapter_output import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
-    OUT_FORMATS,
     AdapterOutput,
 )
 from r2m_ext.io.buffers import HostBuffers
@@ -40,7 +39,7 @@ from r2m_ext.io.writer import SINGLE_FILE
 from r2m_ext.methods.registry import get_method, reserve
 from r2m_ext.options import resolve_options
 from r2m_ext.plan import plan_merge
-from r2m_ext.recipe import RECIPE_FILE, Recipe, load_recipe
+from r2m_ext.recipe import OUT_FORMATS, RECIPE_FILE, Recipe, load_recipe
 from r2m_ext.report import REPORT_FILE, combine_rank_reports, sum_counts
 
 DEFAULT_SHARD_SIZE = "5GB"

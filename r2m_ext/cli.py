@@ -32,7 +32,7 @@ from r2m_ext.options import (
     ENGINE_FIELDS,
     option_fields,
 )
-from r2m_ext.recipe import RECIPE_FILE, load_recipe
+from r2m_ext.recipe import OUT_FORMATS, RECIPE_FILE, load_recipe
 from r2m_ext.report import MALFORMED_REPORT_ERRORS, format_report, load_report, save_plots
 
 _DESCRIPTION = """\
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument(
         "--out-format",
-        choices=("safetensors", "peft"),
+        choices=OUT_FORMATS,
         help="safetensors (default): the merged model; peft: for LoRA experts, the merge as a "
         "PEFT LoRA adapter (exact for average, task_arithmetic, r2m, cart)",
     )

@@ -16,6 +16,8 @@ from r2m_ext.io.paths import require_regular_file, resolved
 from r2m_ext.options import MergeOptions
 
 RECIPE_FILE = "r2m_recipe.yaml"
+# What a merge writes: a whole model (safetensors shards) or a PEFT LoRA adapter.
+OUT_FORMATS = ("safetensors", "peft")
 _TOP_LEVEL = {
     "r2m_ext_version",
     "method",
@@ -116,8 +118,8 @@ def load_recipe(path: str | Path) -> dict:
         isinstance(shard_size, bool) or not isinstance(shard_size, (int, str))
     ):
         raise R2MError(f"{path}: 'shard_size' must be a size like 5GB, got {shard_size!r}")
-    if document.get("out_format") not in (None, "safetensors", "peft"):
-        raise R2MError(f"{path}: 'out_format' must be safetensors or peft")
+    if document.get("out_format") not in (None, *OUT_FORMATS):
+        raise R2MError(f"{path}: 'out_format' must be one of {', '.join(OUT_FORMATS)}")
     max_rank = document.get("max_rank")
     if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int)):
         raise R2MError(f"{path}: 'max_rank' must be an integer, got {max_rank!r}")

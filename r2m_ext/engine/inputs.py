@@ -199,9 +199,15 @@ class MergeInputs:
     def whole_need(self, entry: TensorPlan, extra_stacks: float = 0) -> int:
         return int(entry.numel * self.bytes_per_element(entry, extra_stacks))
 
-    def fits_step(self, nbytes: int) -> bool:
-        """Whether a step holding `nbytes` fits the budget (block_budget)."""
-        return nbytes <= self.block_budget()
+    def whole_base(self, entry: TensorPlan) -> torch.Tensor | None:
+        """The base's tensor whole in the compute dtype (checked for NaN/Inf, naming its file),
+        for a step that holds it as read, widened and one result beside it; None when that
+        step does not fit the budget. For methods that take the experts' updates as factors."""
+        need = entry.numel * (entry.in_dtype.itemsize + 2 * self.compute_dtype.itemsize)
+        if need > self.block_budget():
+            return None
+        self.budget.note_step(need + self._in_flight())
+        return self.raw(0, entry.name).to(self.compute_dtype)
 
     def fits_whole(self, entry: TensorPlan, extra_stacks: float = 0) -> bool:
         return self.whole_need(entry, extra_stacks) <= self.block_budget()

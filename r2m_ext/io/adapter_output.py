@@ -32,13 +32,13 @@ import torch
 from r2m_ext import ops
 from r2m_ext.determinism import name_key
 from r2m_ext.errors import R2MError
-from r2m_ext.io.lora import PEFT_PREFIX, LoraModule, LoraSource
+from r2m_ext.io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoraModule, LoraSource
 from r2m_ext.io.source import TensorSource
 from r2m_ext.plan import MergePlan
 
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-OUT_FORMATS = ("safetensors", "peft")
+# What an adapter output holds: the files PEFT writes (the safetensors form of its weights).
+ADAPTER_WEIGHTS_FILE = ADAPTER_WEIGHTS[0]
+ADAPTER_CONFIG_FILE = ADAPTER_CONFIG
 # Merged tensors outside the adapter may differ from the base's by this many ulps (an average of
 # identical copies rounds), and no more.
 _BASE_TOLERANCE_ULPS = 8

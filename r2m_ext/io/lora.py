@@ -31,7 +31,7 @@ from r2m_ext.io.safetensors_format import SafetensorsFile
 from r2m_ext.io.source import SourceFormat, TensorMeta, TensorSource, register_source_format
 
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # as PEFT saves them
 PEFT_PREFIX = "base_model.model."
 # Key suffixes of a LoRA module's factors: (A, B, whether an embedding's).
 _FACTOR_SUFFIXES = (

@@ -90,8 +90,9 @@ class TaskTensors(Protocol):
         """Says which tensors' experts later passes will not read (their updates come as
         factors), so that they are not read ahead."""
 
-    def fits_step(self, nbytes: int) -> bool:
-        """Whether a step holding `nbytes` beside what is kept fits the budget."""
+    def whole_base(self, entry: TensorPlan) -> torch.Tensor | None:
+        """The base's tensor whole in the compute dtype, for a step that holds it and one
+        result beside it; None when that does not fit the budget."""
 
     def fits_whole(self, entry: TensorPlan, extra_stacks: float = 0) -> bool:
         """Whether `load` can serve this tensor whole with that workspace (else a method that

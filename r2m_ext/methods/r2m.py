@@ -219,11 +219,10 @@ class _R2mMerge:
             # LoRA experts: <L_i R_i^T, L_j R_j^T> = sum((L_i^T L_j) * (R_i^T R_j)), from the
             # factors (the inputs are read, and checked for NaN/Inf, by the write pass).
             tensor_gram = torch.zeros(self.n, self.n, dtype=torch.float64)
-            for i, (left_i, right_i) in enumerate(factors):
-                for j, (left_j, right_j) in enumerate(factors[: i + 1]):
-                    products = (left_i.double().T @ left_j.double()) * (
-                        right_i.double().T @ right_j.double()
-                    )
+            wide = [(left.double(), right.double()) for left, right in factors]
+            for i, (left_i, right_i) in enumerate(wide):
+                for j, (left_j, right_j) in enumerate(wide[: i + 1]):
+                    products = (left_i.T @ left_j) * (right_i.T @ right_j)
                     tensor_gram[i, j] = tensor_gram[j, i] = products.sum().cpu()
             self.tensor_grams[entry.name] = tensor_gram
             return tensor_gram
@@ -329,12 +328,9 @@ class _R2mMerge:
         full_sq = core.square().sum(dim=(1, 2)).cpu()
         return left.to(dtype), right.to(dtype), singular[:, :keep], full_sq
 
-    def factored_merge_bytes(self, entry: TensorPlan) -> int:
-        """What factored_merge holds: the base as read and in the compute dtype, the result."""
-        compute = self.tensors.compute_dtype.itemsize
-        return entry.numel * (entry.in_dtype.itemsize + 2 * compute)
-
-    def factored_merge(self, entry: TensorPlan, weights_out: torch.Tensor) -> torch.Tensor:
+    def factored_merge(
+        self, entry: TensorPlan, weights_out: torch.Tensor, base: torch.Tensor
+    ) -> torch.Tensor:
         """The write pass of a matrix the experts update by LoRA factors, from the base alone:
         theta_0 + sum_j c_j L_j R_j^T + sum_i w_i left_i right_i^T is one low-rank product of
         the core's and the truncated residuals' factors side by side, added to the base (no
@@ -351,8 +347,6 @@ class _R2mMerge:
         lefts = [c_weights[j] * factor for j, (factor, _) in enumerate(factors)]
         lefts += [weights[i] * left[i] for i in range(self.n)]
         rights = [factor for _, factor in factors] + [right[i] for i in range(self.n)]
-        # Read here, and so checked for NaN/Inf naming its file: the base enters with weight 1.
-        base = tensors.raw(0, entry.name).to(tensors.compute_dtype)
         return ops.lowrank_accumulate(
             base,
             torch.cat(lefts, dim=1).unsqueeze(0),
@@ -536,8 +530,10 @@ class _R2mMerge:
     def emit(self, entry: TensorPlan) -> Merged:
         n, tensors = self.n, self.tensors
         weights_out = (self.eta / n) * self.scales[entry.name]
-        if entry.name in self.factored and tensors.fits_step(self.factored_merge_bytes(entry)):
-            yield entry.name, None, self.factored_merge(entry, weights_out)
+        # Checked for NaN/Inf as it is read, naming its file: the base enters with weight 1.
+        base = tensors.whole_base(entry) if entry.name in self.factored else None
+        if base is not None:
+            yield entry.name, None, self.factored_merge(entry, weights_out, base)
             return
         if entry.name in self.truncating:
             kept = tensors.take(entry.name)
