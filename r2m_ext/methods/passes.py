@@ -5,9 +5,9 @@ A statistic pass says, per tensor, what it observes (a small typed value: R²M's
 TIES's integer magnitude counts), how two of them combine, and what the method does with the
 total. The engine observes the pass's tensors in the plan's canonical order and folds them with
 `combine` in that order, so a float statistic reduces to the same bits however the tensors were
-split (today one process, tomorrow ranks that each observe a share and gather them in plan
-order). `exact` marks statistics whose combination is order-free (integer counts), which may be
-folded in any grouping (and all-reduced).
+split (one process, or ranks of a distributed merge that each observe a share and gather
+every part: engine/run.py, engine/ranks.py). `exact` marks statistics whose combination is
+order-free (integer counts), which may be folded in any grouping (and all-reduced).
 """
 
 from __future__ import annotations
