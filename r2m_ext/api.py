@@ -345,6 +345,7 @@ def _merge_files_on_rank(
                 written_behind=lambda: writer.queued_bytes,
                 scratch_dir=scratch,
                 owns=ranks.owns,
+                writes_updates=adapter is not None,
             )
 
             def merge_share() -> dict:

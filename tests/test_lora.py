@@ -443,3 +443,54 @@ def test_nan_in_the_base_under_lora_experts_is_still_named(models, tmp_path):
     with pytest.raises(R2MError, match=r"'model.layers.0.self_attn.q_proj.weight' in .*base"):
         r2m_ext.merge_files(base, experts, tmp_path / "out", "r2m")
     assert not (tmp_path / "out").exists()
+
+
+# -- merges from the factors: average, task arithmetic and R²M never densify an expert ----------
+@pytest.mark.parametrize("method", ("average", "task_arithmetic"))
+@pytest.mark.parametrize("max_memory", (None, "100KB"))
+def test_linear_methods_merge_lora_experts_from_their_factors(models, tmp_path, method, max_memory):
+    """All experts adapters: a matrix's merged update is their factors side by side, scaled (one
+    product onto the base, or under a budget too small for the base whole the dense path over
+    row blocks), equal to the merge of PEFT's materialised experts."""
+    options = {"compute_dtype": "float64", "max_memory": max_memory}
+    got = r2m_ext.merge_files(
+        models / "base", [models / n for n in ADAPTERS], tmp_path / "a", method, **options
+    )
+    dense = [models / f"d{i}" for i in (1, 2, 3)]
+    want = r2m_ext.merge_files(models / "base", dense, tmp_path / "d", method, **options)
+    got, want = tensors_in(got), tensors_in(want)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        # PEFT's materialised experts hold W + s B A rounded to float32; the factors do not.
+        assert relative_error(got[name], want[name]) <= 1e-6, name
+
+
+@pytest.mark.parametrize("method", ("average", "r2m"))
+def test_adapter_output_reads_no_base_matrix_the_experts_update_by_factors(
+    models, tmp_path, method
+):
+    """Writing an adapter, the matrices merged from factors read nothing: exactly the base bytes
+    of those matrices fewer than the same merge written as a model (which adds the base)."""
+    experts = [models / n for n in ADAPTERS]
+    reports: dict = {"model": {}, "peft": {}}
+    for out_format, report in reports.items():
+        r2m_ext.merge_files(
+            models / "base",
+            experts,
+            tmp_path / out_format,
+            method,
+            out_format=out_format if out_format == "peft" else "safetensors",
+            report=report,
+        )
+    base = load_file(models / "base" / "model.safetensors")
+    adapted = {
+        name
+        for name, tensor in base.items()
+        # a1 saves the head whole (modules_to_save) and its adapted embedding layer beside it
+        if tensor.dim() == 2 and name not in ("lm_head.weight", "model.embed_tokens.weight")
+    }
+    read = {
+        k: sum(p["input_bytes_read"] for p in r["io_bytes"].values()) for k, r in reports.items()
+    }
+    base_bytes = sum(base[n].numel() * base[n].element_size() for n in adapted)
+    assert read["model"] - read["peft"] == base_bytes

@@ -47,6 +47,12 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
+def _has_low_rank_update(source: TensorSource, name: str) -> bool:
+    """Whether `source` gives its update of tensor `name` as factors (a LoRA adapter)."""
+    has = getattr(source, "has_low_rank_update", None)
+    return has is not None and has(name)
+
+
 def _elements(entry: TensorPlan, rows: slice | None) -> int:
     if rows is None:
         return entry.numel
@@ -125,6 +131,7 @@ class MergeInputs:
         written_behind: Callable[[], int] = lambda: 0,
         scratch_dir: Path | None = None,
         owns: Callable[[str], bool] = lambda name: True,
+        writes_updates: bool = False,
     ):
         self.body = plan.body
         # What the write pass produces: this rank's tensors (all on one process) not yet done.
@@ -157,7 +164,16 @@ class MergeInputs:
         self.pass_io: dict[str, dict[str, int]] = {}
         self._input_bytes = 0
         self._input_bytes_lock = threading.Lock()  # the reader threads count too
-        self._base_only: set[str] = set()  # reads_base_only
+        self.writes_updates = writes_updates
+        # Matrices the method merges from the experts' LoRA factors: their dense values are
+        # never read, so never read ahead (at most the base is, by the write pass).
+        self._from_factors = {
+            t.name
+            for t in plan.body
+            if self._method.merges_factors
+            and t.tensor_class is TensorClass.MATRIX
+            and all(_has_low_rank_update(source, t.name) for source in sources[1:])
+        }
         self._prefetcher = None
         if io_threads > 0:
             self._prefetcher = _Prefetcher(
@@ -515,11 +531,6 @@ class MergeInputs:
             factors.append(tuple(f.to(self.device, self.compute_dtype) for f in found))
         return factors
 
-    def reads_base_only(self, names: Iterable[str]) -> None:
-        """Tensors whose experts the method will not read in its later passes (their updates
-        come as factors): the reader does not load them ahead."""
-        self._base_only.update(names)
-
     def head(self, entry: TensorPlan) -> torch.Tensor:
         if entry.head_only_in_base:
             # Spec §4: a head tensor no expert has counts as 0.
@@ -560,7 +571,7 @@ class MergeInputs:
                 [
                     (n, b)
                     for (n, b), t in zip(raw_bytes, items, strict=True)
-                    if self.whole_need(t) <= fits and t.name not in self._base_only
+                    if self.whole_need(t) <= fits and t.name not in self._from_factors
                 ]
             )
         iterator = items

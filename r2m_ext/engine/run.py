@@ -12,7 +12,7 @@ from r2m_ext.classify import TensorClass
 from r2m_ext.engine.inputs import MergeInputs, all_finite
 from r2m_ext.engine.ranks import Ranks
 from r2m_ext.errors import R2MError
-from r2m_ext.methods.passes import MergedBlock, MethodPasses, StatisticPass
+from r2m_ext.methods.passes import LowRankUpdate, MergedBlock, MethodPasses, StatisticPass
 from r2m_ext.methods.registry import get_method
 from r2m_ext.options import MergeOptions
 from r2m_ext.plan import MergePlan
@@ -30,7 +30,9 @@ def run_merge(
 ) -> Iterator[OutputBlock]:
     """Yields (name, rows, values) for every tensor of the plan not in `done` (and, on one of
     several `ranks`, that this rank owns), in plan order; rows is None for a whole tensor, else
-    the slice of its first dimension the block covers."""
+    the slice of its first dimension the block covers. Values are the merged tensor in its output
+    dtype, or where the output takes updates (`inputs.writes_updates`) a factored matrix's
+    LowRankUpdate."""
     ranks = Ranks() if ranks is None else ranks
     work = get_method(options.method).merge(inputs, options.method_options, report)
     merged_body = _run_passes(work, inputs, ranks)
@@ -46,13 +48,17 @@ def run_merge(
         else:
             blocks = _body_blocks(entry, merged_body)
         for rows, values in blocks:
-            values = values.to(entry.out_dtype)
-            if not options.allow_nonfinite and values.dtype.is_floating_point:
-                if not all_finite(values):
-                    raise R2MError(
-                        f"merged tensor {entry.name!r} is not finite in {entry.out_dtype}"
-                        " (overflow? check out_dtype and the scale options)"
-                    )
+            if isinstance(values, LowRankUpdate):
+                # The output casts what it makes of the factors (an adapter's own factors).
+                checked = values.tensors()
+            else:
+                values = values.to(entry.out_dtype)
+                checked = (values,) if values.dtype.is_floating_point else ()
+            if not options.allow_nonfinite and not all(all_finite(t) for t in checked):
+                raise R2MError(
+                    f"merged tensor {entry.name!r} is not finite in {entry.out_dtype}"
+                    " (overflow? check out_dtype and the scale options)"
+                )
             yield entry.name, rows, values
     # Let the method finish its last pass (its timing, its checks); it must have nothing left.
     for name, rows, _ in merged_body:

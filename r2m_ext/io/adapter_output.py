@@ -34,6 +34,7 @@ from r2m_ext.determinism import name_key
 from r2m_ext.errors import R2MError
 from r2m_ext.io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoraModule, LoraSource
 from r2m_ext.io.source import TensorSource
+from r2m_ext.methods.passes import LowRankUpdate
 from r2m_ext.plan import MergePlan
 
 # What an adapter output holds: the files PEFT writes (the safetensors form of its weights).
@@ -54,8 +55,15 @@ class _Module:
     module: str
     embedding: bool
     transposed: bool  # M = (B @ A)^T: embeddings and fan_in_fan_out
-    factors: list[tuple[torch.Tensor, torch.Tensor]]  # (s_j B_j, A_j) per expert adapting it
+    experts: list[tuple[LoraSource, LoraModule]]  # each expert adapting it
     rank: int  # of the factors written
+
+    def factors(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(s_j B_j, A_j) of each expert adapting it, in float64, read now (not held: a 7B
+        model's adapters are too large to keep in memory beside the merge)."""
+        for source, lora in self.experts:
+            a = source.adapter.tensors[lora.key_a].double()
+            yield source.adapter.tensors[lora.key_b].double() * lora.scaling, a
 
     @property
     def keys(self) -> tuple[str, str]:
@@ -114,7 +122,7 @@ class AdapterOutput:
                 self._whole.setdefault(tensor, key)
         for found in self._modules.values():
             m, n = self._matrix_shape(found)
-            in_span = min(sum(a.shape[0] for _, a in found.factors), m, n)
+            in_span = min(sum(lora.rank for _, lora in found.experts), m, n)
             found.rank = in_span if max_rank is None else min(max_rank, m, n)
             if exact_in_span and max_rank is not None:
                 found.rank = min(found.rank, in_span)
@@ -126,8 +134,6 @@ class AdapterOutput:
         return (shape[1], shape[0]) if module.transposed else (shape[0], shape[1])
 
     def _add_factors(self, source: LoraSource, tensor: str, module: LoraModule) -> None:
-        a = source.adapter.tensors[module.key_a].double()
-        b = source.adapter.tensors[module.key_b].double() * module.scaling
         transposed = module.embedding or module.fan_in_fan_out
         found = self._modules.get(tensor)
         if found is None:
@@ -148,7 +154,7 @@ class AdapterOutput:
                 f"{' with fan_in_fan_out' if module.fan_in_fan_out else ''}, another expert "
                 "adapts it otherwise; their merge cannot be one adapter"
             )
-        found.factors.append((b, a))
+        found.experts.append((source, module))
 
     @property
     def layout(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
@@ -168,10 +174,19 @@ class AdapterOutput:
         return entries
 
     def convert(
-        self, name: str, rows: slice | None, values: torch.Tensor
+        self, name: str, rows: slice | None, values: torch.Tensor | LowRankUpdate
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """The adapter's tensors from a merged tensor (or its next row block): factors once a
-        module's tensor is complete, a whole tensor as it comes, nothing for the others."""
+        """The adapter's tensors from a merged tensor (or its next row block), or from the
+        update of a matrix merged from factors: factors once a module's tensor is complete, a
+        whole tensor as it comes, nothing for the others."""
+        if isinstance(values, LowRankUpdate):
+            module = self._modules.get(name)
+            if module is not None:
+                a, b = self._factor_update(module, values)
+                yield from self._module_tensors(module, a, b)
+            elif not values.is_zero():  # no expert adapts it: its update must be zero
+                raise self._not_an_adapter(name)
+            return
         if name in self._whole:
             yield self._whole[name], values
             return
@@ -186,9 +201,15 @@ class AdapterOutput:
         merged = torch.cat(parts) if len(parts) > 1 else parts[0]
         del self._pending[name]
         a, b = self._factor(module, merged)
+        yield from self._module_tensors(module, a, b)
+
+    def _module_tensors(
+        self, module: _Module, a: torch.Tensor, b: torch.Tensor
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        out_dtype = self._meta[module.tensor].out_dtype
         key_a, key_b = module.keys
-        yield key_a, a.to(self._meta[name].out_dtype).contiguous()
-        yield key_b, b.to(self._meta[name].out_dtype).contiguous()
+        yield key_a, a.to(out_dtype).contiguous()
+        yield key_b, b.to(out_dtype).contiguous()
 
     def _check_unchanged(self, name: str, rows: slice | None, values: torch.Tensor) -> None:
         base = self._base.read(name, rows)
@@ -200,7 +221,11 @@ class AdapterOutput:
             ulp = torch.finfo(values.dtype).eps * wide.abs()
             if bool(((values.double() - wide).abs() <= _BASE_TOLERANCE_ULPS * ulp).all()):
                 return
-        raise R2MError(
+        raise self._not_an_adapter(name)
+
+    @staticmethod
+    def _not_an_adapter(name: str) -> R2MError:
+        return R2MError(
             f"merged tensor {name!r} differs from the base's but no adapter updates it (neither "
             "a LoRA module nor saved whole): the merge cannot be written as an adapter"
         )
@@ -213,8 +238,10 @@ class AdapterOutput:
         update = update.T if module.transposed else update
         total = float(update.square().sum())
         if self._exact_in_span:
-            q_b, _ = torch.linalg.qr(torch.cat([b for b, _ in module.factors], dim=1))
-            q_a, _ = torch.linalg.qr(torch.cat([a for _, a in module.factors], dim=0).T)
+            factors = list(module.factors())
+            q_b, _ = torch.linalg.qr(torch.cat([b for b, _ in factors], dim=1))
+            q_a, _ = torch.linalg.qr(torch.cat([a for _, a in factors], dim=0).T)
+            del factors
             left, singular, right_h = torch.linalg.svd(q_b.T @ update @ q_a, full_matrices=False)
             left, right_h = q_b @ left, right_h @ q_a.T
         else:
@@ -223,6 +250,37 @@ class AdapterOutput:
             key = name_key(module.tensor, tuple(update.shape))
             left, singular, right = ops.randomized_svd(update, module.rank, key=key)
             right_h = right.T
+        return self._truncated(module, left, singular, right_h, total)
+
+    def _factor_update(
+        self, module: _Module, update: LowRankUpdate
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_factor` of a module whose merged update came factored: the SVD of its small core
+        (after QRs of its factors where they are not orthonormal already), exact; no m x n
+        matrix, no base."""
+        left, right = update.left.double(), update.right.double()
+        if update.core is None:
+            left, t_left = torch.linalg.qr(left)
+            right, t_right = torch.linalg.qr(right)
+            core = t_left @ t_right.T
+        else:
+            core = update.core.double()
+        if module.transposed:  # the adapter's B @ A is the update's transpose
+            left, right, core = right, left, core.T
+        u, singular, vh = torch.linalg.svd(core, full_matrices=False)
+        total = float(singular.square().sum())
+        return self._truncated(module, left @ u, singular, vh @ right.T, total)
+
+    def _truncated(
+        self,
+        module: _Module,
+        left: torch.Tensor,
+        singular: torch.Tensor,
+        right_h: torch.Tensor,
+        total: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the first `module.rank` singular triplets (zero-padded to it), recording
+        the share of the update's energy `total` they keep."""
         rank = module.rank
         left, singular, right_h = left[:, :rank], singular[:rank], right_h[:rank]
         if singular.numel() < rank:  # fewer directions than the layout's rank: zero-padded

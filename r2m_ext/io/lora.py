@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,17 @@ class LoraAdapter:
         self.tensors = self._load_weights()
         self.modules = self._modules()
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of saved tensor `key`, without reading it."""
+        tensors = self.tensors
+        return (
+            tensors.shape(key) if isinstance(tensors, _SavedTensors) else tuple(tensors[key].shape)
+        )
+
+    def close(self) -> None:
+        if isinstance(self.tensors, _SavedTensors):
+            self.tensors.close()
+
     def _weights_file(self) -> Path:
         for name in ADAPTER_WEIGHTS:
             if (self.path / name).exists():
@@ -102,15 +114,10 @@ class LoraAdapter:
                 return self.path / name
         raise R2MError(f"{self.path}: no {' or '.join(ADAPTER_WEIGHTS)} beside {ADAPTER_CONFIG}")
 
-    def _load_weights(self) -> dict[str, torch.Tensor]:
+    def _load_weights(self) -> Mapping[str, torch.Tensor]:
         path = self.weights_path
         if path.suffix == ".safetensors":
-            handle = SafetensorsFile(path)
-            try:
-                # Adapters are small: read whole, copied out of the file's mapping.
-                return {name: handle.read(name).clone() for name in handle.entries}
-            finally:
-                handle.close()
+            return _SavedTensors(SafetensorsFile(path))
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad file
@@ -138,15 +145,15 @@ class LoraAdapter:
                 key_b = prefixed + suffix_b
                 if key_b not in self.tensors:
                     raise R2MError(f"{self.weights_path}: {key} has no {key_b}")
-                a, b = self.tensors[key], self.tensors[key_b]
-                if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+                a, b = self.shape(key), self.shape(key_b)
+                if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
                     raise R2MError(
-                        f"{self.weights_path}: {key} {list(a.shape)} and {key_b} "
-                        f"{list(b.shape)}: not the factors of a linear or embedding LoRA "
+                        f"{self.weights_path}: {key} {list(a)} and {key_b} "
+                        f"{list(b)}: not the factors of a linear or embedding LoRA "
                         "(convolution LoRA is not supported)"
                     )
                 module = prefixed.removeprefix(PEFT_PREFIX)
-                rank = int(a.shape[0])
+                rank = int(a[0])
                 declared = _pattern_value(rank_pattern, module, config.get("r", rank))
                 if declared != rank:
                     raise R2MError(
@@ -195,6 +202,32 @@ class LoraAdapter:
         return ((b if rows is None else b[rows]) @ a) * module.scaling
 
 
+class _SavedTensors(Mapping[str, torch.Tensor]):
+    """An adapter's safetensors by key, each read (mapped from the file, not copied) when asked
+    for: eight rank-16 adapters of a 7B model hold 1.3 GB of float32 factors, which a merge
+    needs one module at a time."""
+
+    def __init__(self, handle: SafetensorsFile):
+        self._handle = handle
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._handle.entries:
+            raise KeyError(key)
+        return self._handle.read(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._handle.entries)
+
+    def __len__(self) -> int:
+        return len(self._handle.entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle.entries[key][1])
+
+    def close(self) -> None:
+        self._handle.close()
+
+
 def _match(name: str, base_names: set[str]) -> str | None:
     """The base tensor an adapter tensor name refers to: the same name, or the same after
     leading components are dropped from either (a task model's `model.` around a backbone)."""
@@ -239,17 +272,12 @@ class LoraSource:
                     f"base {base.label}"
                 )
             shape = tuple(base_meta[target][0])
-            rows, columns = (
-                (
-                    self.adapter.tensors[module.key_a].shape[1],
-                    self.adapter.tensors[module.key_b].shape[0],
-                )
-                if module.embedding or module.fan_in_fan_out
-                else (
-                    self.adapter.tensors[module.key_b].shape[0],
-                    self.adapter.tensors[module.key_a].shape[1],
-                )
+            columns_a, rows_b = (
+                self.adapter.shape(module.key_a)[1],
+                self.adapter.shape(module.key_b)[0],
             )
+            transposed = module.embedding or module.fan_in_fan_out
+            rows, columns = (columns_a, rows_b) if transposed else (rows_b, columns_a)
             if shape != (rows, columns):
                 raise R2MError(
                     f"{weights}: {module.key_a}: the update is [{rows}, {columns}], the base's "
@@ -260,10 +288,10 @@ class LoraSource:
             target = _match(name, names)
             if target is None:
                 raise R2MError(f"{weights}: {key}: no tensor {name!r} in the base {base.label}")
-            saved = self.adapter.tensors[key]
-            if tuple(saved.shape) != tuple(base_meta[target][0]):
+            saved = self.adapter.shape(key)
+            if saved != tuple(base_meta[target][0]):
                 raise R2MError(
-                    f"{weights}: {key} is {list(saved.shape)}, the base's {target} is "
+                    f"{weights}: {key} is {list(saved)}, the base's {target} is "
                     f"{list(base_meta[target][0])}"
                 )
             self._whole[target] = key
@@ -279,6 +307,10 @@ class LoraSource:
     def whole_tensors(self) -> dict[str, str]:
         """Tensors saved whole in the adapter, by base tensor name: the adapter key of each."""
         return dict(self._whole)
+
+    def has_low_rank_update(self, name: str) -> bool:
+        """Whether `low_rank_update(name)` gives factors (the adapter did not save it whole)."""
+        return name not in self._whole
 
     def low_rank_update(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(left [m, r], right [n, r]) in float32 with this expert's update of matrix `name`
@@ -313,7 +345,7 @@ class LoraSource:
         return self._base.where(name)
 
     def close(self) -> None:
-        pass
+        self.adapter.close()
 
     def describe(self) -> list[str]:
         return describe_adapter(self.adapter)

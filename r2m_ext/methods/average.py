@@ -26,5 +26,6 @@ register(
         merge=merge_average,
         passes=("merge",),
         update_in_expert_span=True,
+        merges_factors=True,
     )
 )

@@ -15,7 +15,7 @@ import torch
 from r2m_ext import ops, reference
 from r2m_ext.classify import TensorClass
 from r2m_ext.determinism import name_key
-from r2m_ext.methods.passes import Merged
+from r2m_ext.methods.passes import LowRankUpdate, Merged
 from r2m_ext.methods.registry import Range, option
 from r2m_ext.plan import TensorPlan
 
@@ -35,6 +35,9 @@ class TaskTensors(Protocol):
     compute_dtype: torch.dtype
     device: torch.device  # where the compute-dtype tensors live
     timings: dict[str, float]
+    # The output takes a factored matrix's update (LowRankUpdate), not its merged weights: an
+    # adapter, which never needs the base's values.
+    writes_updates: bool
 
     def load(
         self,
@@ -85,10 +88,6 @@ class TaskTensors(Protocol):
     def low_rank_updates(self, entry: TensorPlan) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Each expert's update of this matrix as factors (left [m, r_i], right [n, r_i]) where
         every expert is a low-rank update of the base there (LoRA adapters), else None."""
-
-    def reads_base_only(self, names: Iterable[str]) -> None:
-        """Says which tensors' experts later passes will not read (their updates come as
-        factors), so that they are not read ahead."""
 
     def whole_base(self, entry: TensorPlan) -> torch.Tensor | None:
         """The base's tensor whole in the compute dtype, for a step that holds it and one
@@ -180,9 +179,75 @@ def low_rank_factors(
     )
 
 
+@dataclass(frozen=True)
+class FactorBasis:
+    """Orthonormal bases of a matrix's stacked LoRA factors, [L_1 .. L_N] = Q_L T_L and
+    [R_1 .. R_N] = Q_R T_R (QR, float64), for updates tau_j = L_j R_j^T: every tau_j, and every
+    linear combination of them, is Q_L C Q_R^T for a core C of at most K x K (K = sum r_j),
+    tau_j's own being T_L[:, cols_j] T_R[:, cols_j]^T. So the SVD methods factor such a matrix
+    exactly from a K x K core, never an m x n one. Norms and inner products of such matrices are
+    their cores' (Q orthonormal), so a pass that needs no m x n result takes the T's alone."""
+
+    t_left: torch.Tensor  # [K_L, K]
+    t_right: torch.Tensor  # [K_R, K]
+    owner: torch.Tensor  # [K]: the expert of each column
+    q_left: torch.Tensor | None  # [m, K_L]; None where not asked for
+    q_right: torch.Tensor | None  # [n, K_R]
+
+    @classmethod
+    def of(
+        cls, factors: Sequence[tuple[torch.Tensor, torch.Tensor]], with_q: bool = True
+    ) -> FactorBasis:
+        """From each expert's (left [m, r_j], right [n, r_j]); the Q's only `with_q` (forming
+        them costs as much again as the T's, which are the same bits either way). A matrix no
+        expert updates gets one zero column, so that every core is a 1 x 1 zero, not empty."""
+        lefts = [left.double() for left, _ in factors]
+        rights = [right.double() for _, right in factors]
+        owner = [torch.full((left.shape[1],), j, dtype=torch.long) for j, left in enumerate(lefts)]
+        if sum(left.shape[1] for left in lefts) == 0:
+            lefts = [lefts[0].new_zeros(lefts[0].shape[0], 1)]
+            rights = [rights[0].new_zeros(rights[0].shape[0], 1)]
+            owner = [torch.zeros(1, dtype=torch.long)]
+        mode = "reduced" if with_q else "r"
+        q_left, t_left = torch.linalg.qr(torch.cat(lefts, dim=1), mode=mode)
+        q_right, t_right = torch.linalg.qr(torch.cat(rights, dim=1), mode=mode)
+        if not with_q:
+            q_left = q_right = None
+        return cls(t_left, t_right, torch.cat(owner).to(t_left.device), q_left, q_right)
+
+    def core(self, weights: torch.Tensor) -> torch.Tensor:
+        """The core of sum_j weights[..., j] tau_j: [..., K_L, K_R] for weights [..., N]."""
+        scaled = self.t_left * weights.to(self.t_left)[..., self.owner].unsqueeze(-2)
+        return scaled @ self.t_right.T
+
+
+def factored_output(tensors: TaskTensors, entry: TensorPlan, update: LowRankUpdate):
+    """What to emit for a matrix whose merged update is `update`: the update itself, where the
+    output takes updates; else theta_0 + update, one product onto the base, where the base fits
+    one step whole; else None (the method then takes its dense path over row blocks)."""
+    if tensors.writes_updates:
+        return update
+    base = tensors.whole_base(entry)
+    if base is None:
+        return None
+    left = update.left if update.core is None else update.left @ update.core.to(update.left)
+    one = torch.ones(1, dtype=left.dtype, device=left.device)
+    return ops.lowrank_accumulate(base, left.unsqueeze(0), update.right.unsqueeze(0), one)
+
+
 def mean_update(tensors: TaskTensors, entry: TensorPlan, scale: float = 1.0) -> Merged:
-    """theta_0 + scale * sum_i tau_i / N, elementwise, fused (average; means of other methods)."""
+    """theta_0 + scale * sum_i tau_i / N, elementwise, fused (average; means of other methods).
+    Where every expert updates a matrix by LoRA factors, the update is their weighted
+    concatenation, sum_i (scale / N) L_i R_i^T: no expert is densified."""
     n = tensors.n_experts
+    factors = tensors.low_rank_updates(entry)
+    if factors is not None:
+        left = torch.cat([(scale / n) * left for left, _ in factors], dim=1)
+        right = torch.cat([right for _, right in factors], dim=1)
+        merged = factored_output(tensors, entry, LowRankUpdate(left, right))
+        if merged is not None:
+            yield entry.name, None, merged
+            return
     weights = torch.full((1, n), scale / n, dtype=torch.float64)
     zero_weight = range(1, n + 1) if scale == 0 else ()
     for rows, base, experts in tensors.raw_blocks(entry):

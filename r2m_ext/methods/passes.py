@@ -21,8 +21,33 @@ import torch
 from r2m_ext.plan import TensorPlan
 
 Statistic = TypeVar("Statistic")
+
+
+@dataclass(frozen=True)
+class LowRankUpdate:
+    """A merged matrix given by its update of the base: base + left @ right^T (left [m, K],
+    right [n, K]), or with a `core` [K, K'] base + left @ core @ right^T where left and right
+    have orthonormal columns (so the update's SVD is the core's). What a method emits for a
+    matrix whose experts are low-rank updates (LoRA) when the output takes updates rather than
+    weights (an adapter: TaskTensors.writes_updates): nothing m x n is formed, the base not read."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+    core: torch.Tensor | None = None
+
+    def cpu(self) -> LowRankUpdate:
+        core = None if self.core is None else self.core.cpu()
+        return LowRankUpdate(self.left.cpu(), self.right.cpu(), core)
+
+    def is_zero(self) -> bool:
+        return not all(bool(t.any()) for t in self.tensors())
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.left, self.right) + (() if self.core is None else (self.core,))
+
+
 # What a method emits: (tensor name, rows or None for the whole tensor, merged values).
-MergedBlock = tuple[str, "slice | None", torch.Tensor]
+MergedBlock = tuple[str, "slice | None", "torch.Tensor | LowRankUpdate"]
 Merged = Iterator[MergedBlock]
 
 

@@ -18,8 +18,10 @@ from r2m_ext import ops
 from r2m_ext.classify import TensorClass
 from r2m_ext.errors import R2MError
 from r2m_ext.methods.common import (
+    FactorBasis,
     SvdOptions,
     TaskTensors,
+    factored_output,
     factoring_work,
     low_rank_factors,
     streamed_low_rank_factors,
@@ -30,6 +32,7 @@ from r2m_ext.methods.common import (
 )
 from r2m_ext.methods.passes import (
     KeptValues,
+    LowRankUpdate,
     Merged,
     MethodPasses,
     StatisticPass,
@@ -218,12 +221,16 @@ class _R2mMerge:
         if factors is not None:
             # LoRA experts: <L_i R_i^T, L_j R_j^T> = sum((L_i^T L_j) * (R_i^T R_j)), from the
             # factors (the inputs are read, and checked for NaN/Inf, by the write pass).
-            tensor_gram = torch.zeros(self.n, self.n, dtype=torch.float64)
-            wide = [(left.double(), right.double()) for left, right in factors]
-            for i, (left_i, right_i) in enumerate(wide):
-                for j, (left_j, right_j) in enumerate(wide[: i + 1]):
-                    products = (left_i.T @ left_j) * (right_i.T @ right_j)
-                    tensor_gram[i, j] = tensor_gram[j, i] = products.sum().cpu()
+            # Two [K, K] Grams of the stacked factors, summed over each pair's block.
+            lefts = torch.cat([left.double() for left, _ in factors], dim=1)
+            rights = torch.cat([right.double() for _, right in factors], dim=1)
+            owner = torch.cat(
+                [torch.full((left.shape[1],), j) for j, (left, _) in enumerate(factors)]
+            )
+            blocks = torch.nn.functional.one_hot(owner, self.n).to(lefts)
+            products = (lefts.T @ lefts) * (rights.T @ rights)
+            tensor_gram = (blocks.T @ products @ blocks).cpu()
+            tensor_gram = torch.triu(tensor_gram) + torch.triu(tensor_gram, diagonal=1).T
             self.tensor_grams[entry.name] = tensor_gram
             return tensor_gram
         tensor_gram = torch.zeros(self.n, self.n, dtype=torch.float64)
@@ -284,75 +291,41 @@ class _R2mMerge:
         )
         return u * s.unsqueeze(-2), v, s
 
-    def factored_factors(self, entry: TensorPlan, factors, in_pass: str):
+    def factored_factors(self, basis: FactorBasis, entry: TensorPlan, in_pass: str):
         """truncated_factors of a matrix whose task vectors are low-rank updates
-        tau_j = L_j R_j^T (LoRA experts), computed from the factors alone, exactly: each residual
-        r_i = sum_j W[i, j] L_j R_j^T is Q_L (T_L D_i T_R^T) Q_R^T with Q_L T_L and Q_R T_R the QRs
-        of the stacked factors [L_1 .. L_N] and [R_1 .. R_N] and D_i the diagonal of W[i, j] over
-        task j's columns, so its best rank-rho approximation is that of the small core (at most
-        sum r_j square): no m x n matrix is formed and nothing is sketched, for svd=exact and
-        randomized alike. Also returns each residual's squared norm (the core's). In float64."""
+        tau_j = L_j R_j^T (LoRA experts), from the factors alone, exactly, in the coordinates of
+        their `basis`: each residual r_i = sum_j W[i, j] tau_j is Q_L C_i Q_R^T for the small
+        core C_i = T_L D_i T_R^T (D_i: W[i, j] over task j's columns), so its best rank-rho
+        approximation is Q_L (that of C_i) Q_R^T. Returns (left, right) [N, K, keep] with
+        r_i's truncation Q_L left_i right_i^T Q_R^T, the singular values, and each residual's
+        squared norm (C_i's), in float64: no m x n matrix is formed and nothing is sketched, for
+        svd=exact and randomized alike, and what a later pass keeps is K x K sized."""
         self.factorisations[in_pass] = self.factorisations.get(in_pass, 0) + self.n
-        n, rank = self.n, truncation_rank(entry, self.options.rank_ratio)
-        m, columns = entry.shape
-        if sum(left.shape[1] for left, _ in factors) == 0:  # no expert updates it
-            # One zero direction (not none: the products downstream want a rank).
-            device, dtype = self.tensors.device, self.tensors.compute_dtype
-            return (
-                torch.zeros(n, m, 1, dtype=dtype, device=device),
-                torch.zeros(n, columns, 1, dtype=dtype, device=device),
-                torch.zeros(n, 1, dtype=torch.float64),
-                torch.zeros(n, dtype=torch.float64),
-            )
-        lefts = torch.cat([left.double() for left, _ in factors], dim=1)
-        rights = torch.cat([right.double() for _, right in factors], dim=1)
-        owner = torch.cat(
-            [
-                torch.full((left.shape[1],), j, dtype=torch.long)
-                for j, (left, _) in enumerate(factors)
-            ]
-        ).to(lefts.device)
-        _, r_weights = self.weights_for(entry, lefts)
-        q_left, t_left = torch.linalg.qr(lefts)
-        q_right, t_right = torch.linalg.qr(rights)
-        # core_i = T_L D_i T_R^T: task j's columns of T_L weighted by W[i, j].
-        core = (t_left.unsqueeze(0) * r_weights[:, owner].unsqueeze(1)) @ t_right.T
+        _, r_weights = self.weights_for(entry, basis.t_left)
+        core = basis.core(r_weights)
         u, singular, vh = torch.linalg.svd(core, full_matrices=False)
-        # Where sum r_j < rho the residuals have no more directions: the factors keep their
-        # sum r_j columns rather than zeros up to rho (7B-Llama-shaped modules: rho 409, sum r_j
-        # 128, and every later product with the factors would be 3x the work).
-        keep = min(rank, singular.shape[-1])
-        left = q_left @ (u[..., :keep] * singular[:, None, :keep])
-        right = q_right @ vh[:, :keep].mT
-        dtype = self.tensors.compute_dtype
+        # Where sum r_j < rho the residuals have no more directions: keep sum r_j of them.
+        keep = min(truncation_rank(entry, self.options.rank_ratio), singular.shape[-1])
+        left = u[..., :keep] * singular[:, None, :keep]
+        right = vh[:, :keep].mT
         full_sq = core.square().sum(dim=(1, 2)).cpu()
-        return left.to(dtype), right.to(dtype), singular[:, :keep], full_sq
+        return left, right, singular[:, :keep], full_sq
 
-    def factored_merge(
-        self, entry: TensorPlan, weights_out: torch.Tensor, base: torch.Tensor
-    ) -> torch.Tensor:
-        """The write pass of a matrix the experts update by LoRA factors, from the base alone:
-        theta_0 + sum_j c_j L_j R_j^T + sum_i w_i left_i right_i^T is one low-rank product of
-        the core's and the truncated residuals' factors side by side, added to the base (no
-        expert's dense tensor is formed or read)."""
-        tensors = self.tensors
-        factors = tensors.low_rank_updates(entry)
-        kept = tensors.take(entry.name)
+    def factored_update(self, entry: TensorPlan, weights_out: torch.Tensor) -> LowRankUpdate:
+        """The merged update of a matrix the experts update by LoRA factors,
+        tau_core + sum_i w_i trunc(r_i) = Q_L M Q_R^T for the K x K core
+        M = sum_j c_j C_j + sum_i w_i left_i right_i^T of the truncation's factors, kept or
+        recomputed (the same QRs and SVDs, the same bits)."""
+        basis = FactorBasis.of(self.tensors.low_rank_updates(entry))
+        kept = self.tensors.take(entry.name)
         if kept is None:
-            left, right, _, _ = self.factored_factors(entry, factors, WRITE_PASS)
+            left, right, _, _ = self.factored_factors(basis, entry, WRITE_PASS)
         else:
             left, right = kept
-        c_weights, _ = self.weights_for(entry, left)
-        weights = weights_out.to(left)
-        lefts = [c_weights[j] * factor for j, (factor, _) in enumerate(factors)]
-        lefts += [weights[i] * left[i] for i in range(self.n)]
-        rights = [factor for _, factor in factors] + [right[i] for i in range(self.n)]
-        return ops.lowrank_accumulate(
-            base,
-            torch.cat(lefts, dim=1).unsqueeze(0),
-            torch.cat(rights, dim=1).unsqueeze(0),
-            torch.ones(1, dtype=left.dtype, device=left.device),
-        )
+        c_weights, _ = self.weights_for(entry, basis.t_left)
+        residuals = weights_out.to(left).view(-1, 1, 1) * left
+        merged = basis.core(c_weights) + torch.einsum("iak,ibk->ab", residuals, right)
+        return LowRankUpdate(basis.q_left, basis.q_right, merged)
 
     def streams(self, entry: TensorPlan) -> bool:
         """Whether a truncated matrix is factored over row blocks: it does not fit whole, and the
@@ -410,8 +383,9 @@ class _R2mMerge:
                 c_weights, _ = self.weights_for(entry, task_gram)
                 task_sq += task_gram.diagonal()
                 core_parts.append(float(c_weights @ task_gram @ c_weights))
+                # In the basis's coordinates: orthonormal, so the Gram below is the residuals'.
                 left, right, singular, full_sq = self.factored_factors(
-                    entry, factored, TRUNCATION_PASS
+                    FactorBasis.of(factored, with_q=False), entry, TRUNCATION_PASS
                 )
                 entry_report["factored"] = True
             elif self.streams(entry):
@@ -505,8 +479,6 @@ class _R2mMerge:
             self.eta = options.alpha * core_norm
         else:
             self.eta = options.alpha
-        # The write pass reads only the base of the matrices truncated from factors.
-        self.tensors.reads_base_only(self.factored)
         for name, grams in residual_grams.items():
             if name not in self.tensor_reports:
                 continue  # observed by another rank, which reports it
@@ -530,18 +502,29 @@ class _R2mMerge:
     def emit(self, entry: TensorPlan) -> Merged:
         n, tensors = self.n, self.tensors
         weights_out = (self.eta / n) * self.scales[entry.name]
-        # Checked for NaN/Inf as it is read, naming its file: the base enters with weight 1.
-        base = tensors.whole_base(entry) if entry.name in self.factored else None
-        if base is not None:
-            yield entry.name, None, self.factored_merge(entry, weights_out, base)
+        if entry.name in self.factored:
+            update = self.factored_update(entry, weights_out)
+            merged = factored_output(tensors, entry, update)
+            if merged is not None:
+                yield entry.name, None, merged
+                return
+            # The base does not fit one step whole: theta_0 + update over its row blocks (the
+            # experts' rows are read too, only to be checked: they enter with weight 0).
+            dtype = tensors.compute_dtype
+            left, right = (update.left @ update.core).to(dtype), update.right.to(dtype)
+            one = torch.ones(1, dtype=dtype, device=left.device)
+            for rows, base, experts in tensors.raw_blocks(entry):
+                block_left = left if rows is None else left[rows]
+                merged = ops.lowrank_accumulate(
+                    base.to(left.dtype), block_left.unsqueeze(0), right.unsqueeze(0), one
+                )
+                tensors.check_finite(entry, rows, merged, range(1, n + 1), [base, *experts])
+                yield entry.name, rows, merged
             return
         if entry.name in self.truncating:
             kept = tensors.take(entry.name)
             if kept is not None:
                 left, right = kept
-            elif entry.name in self.factored:
-                factors = tensors.low_rank_updates(entry)
-                left, right, _, _ = self.factored_factors(entry, factors, WRITE_PASS)
             elif entry.name in self.streamed:
                 left, right, _ = self.streamed_factors(entry, WRITE_PASS)
             else:
@@ -630,6 +613,7 @@ register(
         merge=merge_r2m,
         passes=("gram", "truncation", "write"),
         update_in_expert_span=True,
+        merges_factors=True,
         why_finite_required=_why_finite_required,
         check_experts=_check_experts,
         relative_work=factoring_work,

@@ -110,6 +110,10 @@ class MergeMethod:
     # update factors (average, task arithmetic, the SVD methods; not TIES's or DARE's
     # elementwise masks): then a merge of LoRA experts is an exact LoRA adapter.
     update_in_expert_span: bool = False
+    # Whether a matrix every expert updates by LoRA factors is merged from the factors
+    # (TaskTensors.low_rank_updates) in every pass, its experts' dense values never read: the
+    # engine then does not read them ahead.
+    merges_factors: bool = False
     # Report entries that count what each rank did (ints, or dicts of ints): summed over the
     # ranks of a distributed merge. Every other entry is the same on every rank, except the
     # per-tensor ones under report["tensors"], which the rank owning the tensor writes.

@@ -32,5 +32,6 @@ register(
         merge=merge_task_arithmetic,
         passes=("merge",),
         update_in_expert_span=True,
+        merges_factors=True,
     )
 )
