@@ -281,7 +281,7 @@ def dense_update(models, merged: dict[str, torch.Tensor], name: str) -> torch.Te
     return merged[name].double() - base[name].double()
 
 
-@pytest.mark.parametrize("method", ("average", "task_arithmetic", "r2m", "cart"))
+@pytest.mark.parametrize("method", ("average", "task_arithmetic", "r2m", "cart", "tsv"))
 def test_adapter_output_is_the_dense_merge_exactly(models, tmp_path, method):
     """The methods whose update stays in the experts' factor span: the adapter PEFT loads is the
     dense merge, weights and forward pass, and every module keeps all its energy."""
@@ -347,7 +347,7 @@ def test_adapter_output_refuses_what_it_cannot_write(models, tmp_path):
     experts = [models / "a1", models / "a3"]
     cases = [
         ({"method": "ties", "out_format": "peft"}, experts, "pass --max-rank R"),
-        ({"method": "tsv", "out_format": "peft"}, experts, "pass --max-rank R"),
+        ({"method": "dare", "out_format": "peft"}, experts, "pass --max-rank R"),
         ({"out_format": "peft"}, [*experts, models / "dense"], "merges LoRA adapters only"),
         ({"max_rank": 3}, experts, "--max-rank applies to --out-format peft"),
         ({"out_format": "gguf"}, experts, "out_format must be one of"),
@@ -494,3 +494,78 @@ def test_adapter_output_reads_no_base_matrix_the_experts_update_by_factors(
     }
     base_bytes = sum(base[n].numel() * base[n].element_size() for n in adapted)
     assert read["model"] - read["peft"] == base_bytes
+
+
+# -- TSV-M and CART from the factors, against the float64 NumPy references of the spec ---------
+def hand_sized_adapters(root: Path, ranks=(3, 4, 5)) -> tuple[Path, list[Path], list[dict]]:
+    """A float64 base with two matrices and a vector, and one adapter per rank written by hand
+    (PEFT's layout: base_model.model.<module>.lora_A/B.weight, lora_alpha 2r); also the experts
+    they make, materialised in float64 from the same float32 factors."""
+    g = torch.Generator().manual_seed(7)
+    base = {
+        "layer.weight": torch.randn(12, 9, generator=g, dtype=torch.float64),
+        "other.weight": torch.randn(10, 10, generator=g, dtype=torch.float64),
+        "norm.weight": torch.ones(9, dtype=torch.float64),
+    }
+    (root / "base").mkdir(parents=True)
+    save_file(base, str(root / "base" / "model.safetensors"), metadata={"format": "pt"})
+    adapters, dense = [], []
+    for i, rank in enumerate(ranks):
+        factors, expert = {}, dict(base)
+        for module in ("layer", "other"):
+            rows, columns = base[f"{module}.weight"].shape
+            a = torch.randn(rank, columns, generator=g)
+            b = torch.randn(rows, rank, generator=g)
+            factors[f"base_model.model.{module}.lora_A.weight"] = a
+            factors[f"base_model.model.{module}.lora_B.weight"] = b
+            expert[f"{module}.weight"] = base[f"{module}.weight"] + 2.0 * b.double() @ a.double()
+        directory = root / f"lora{i}"
+        directory.mkdir()
+        save_file(factors, str(directory / "adapter_model.safetensors"))
+        config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank}
+        config["target_modules"] = ["layer", "other"]
+        (directory / "adapter_config.json").write_text(json.dumps(config))
+        adapters.append(directory)
+        dense.append(expert)
+    return root / "base", adapters, dense
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("tsv", {}),
+        ("tsv", {"alpha": 0.7}),
+        ("cart", {}),  # rho 1 of sum r_j 12
+        ("cart", {"rank_ratio": 0.5, "lam": 1.5}),  # rho 4
+    ],
+)
+def test_tsv_and_cart_merge_lora_experts_from_their_factors(tmp_path, method, options):
+    """Every expert keeps at least TSV-M's floor(min(m, n) / N) = 3 triplets, so the factored
+    TSV-M is the spec's exactly; CART's truncations of tau_i - mean from the cores likewise, for
+    svd=randomized too (nothing is sketched)."""
+    from tests.test_dense_reference import numpy_cart, numpy_tsv
+
+    base_dir, adapters, dense = hand_sized_adapters(tmp_path)
+    base = load_file(base_dir / "model.safetensors")
+    want = (numpy_tsv if method == "tsv" else numpy_cart)(base, dense, **options)
+    matrix_bytes = sum(base[n].numel() * 8 for n in ("layer.weight", "other.weight"))
+    for svd in ("exact", "randomized"):
+        report: dict = {}
+        got = tensors_in(
+            r2m_ext.merge_files(
+                base_dir,
+                adapters,
+                tmp_path / svd,
+                method,
+                svd=svd,
+                compute_dtype="float64",
+                report=report,
+                **options,
+            )
+        )
+        for name, value in want.items():
+            assert relative_error(got[name], torch.from_numpy(value)) <= 1e-10, (svd, name)
+        # From the factors: each matrix's base read once, no expert densified (that would be
+        # 3 more times its bytes), and the vector's 4 inputs.
+        read = sum(p["input_bytes_read"] for p in report["io_bytes"].values())
+        assert read == matrix_bytes + 4 * 9 * 8

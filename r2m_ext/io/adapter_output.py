@@ -6,13 +6,13 @@ Each module the experts adapt gets factors of its merged update M = merged - bas
 PEFT lays out B @ A: transposed for embeddings and fan_in_fan_out):
 
 - For methods whose update stays in the span of the experts' factors (average, task
-  arithmetic, R²M, CART: `MergeMethod.update_in_expert_span`), M = Q_B (Q_B^T M Q_A) Q_A^T
-  exactly, with Q_B and Q_A orthonormal bases of the experts' stacked B and A factors; the SVD
-  of that small core (at most sum r_j square) gives the adapter: exact at rank
-  min(sum r_j, m, n), or the best rank-`max_rank` approximation of M. Not TSV-M: its polar
-  factors rotate in the singular vectors, beyond its rank, of an expert of rank below
-  min(m, n) / N.
-- For the others (TIES, DARE: elementwise, so M leaves the span; TSV-M), only with `max_rank`: the
+  arithmetic, R²M, TSV-M, CART: `MergeMethod.update_in_expert_span`), the SVD of a small core
+  (at most sum r_j square) gives the adapter: exact at rank min(sum r_j, m, n), or the best
+  rank-`max_rank` approximation of M. A matrix merged from the factors comes as
+  Q_L core Q_R^T (methods/passes.py: LowRankUpdate; no m x n matrix, no base read); a dense
+  merged M (a tensor some expert did not give as factors) is projected, M = Q_B (Q_B^T M Q_A)
+  Q_A^T, with Q_B and Q_A orthonormal bases of the experts' stacked B and A factors.
+- For the others (TIES, DARE: elementwise, so M leaves the span), only with `max_rank`: the
   best rank-`max_rank` approximation of M by a truncated SVD of M itself (LoRA extraction).
 
 Every factor pair has scaling 1 (lora_alpha = r per module, through rank_pattern and

@@ -1,5 +1,6 @@
 """cart (spec §6, CART): theta_avg plus lam times the rank-rho truncations of each expert's
-difference from theta_avg, per matrix; theta_avg elsewhere."""
+difference from theta_avg, per matrix; theta_avg elsewhere. Truncated matrices that every
+expert updates by LoRA factors are merged from the factors, exactly."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import torch
 
 from r2m_ext import ops
 from r2m_ext.methods.common import (
+    FactorBasis,
     SvdOptions,
     TaskTensors,
+    factored_output,
     factoring_work,
     finite_if_factored,
     low_rank_factors,
@@ -18,7 +21,7 @@ from r2m_ext.methods.common import (
     truncates,
     truncation_rank,
 )
-from r2m_ext.methods.passes import Merged, MethodPasses
+from r2m_ext.methods.passes import LowRankUpdate, Merged, MethodPasses
 from r2m_ext.methods.registry import MergeMethod, Range, option, register
 from r2m_ext.plan import TensorPlan
 
@@ -51,9 +54,31 @@ def cart_truncated(
     return ops.lowrank_accumulate(base + mean, u * s.unsqueeze(-2), v, lam)
 
 
+def cart_factored(basis: FactorBasis, n: int, rank: int, lam: float) -> LowRankUpdate:
+    """CART's merged update of a matrix every expert updates by LoRA factors, from their
+    `basis`: tau_i - mean is Q_L C_i Q_R^T with C_i the core of weights e_i - 1/N, so its
+    rank-`rank` truncation is Q_L trunc(C_i) Q_R^T (exact, nothing sketched), and the update
+    mean + lam sum_i trunc(tau_i - mean) is Q_L M Q_R^T for a K x K core M."""
+    mean_weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    differences = basis.core(torch.eye(n, dtype=torch.float64) - mean_weights)
+    u, s, vh = torch.linalg.svd(differences, full_matrices=False)
+    keep = min(rank, s.shape[-1])
+    truncated = (u[..., :keep] * s[:, None, :keep]) @ vh[:, :keep]
+    return LowRankUpdate(
+        basis.q_left, basis.q_right, basis.core(mean_weights) + lam * truncated.sum(0)
+    )
+
+
 def merge_cart(tensors: TaskTensors, options: CartOptions, report: dict) -> MethodPasses:
     def emit(entry: TensorPlan) -> Merged:
         rank = truncation_rank(entry, options.rank_ratio)
+        factors = tensors.low_rank_updates(entry) if truncates(entry, rank) else None
+        if factors is not None:
+            update = cart_factored(FactorBasis.of(factors), tensors.n_experts, rank, options.lam)
+            merged = factored_output(tensors, entry, update)
+            if merged is not None:
+                yield entry.name, None, merged
+                return
         if not truncates(entry, rank):
             for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
                 tau = experts - base
@@ -80,6 +105,7 @@ register(
         merge=merge_cart,
         passes=("merge",),
         update_in_expert_span=True,
+        merges_factors=True,
         why_finite_required=finite_if_factored,
         relative_work=factoring_work,
     )

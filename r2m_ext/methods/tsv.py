@@ -1,6 +1,7 @@
 """tsv (spec §6, TSV-M): per matrix, the top floor(min(m, n) / N) singular triplets of each task
 vector, their concatenated singular vectors replaced by their orthogonal polar factors; the mean
-elsewhere."""
+elsewhere. Matrices every expert updates by LoRA factors are merged from the factors, exactly.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ import torch
 
 from r2m_ext.classify import TensorClass
 from r2m_ext.methods.common import (
+    FactorBasis,
     SvdOptions,
     TaskTensors,
+    factored_output,
     factoring_work,
     finite_if_factored,
     low_rank_factors,
     mean_update,
     svd_workspace_stacks,
 )
-from r2m_ext.methods.passes import Merged, MethodPasses
+from r2m_ext.methods.passes import LowRankUpdate, Merged, MethodPasses
 from r2m_ext.methods.registry import MergeMethod, option, register
 from r2m_ext.plan import TensorPlan
 
@@ -50,15 +53,45 @@ def tsv_update(tau: torch.Tensor, options: SvdOptions, key: str) -> torch.Tensor
     return (u_joint * s.reshape(1, n * rank)) @ v_joint.T
 
 
+def tsv_factored(basis: FactorBasis, ranks: list[int], rank: int, alpha: float) -> LowRankUpdate:
+    """alpha times TSV-M's merged update of a matrix every expert updates by LoRA factors
+    (expert i of rank `ranks[i]`), from their `basis`: tau_i = Q_L C_i Q_R^T, so its top
+    triplets are Q_L U_i, S_i, Q_R V_i from the SVD of the small core C_i, and the polar factor
+    of [Q_L U_1 .. Q_L U_N] is Q_L times that of [U_1 .. U_N]: the update is Q_L M Q_R^T for a
+    K x K core M, exact. Each expert keeps min(`rank`, r_i) triplets: the others have zero
+    singular values, and their arbitrary singular vectors would only rotate the polar factors
+    (a dense SVD keeps them; see the README)."""
+    n = len(ranks)
+    cores = basis.core(torch.eye(n, dtype=torch.float64))
+    u, s, vh = torch.linalg.svd(cores, full_matrices=False)
+    kept = [min(rank, r_i, s.shape[-1]) for r_i in ranks]
+    if sum(kept) == 0:  # no expert updates it
+        return LowRankUpdate(basis.q_left, basis.q_right, torch.zeros_like(cores[0]))
+    u_joint = polar_factor(torch.cat([u[i, :, :k] for i, k in enumerate(kept)], dim=1))
+    v_joint = polar_factor(torch.cat([vh[i, :k].T for i, k in enumerate(kept)], dim=1))
+    singular = torch.cat([s[i, :k] for i, k in enumerate(kept)])
+    core = alpha * (u_joint * singular) @ v_joint.T
+    return LowRankUpdate(basis.q_left, basis.q_right, core)
+
+
 def merge_tsv(tensors: TaskTensors, options: TsvOptions, report: dict) -> MethodPasses:
     def emit(entry: TensorPlan) -> Merged:
         if entry.tensor_class is not TensorClass.MATRIX:
             yield from mean_update(tensors, entry)
             return
-        if tsv_rank(entry.shape, tensors.n_experts) == 0:
+        rank = tsv_rank(entry.shape, tensors.n_experts)
+        if rank == 0:
             for rows, base, _ in tensors.blocks(entry):
                 yield entry.name, rows, base
             return
+        factors = tensors.low_rank_updates(entry)
+        if factors is not None:
+            ranks = [left.shape[1] for left, _ in factors]
+            update = tsv_factored(FactorBasis.of(factors), ranks, rank, options.alpha)
+            merged = factored_output(tensors, entry, update)
+            if merged is not None:
+                yield entry.name, None, merged
+                return
         base, tau = tensors.load(
             entry.name, svd_workspace_stacks(options), purpose="run TSV-M's SVDs", task_vectors=True
         )
@@ -74,6 +107,8 @@ register(
         options=TsvOptions,
         merge=merge_tsv,
         passes=("merge",),
+        update_in_expert_span=True,
+        merges_factors=True,
         why_finite_required=finite_if_factored,
         relative_work=factoring_work,
     )
