@@ -348,7 +348,13 @@ def test_adapter_output_refuses_what_it_cannot_write(models, tmp_path):
     cases = [
         ({"method": "ties", "out_format": "peft"}, experts, "pass --max-rank R"),
         ({"method": "dare", "out_format": "peft"}, experts, "pass --max-rank R"),
-        ({"out_format": "peft"}, [*experts, models / "dense"], "merges LoRA adapters only"),
+        ({"out_format": "peft"}, [*experts, models / "d2"], "d2: a dense expert's update"),
+        (
+            {"out_format": "peft", "max_rank": 4},
+            [*experts, models / "dense"],  # a full fine-tune: its norms are no LoRA module
+            r"differs from the base's .*\(the dense expert .*dense changes it\)",
+        ),
+        ({"out_format": "peft", "max_rank": 4}, [models / "d1"], "needs LoRA adapters among"),
         ({"max_rank": 3}, experts, "--max-rank applies to --out-format peft"),
         ({"out_format": "gguf"}, experts, "out_format must be one of"),
     ]
@@ -356,6 +362,30 @@ def test_adapter_output_refuses_what_it_cannot_write(models, tmp_path):
         with pytest.raises(R2MError, match=message):
             r2m_ext.merge_files(models / "base", inputs, tmp_path / "out", **arguments)
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ("average", "ties"))
+def test_dense_experts_join_an_adapter_output_with_max_rank(models, tmp_path, method):
+    """A dense expert whose changes lie in the LoRA experts' modules (d3: a3 merged into the
+    weights by PEFT) merges into an adapter with --max-rank: each module's best rank-R factors
+    of the merged update, here R >= its rank, so the adapter is the dense merge to rounding."""
+    experts = [models / "a1", models / "a2", models / "d3"]
+    dense = tensors_in(r2m_ext.merge_files(models / "base", experts, tmp_path / "d", method))
+    report: dict = {}
+    out = r2m_ext.merge_files(
+        models / "base",
+        experts,
+        tmp_path / "a",
+        method,
+        out_format="peft",
+        max_rank=16 if method == "average" else 32,  # 4 + 2 + 8 for q_proj; TIES: full rank
+        report=report,
+    )
+    weights, _ = peft_merged(models, out)
+    for name, want in dense.items():
+        assert relative_error(weights[name], want) <= 1e-5, name
+    modules = report["adapter"]["modules"]
+    assert all(m["energy_kept"] > 1 - 1e-9 for m in modules.values())
 
 
 def test_adapter_recipe_reruns_to_the_same_bytes(models, tmp_path):

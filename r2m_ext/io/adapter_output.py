@@ -12,8 +12,10 @@ PEFT lays out B @ A: transposed for embeddings and fan_in_fan_out):
   Q_L core Q_R^T (methods/passes.py: LowRankUpdate; no m x n matrix, no base read); a dense
   merged M (a tensor some expert did not give as factors) is projected, M = Q_B (Q_B^T M Q_A)
   Q_A^T, with Q_B and Q_A orthonormal bases of the experts' stacked B and A factors.
-- For the others (TIES, DARE: elementwise, so M leaves the span), only with `max_rank`: the
-  best rank-`max_rank` approximation of M by a truncated SVD of M itself (LoRA extraction).
+- For the others (TIES, DARE: elementwise, so M leaves the span), and wherever dense experts
+  join the LoRA ones (their updates are in no factor span), only with `max_rank`: the best
+  rank-`max_rank` approximation of M by a truncated SVD of M itself (LoRA extraction). The
+  modules are the LoRA experts' either way.
 
 Every factor pair has scaling 1 (lora_alpha = r per module, through rank_pattern and
 alpha_pattern). Tensors the experts saved whole (modules_to_save, trained biases) are written
@@ -84,22 +86,31 @@ class AdapterOutput:
         max_rank: int | None,
         method: str,
     ):
-        experts = list(sources[1:])
-        for source in experts:
-            if not isinstance(source, LoraSource):
-                raise R2MError(
-                    f"{source.label}: --out-format peft merges LoRA adapters only (a dense "
-                    "expert's update has no factors to start from); write a whole model instead"
-                )
+        experts = [source for source in sources[1:] if isinstance(source, LoraSource)]
+        dense = [source for source in sources[1:] if not isinstance(source, LoraSource)]
+        if not experts:
+            raise R2MError(
+                "--out-format peft needs LoRA adapters among the experts: the adapter's modules "
+                "are theirs (a dense expert's update has no factors to start from); write a "
+                "whole model instead"
+            )
         if max_rank is not None and max_rank < 1:
             raise R2MError(f"--max-rank must be a positive integer, got {max_rank}")
+        if dense and max_rank is None:
+            raise R2MError(
+                f"{dense[0].label}: a dense expert's update leaves the span of the LoRA experts' "
+                "factors, so an adapter of the merge can only approximate it; pass --max-rank R "
+                "for the best rank-R one per module"
+            )
         if not exact_in_span and max_rank is None:
             raise R2MError(
                 f"--out-format peft with {method}: its merged update leaves the span of the "
                 "experts' LoRA factors, so an adapter can only approximate it; pass --max-rank R "
                 "for the best rank-R one"
             )
-        self._exact_in_span = exact_in_span
+        # A dense expert's update is in no factor span: its modules are factored by a sketch.
+        self._exact_in_span = exact_in_span and not dense
+        self._dense_labels = [source.label for source in dense]
         self._max_rank = max_rank
         self._base = sources[0]
         self._meta = {t.name: t for t in plan.tensors}
@@ -124,7 +135,7 @@ class AdapterOutput:
             m, n = self._matrix_shape(found)
             in_span = min(sum(lora.rank for _, lora in found.experts), m, n)
             found.rank = in_span if max_rank is None else min(max_rank, m, n)
-            if exact_in_span and max_rank is not None:
+            if self._exact_in_span and max_rank is not None:
                 found.rank = min(found.rank, in_span)
         self._pending: dict[str, list[torch.Tensor]] = {}
         self.module_reports: dict[str, dict] = {}
@@ -223,11 +234,18 @@ class AdapterOutput:
                 return
         raise self._not_an_adapter(name)
 
-    @staticmethod
-    def _not_an_adapter(name: str) -> R2MError:
+    def _not_an_adapter(self, name: str) -> R2MError:
+        by_dense = (
+            f" (the dense expert{'s' if len(self._dense_labels) > 1 else ''} "
+            f"{', '.join(self._dense_labels)} change{'' if len(self._dense_labels) > 1 else 's'}"
+            " it)"
+            if self._dense_labels
+            else ""
+        )
         return R2MError(
             f"merged tensor {name!r} differs from the base's but no adapter updates it (neither "
-            "a LoRA module nor saved whole): the merge cannot be written as an adapter"
+            f"a LoRA module nor saved whole){by_dense}: the merge cannot be written as an "
+            "adapter; write a whole model instead"
         )
 
     def _factor(self, module: _Module, merged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
