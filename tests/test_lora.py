@@ -599,3 +599,42 @@ def test_tsv_and_cart_merge_lora_experts_from_their_factors(tmp_path, method, op
         # 3 more times its bytes), and the vector's 4 inputs.
         read = sum(p["input_bytes_read"] for p in report["io_bytes"].values())
         assert read == matrix_bytes + 4 * 9 * 8
+
+
+@pytest.mark.parametrize(
+    "ranks, rank_ratio",
+    [
+        ((3, 4, 5), 0.1),  # rho 1 < sum r_j 12: cut
+        ((3, 4, 5), 0.5),  # rho 4 and 5 < 12: cut
+        ((1, 1, 2), 0.5),  # rho 4 and 5 >= sum r_j 4: every residual kept whole
+    ],
+)
+def test_r2m_of_lora_experts_from_factors_is_the_float64_reference(tmp_path, ranks, rank_ratio):
+    """R²M's factored Gram, residual truncation and write against the spec's NumPy R²M of the
+    materialised experts (explicit projector, NumPy SVDs), for svd=exact and randomized."""
+    from tests.test_dense_reference import numpy_r2m
+
+    base_dir, adapters, dense = hand_sized_adapters(tmp_path, ranks)
+    base = load_file(base_dir / "model.safetensors")
+    want = numpy_r2m(base, dense, rank_ratio=rank_ratio)
+    matrices = ("layer.weight", "other.weight")  # the core set S: every tensor of >= 2 dims
+    tau = torch.stack([torch.cat([(e[n] - base[n]).reshape(-1) for n in matrices]) for e in dense])
+    for svd in ("exact", "randomized"):
+        report: dict = {}
+        got = tensors_in(
+            r2m_ext.merge_files(
+                base_dir,
+                adapters,
+                tmp_path / svd,
+                "r2m",
+                svd=svd,
+                rank_ratio=rank_ratio,
+                compute_dtype="float64",
+                report=report,
+            )
+        )
+        gram = torch.tensor(report["gram"], dtype=torch.float64)
+        assert relative_error(gram, tau @ tau.T) <= 1e-12
+        assert all(report["tensors"][n].get("factored") for n in matrices)
+        for name, value in want.items():
+            assert relative_error(got[name], torch.from_numpy(value)) <= 1e-10, (svd, name)
