@@ -561,24 +561,37 @@ def hand_sized_adapters(root: Path, ranks=(3, 4, 5)) -> tuple[Path, list[Path], 
 
 
 @pytest.mark.parametrize(
-    "method, options",
+    "method, ranks, options",
     [
-        ("tsv", {}),
-        ("tsv", {"alpha": 0.7}),
-        ("cart", {}),  # rho 1 of sum r_j 12
-        ("cart", {"rank_ratio": 0.5, "lam": 1.5}),  # rho 4
+        ("tsv", (3, 4, 5), {}),
+        ("tsv", (3, 4, 5), {"alpha": 0.7}),
+        ("cart", (3, 4, 5), {}),  # rho 1 of sum r_j 12
+        ("cart", (3, 4, 5), {"rank_ratio": 0.5, "lam": 1.5}),  # rho 4 and 5
+        ("r2m", (3, 4, 5), {"rank_ratio": 0.1}),  # rho 1 < sum r_j 12: cut
+        ("r2m", (3, 4, 5), {"rank_ratio": 0.5}),  # rho 4 and 5 < 12: cut
+        ("r2m", (1, 1, 2), {"rank_ratio": 0.5}),  # rho 4 and 5 >= 4: residuals kept whole
     ],
 )
-def test_tsv_and_cart_merge_lora_experts_from_their_factors(tmp_path, method, options):
-    """Every expert keeps at least TSV-M's floor(min(m, n) / N) = 3 triplets, so the factored
-    TSV-M is the spec's exactly; CART's truncations of tau_i - mean from the cores likewise, for
-    svd=randomized too (nothing is sketched)."""
-    from tests.test_dense_reference import numpy_cart, numpy_tsv
+def test_svd_methods_merge_lora_experts_from_factors_as_the_float64_reference(
+    tmp_path, method, ranks, options
+):
+    """R²M (its Gram, residual truncation and write), TSV-M and CART from the factors against
+    the spec's NumPy implementations on the materialised experts (explicit projector, NumPy
+    SVDs, TSV-M's polar factor by eigh), for svd=exact and randomized (nothing is sketched).
+    Every expert keeps at least TSV-M's floor(min(m, n) / N) = 3 triplets, so the factored
+    TSV-M is the spec's exactly."""
+    from tests.test_dense_reference import numpy_cart, numpy_r2m, numpy_tsv
 
-    base_dir, adapters, dense = hand_sized_adapters(tmp_path)
+    reference = {"r2m": numpy_r2m, "tsv": numpy_tsv, "cart": numpy_cart}[method]
+    base_dir, adapters, dense = hand_sized_adapters(tmp_path, ranks)
     base = load_file(base_dir / "model.safetensors")
-    want = (numpy_tsv if method == "tsv" else numpy_cart)(base, dense, **options)
-    matrix_bytes = sum(base[n].numel() * 8 for n in ("layer.weight", "other.weight"))
+    want = reference(base, dense, **options)
+    matrices = ("layer.weight", "other.weight")  # R²M's core set S: every tensor of >= 2 dims
+    tau = torch.stack([torch.cat([(e[n] - base[n]).reshape(-1) for n in matrices]) for e in dense])
+    # From the factors: each matrix's base read once by the write pass, no expert densified
+    # (3 more times its bytes); the vector's 4 inputs by each pass that reads it.
+    matrix_bytes = sum(base[n].numel() * 8 for n in matrices)
+    vector_reads = 2 if method == "r2m" else 1  # R²M: its truncation and write passes
     for svd in ("exact", "randomized"):
         report: dict = {}
         got = tensors_in(
@@ -595,46 +608,9 @@ def test_tsv_and_cart_merge_lora_experts_from_their_factors(tmp_path, method, op
         )
         for name, value in want.items():
             assert relative_error(got[name], torch.from_numpy(value)) <= 1e-10, (svd, name)
-        # From the factors: each matrix's base read once, no expert densified (that would be
-        # 3 more times its bytes), and the vector's 4 inputs.
         read = sum(p["input_bytes_read"] for p in report["io_bytes"].values())
-        assert read == matrix_bytes + 4 * 9 * 8
-
-
-@pytest.mark.parametrize(
-    "ranks, rank_ratio",
-    [
-        ((3, 4, 5), 0.1),  # rho 1 < sum r_j 12: cut
-        ((3, 4, 5), 0.5),  # rho 4 and 5 < 12: cut
-        ((1, 1, 2), 0.5),  # rho 4 and 5 >= sum r_j 4: every residual kept whole
-    ],
-)
-def test_r2m_of_lora_experts_from_factors_is_the_float64_reference(tmp_path, ranks, rank_ratio):
-    """R²M's factored Gram, residual truncation and write against the spec's NumPy R²M of the
-    materialised experts (explicit projector, NumPy SVDs), for svd=exact and randomized."""
-    from tests.test_dense_reference import numpy_r2m
-
-    base_dir, adapters, dense = hand_sized_adapters(tmp_path, ranks)
-    base = load_file(base_dir / "model.safetensors")
-    want = numpy_r2m(base, dense, rank_ratio=rank_ratio)
-    matrices = ("layer.weight", "other.weight")  # the core set S: every tensor of >= 2 dims
-    tau = torch.stack([torch.cat([(e[n] - base[n]).reshape(-1) for n in matrices]) for e in dense])
-    for svd in ("exact", "randomized"):
-        report: dict = {}
-        got = tensors_in(
-            r2m_ext.merge_files(
-                base_dir,
-                adapters,
-                tmp_path / svd,
-                "r2m",
-                svd=svd,
-                rank_ratio=rank_ratio,
-                compute_dtype="float64",
-                report=report,
-            )
-        )
-        gram = torch.tensor(report["gram"], dtype=torch.float64)
-        assert relative_error(gram, tau @ tau.T) <= 1e-12
-        assert all(report["tensors"][n].get("factored") for n in matrices)
-        for name, value in want.items():
-            assert relative_error(got[name], torch.from_numpy(value)) <= 1e-10, (svd, name)
+        assert read == matrix_bytes + vector_reads * 4 * 9 * 8
+        if method == "r2m":
+            gram = torch.tensor(report["gram"], dtype=torch.float64)
+            assert relative_error(gram, tau @ tau.T) <= 1e-12
+            assert all(report["tensors"][n].get("factored") for n in matrices)
