@@ -114,7 +114,7 @@ def timed(command: list) -> dict:
     if result.returncode != 0:
         raise SystemExit(f"failed: {result.stderr[-3000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
-    return {"wall_s": wall, "peak_rss_bytes": rss * 1024}
+    return {"wall_s": wall, "peak_rss_bytes": rss * 1024, "stdout": result.stdout}
 
 
 MATERIALISE = """
@@ -129,6 +129,37 @@ expert = open_source(sys.argv[2], base=base)
 out = Path(sys.argv[3]); out.mkdir(parents=True, exist_ok=True)
 save_file({n: expert.read(n).contiguous() for n in expert.metadata()}, str(out / "model.safetensors"))
 """
+
+
+# PEFT's own combination of the same adapters on the subset: a model of the subset's shapes
+# (transformers' Llama, float32) with the 8 adapters loaded, then add_weighted_adapter(svd)
+# by PEFT or by r2m_ext.peft (argv: layers, work directory, "peft" or "r2m_ext").
+PEFT_SVD = """
+import sys, time, torch
+from peft import PeftModel
+from transformers import LlamaConfig, LlamaForCausalLM
+layers, work, which = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+config = LlamaConfig(vocab_size=32, hidden_size=4096, intermediate_size=11008,
+                     num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=32)
+model = PeftModel.from_pretrained(LlamaForCausalLM(config), f"{work}/lora_0", adapter_name="e0")
+for i in range(1, 8):
+    model.load_adapter(f"{work}/lora_{i}", adapter_name=f"e{i}")
+names, weights = [f"e{i}" for i in range(8)], [1 / 8] * 8
+started = time.perf_counter()
+if which == "peft":
+    model.add_weighted_adapter(names, weights, "merged", combination_type="svd")
+else:
+    from r2m_ext.peft import add_weighted_adapter
+    add_weighted_adapter(model, names, weights, "merged", combination_type="svd")
+print("seconds", time.perf_counter() - started)
+"""
+
+
+def peft_svd(work: Path, layers: int, which: str) -> dict:
+    """add_weighted_adapter(svd) of the 8 adapters: its own time, and the process's peak RSS
+    (the float32 model included)."""
+    timing = timed([sys.executable, "-c", PEFT_SVD, layers, work, which])
+    return {**timing, "combination_s": float(timing["stdout"].split()[-1])}
 
 
 def factored_merge(work: Path, max_memory: str) -> tuple[dict, dict]:
@@ -179,6 +210,7 @@ def main() -> None:
         [python, "-m", "r2m_ext", "merge", "--base", subset / "base", "--method", "r2m"]
         + ["--max-memory", args.max_memory, "--quiet", *dense_experts, "--out", subset / "dense"]
     )
+    combinations = {which: peft_svd(subset, args.layers, which) for which in ("peft", "r2m_ext")}
     shutil.rmtree(subset)
     scale = LAYERS_7B / args.layers
     rows = {
@@ -222,6 +254,23 @@ def main() -> None:
         + ", ".join(f"{k} {v:.1f} s" for k, v in report["timings_s"].items())
         + f". Extrapolation (not measured): times the layer count ({scale:g}x). Smallest "
         f"energy kept by a module of the adapter: {result['energy_kept_min']:.6f}.",
+        "",
+        f'PEFT\'s own `add_weighted_adapter(combination_type="svd")` of the same 8 adapters on '
+        f"a float32 Llama of these {args.layers} layers (another combination than R²M: the SVD "
+        "of each module's weighted dense delta), against r2m_ext.peft's factored drop-in:",
+        "",
+        "| combination | add_weighted_adapter (s) | process peak RSS (model included) |",
+        "|---|---|---|",
+    ]
+    for which, row in combinations.items():
+        lines.append(
+            f"| {which} | {row['combination_s']:.1f} | {row['peak_rss_bytes'] / 1e9:.2f} GB |"
+        )
+    result["peft_svd"] = {k: {**v, "stdout": None} for k, v in combinations.items()}
+    lines += [
+        "",
+        f"PEFT svd / r2m_ext R²M adapter merge (wall): "
+        f"{combinations['peft']['combination_s'] / factored['wall_s']:.0f}x.",
     ]
     if args.full:
         whole = work / "whole"
