@@ -40,6 +40,13 @@ TORCH_LIBRARY(r2m_ext, m) {
   m.def(
       "ties_merge(Tensor base, Tensor[] experts, Tensor thresholds, float lam, "
       "int[] dare_streams=[], int first_index=0, float drop_rate=0.) -> Tensor");
+  // mergekit's TIES of one whole tensor in one pass, in float32 (csrc/merge/ties_merge.h): each
+  // task's entries above thresholds[i], or at it up to element index cutoffs[i], times
+  // weights[i]; the sign elected by their sum; the agreeing ones summed, divided by the agreeing
+  // tasks' weights where `normalize`, times lam, plus the base.
+  m.def(
+      "ties_merge_weighted(Tensor base, Tensor[] experts, Tensor thresholds, int[] cutoffs, "
+      "float[] weights, bool normalize, float lam) -> Tensor");
   // DARE with task arithmetic in one pass, in float32: base + lam * sum_i of experts[i] - base
   // kept where the SplitMix64 uniform of (streams[i], first_index + e) >= drop_rate, rescaled by
   // 1 / (1 - drop_rate). Also returns 0 when every input is finite, else NaN.

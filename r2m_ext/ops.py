@@ -55,6 +55,10 @@ if native_module() is not None:
     ):
         return base.new_empty(base.shape, dtype=torch.float32)
 
+    @torch.library.register_fake("r2m_ext::ties_merge_weighted")
+    def _ties_merge_weighted_fake(base, experts, thresholds, cutoffs, weights, normalize, lam):
+        return base.new_empty(base.shape, dtype=torch.float32)
+
     @torch.library.register_fake("r2m_ext::dare_merge")
     def _dare_merge_fake(base, experts, streams, first_index, drop_rate, lam):
         return (
@@ -189,6 +193,36 @@ def ties_merge(
             base, list(experts), thresholds, float(lam), *_dare_arguments(dare)
         )
     return reference.ties_merge(base, experts, thresholds, lam, dare)
+
+
+def ties_merge_weighted(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    thresholds: torch.Tensor,
+    cutoffs: Sequence[int],
+    weights: Sequence[float],
+    normalize: bool,
+    lam: float,
+) -> torch.Tensor:
+    """mergekit's TIES of one whole tensor in one pass over the inputs, in float32: per task the
+    entries of experts[i] - base above thresholds[i] (float32 [N]) in magnitude, or equal to it
+    up to element index cutoffs[i] (the task's top k, ties at the cut in index order), times
+    weights[i]; the sign elected per entry by their sum (>= 0: +); base + lam * the sum of the
+    agreeing ones, divided where `normalize` by the agreeing tasks' weights (1 where 0). Float32,
+    base's shape; sums over the experts in order. Native on the CPU; elsewhere the reference."""
+    if ties_kernels_native(base.device) and _native_supports(base, experts):
+        return torch.ops.r2m_ext.ties_merge_weighted.default(
+            base,
+            list(experts),
+            thresholds,
+            [int(c) for c in cutoffs],
+            [float(w) for w in weights],
+            bool(normalize),
+            float(lam),
+        )
+    return reference.ties_merge_weighted(
+        base, experts, thresholds, cutoffs, weights, normalize, lam
+    )
 
 
 def dare_merge(

@@ -182,6 +182,40 @@ def ties_merge(
     return b + torch.tensor(lam, dtype=torch.float32) * mean
 
 
+def ties_merge_weighted(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    thresholds: torch.Tensor,
+    cutoffs: Sequence[int],
+    weights: Sequence[float],
+    normalize: bool,
+    lam: float,
+) -> torch.Tensor:
+    """The oracle of ops.ties_merge_weighted, in float32 with the kernel's order of every sum."""
+    b = base.to(torch.float32)
+    limits = thresholds.to(device=b.device, dtype=torch.float32)
+    index = torch.arange(b.numel(), device=b.device).view(b.shape)
+    weighted = []
+    for i, expert in enumerate(experts):
+        task = expert.to(torch.float32) - b
+        kept = (task.abs() > limits[i]) | ((task.abs() == limits[i]) & (index <= cutoffs[i]))
+        weight = torch.tensor(weights[i], dtype=torch.float32, device=b.device)
+        weighted.append(torch.where(kept, task, torch.zeros_like(task)) * weight)
+    total = torch.zeros_like(b)
+    for values in weighted:
+        total = total + values
+    positive = total >= 0
+    agreeing = torch.zeros_like(b)
+    divisor = torch.zeros_like(b)
+    for i, values in enumerate(weighted):
+        agrees = torch.where(positive, values > 0, values < 0)
+        agreeing = agreeing + torch.where(agrees, values, torch.zeros_like(values))
+        weight = torch.tensor(weights[i], dtype=torch.float32, device=b.device)
+        divisor = divisor + torch.where(agrees, weight, torch.zeros_like(weight))
+    mean = agreeing / torch.where(divisor == 0, 1.0, divisor) if normalize else agreeing
+    return b + torch.tensor(lam, dtype=torch.float32) * mean
+
+
 def dare_merge(
     base: torch.Tensor, experts: Sequence[torch.Tensor], dare: DareMask, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

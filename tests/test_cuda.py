@@ -143,6 +143,14 @@ def test_ties_kernels_cuda_are_bitwise_the_cpu_kernels(dtype, masked):
     want = ops_.ties_merge.default(base, experts, thresholds, 0.7, *dare)
     got = ops_.ties_merge.default(*gpu, thresholds.cuda(), 0.7, *dare)
     assert torch.equal(got.cpu(), want)
+    if not masked:  # mergekit's TIES: weights, cutoffs in a tie, with and without normalising
+        weighted = (thresholds, [base.numel(), 100, -1, 7], [0.3, -1.0, 2.0, 0.0])
+        for normalize in (True, False):
+            want = ops_.ties_merge_weighted.default(base, experts, *weighted, normalize, 0.7)
+            got = ops_.ties_merge_weighted.default(
+                *gpu, thresholds.cuda(), *weighted[1:], normalize, 0.7
+            )
+            assert torch.equal(got.cpu(), want), normalize
     if masked:
         merged, probe = ops_.dare_merge.default(base, experts, *dare, 0.3)
         merged_gpu, probe_gpu = ops_.dare_merge.default(*gpu, *dare, 0.3)
@@ -164,6 +172,10 @@ def test_ties_kernels_cuda_opcheck():
     )
     torch.library.opcheck(ops_.ties_merge.default, (base, experts, thresholds, 0.7, *dare))
     torch.library.opcheck(ops_.dare_merge.default, (base, experts, *dare, 0.3))
+    torch.library.opcheck(
+        ops_.ties_merge_weighted.default,
+        (base, experts, thresholds, [9, 0, 5, 3], [1.0] * 4, True, 0.7),
+    )
 
 
 @needs_cuda

@@ -178,6 +178,36 @@ def test_config_merges_to_mergekits_tensors(models, tmp_path, name):
     assert_same_merge(tensors_in(small), tensors_in(out), tolerance=0.0)
 
 
+def test_fused_ties_gives_the_torch_paths_bytes_with_ties_at_every_cut(models, tmp_path):
+    """TIES runs as two histogram passes and one fused kernel (ops.ties_merge_weighted) where
+    the native kernels are built; the pure-torch path (R2M_EXT_BACKEND=torch) sparsifies and
+    elects sign in torch. On bfloat16 copies of the models, whose task vectors tie at nearly
+    every cut (the first of the tied entries in index order are kept), the same bytes."""
+    from safetensors.torch import load_file, save_file
+
+    copies = tmp_path / "bf16"
+    for model in ("base", "m1", "m2", "m3"):
+        (copies / model).mkdir(parents=True)
+        for path in (models / model).iterdir():
+            if path.suffix == ".safetensors":
+                shard = {k: v.bfloat16() for k, v in load_file(path).items()}
+                save_file(shard, str(copies / model / path.name), metadata={"format": "pt"})
+            else:
+                (copies / model / path.name).write_bytes(path.read_bytes())
+    config = write_config(tmp_path, copies, DETERMINISTIC_CONFIGS["ties"])
+    outputs = {}
+    for backend in ("native", "torch"):
+        env = {**os.environ, "R2M_EXT_BACKEND": backend}
+        out = tmp_path / backend
+        command = [sys.executable, "-m", "r2m_ext", "merge", "--config", config, "--out", out]
+        result = subprocess.run(list(map(str, command)), capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr
+        outputs[backend] = tensors_in(out)
+    assert sorted(outputs["native"]) == sorted(outputs["torch"])
+    for name, value in outputs["torch"].items():
+        assert torch.equal(outputs["native"][name], value), name
+
+
 def test_cli_config_against_mergekit_yaml(models, tmp_path):
     """The two command lines on one YAML: mergekit-yaml and r2m merge --config; the recipe
     r2m_ext writes re-runs the merge to the same bytes."""

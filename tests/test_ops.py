@@ -601,12 +601,16 @@ def _threshold_ops():
         "masked_histogram": lambda: ops.magnitude_histogram(base, experts, zeros, 15, 16, mask),
         "ties_merge": lambda: ops.ties_merge(base, experts, torch.full((3,), 0.5), 0.7),
         "dare_merge": lambda: ops.dare_merge(base, experts, mask, 0.3)[0],
+        "ties_merge_weighted": lambda: ops.ties_merge_weighted(
+            base, experts, torch.full((3,), 0.5), [600_000, 10, -1], [0.5, -1.0, 2.0], True, 0.7
+        ),
     }
 
 
 @needs_native
 @pytest.mark.parametrize(
-    "op", ["magnitude_histogram", "masked_histogram", "ties_merge", "dare_merge"]
+    "op",
+    ["magnitude_histogram", "masked_histogram", "ties_merge", "dare_merge", "ties_merge_weighted"],
 )
 def test_ties_and_dare_kernels_are_the_same_for_any_thread_count(op):
     compute = _threshold_ops()[op]
@@ -657,3 +661,66 @@ def test_dare_masked_histogram_and_ties_merge_match_their_oracles(dtype):
     ]
     unmasked = ops.ties_merge(base.float(), masked, thresholds, 0.9)
     torch.testing.assert_close(merged, unmasked, rtol=1e-6, atol=1e-6)
+
+
+def mergekit_ties_by_sorting(base, experts, ks, weights, normalize, lam):
+    """mergekit's TIES of one tensor in float64 from its definition: per task the k entries of
+    largest |tau| (a stable sort: ties at the cut in index order) times its weight, the sign of
+    their sum, the agreeing entries summed and divided by the agreeing weights."""
+    b = base.double().reshape(-1)
+    weighted = []
+    for expert, k, weight in zip(experts, ks, weights, strict=True):
+        tau = expert.double().reshape(-1) - b
+        kept = torch.zeros_like(tau, dtype=torch.bool)
+        kept[torch.sort(tau.abs(), descending=True, stable=True).indices[:k]] = True
+        weighted.append(torch.where(kept, tau, 0.0) * weight)
+    stack = torch.stack(weighted)
+    positive = stack.sum(0) >= 0
+    agrees = torch.where(positive, stack > 0, stack < 0)
+    total = (stack * agrees).sum(0)
+    divisor = (agrees.double() * torch.tensor(weights, dtype=torch.float64)[:, None]).sum(0)
+    update = total / torch.where(divisor == 0, 1.0, divisor) if normalize else total
+    return (b + lam * update).reshape(base.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_merge_weighted_is_mergekits_ties_exactly(dtype, normalize):
+    """Against the oracle bit for bit, and against the float64 definition (top k by a stable
+    sort) with thresholds and cutoffs found as the merge finds them: entries tied at the cut
+    (bfloat16 inputs: many), negative, zero and fractional weights, a zero task-vector entry,
+    -0.0."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(60, 70, generator=g).to(dtype)
+    experts = [(base.double() + torch.randn(60, 70, generator=g)).to(dtype) for _ in range(4)]
+    experts[0][0, :5] = base[0, :5]
+    experts[1][1, 0] = -0.0
+    ks = [1, 900, 2100, 4200]
+    weights = [0.3, -1.0, 0.0, 2.5]
+    thresholds, cutoffs = [], []
+    flat_base = base.float().reshape(-1)
+    for expert, k in zip(experts, ks, strict=True):
+        magnitude = (expert.float().reshape(-1) - flat_base).abs()
+        order = torch.sort(magnitude, descending=True, stable=True).indices
+        threshold = magnitude[order[k - 1]]
+        thresholds.append(float(threshold))
+        cutoffs.append(int(order[k - 1]) if int((magnitude == threshold).sum()) > 1 else 4200)
+    thresholds = torch.tensor(thresholds, dtype=torch.float32)
+    assert sum(c < 4200 for c in cutoffs) >= (2 if dtype == torch.bfloat16 else 0)
+    merged = ops.ties_merge_weighted(base, experts, thresholds, cutoffs, weights, normalize, 0.7)
+    oracle = reference.ties_merge_weighted(
+        base, experts, thresholds, cutoffs, weights, normalize, 0.7
+    )
+    assert torch.equal(merged, oracle)
+    want = mergekit_ties_by_sorting(base, experts, ks, weights, normalize, 0.7)
+    torch.testing.assert_close(merged.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_ties_merge_weighted_opcheck():
+    base = torch.randn(6, 5)
+    experts = [torch.randn(6, 5), torch.randn(6, 5)]
+    torch.library.opcheck(
+        torch.ops.r2m_ext.ties_merge_weighted.default,
+        (base, experts, torch.tensor([0.5, 0.1]), [30, 7], [1.0, 0.5], True, 0.3),
+    )

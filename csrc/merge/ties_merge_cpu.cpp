@@ -86,7 +86,63 @@ R2M_ALWAYS_INLINE void ties_merge_kind(const TiesMergeParams& params, int64_t be
   });
 }
 
+template <typename In>
+R2M_ALWAYS_INLINE void ties_merge_weighted_typed(const TiesWeightedParams& params, int64_t begin,
+                                                 int64_t end, float* out) {
+  float base[kChunk], sum[kChunk], agreeing[kChunk], divisor[kChunk];
+  for (int64_t start = begin; start < end; start += kChunk) {
+    const int64_t n = std::min(kChunk, end - start);
+    const In* base_in = static_cast<const In*>(params.base) + start;
+    for (int64_t e = 0; e < n; ++e) {
+      base[e] = to_float(base_in[e]);
+      sum[e] = 0.0f;
+      agreeing[e] = 0.0f;
+      divisor[e] = 0.0f;
+    }
+    // Chunk elements up to `at_cut` keep an entry at exactly the threshold (index order).
+    for (int64_t i = 0; i < params.n_experts; ++i) {
+      const In* expert = static_cast<const In*>(params.experts[i]) + start;
+      const uint32_t threshold = float_bits(params.thresholds[i]);
+      const int64_t at_cut = params.cutoffs[i] - start;
+      const float weight = params.weights[i];
+      for (int64_t e = 0; e < n; ++e) {
+        const float task = to_float(expert[e]) - base[e];
+        sum[e] += bits_float(cut_bits(float_bits(task), threshold, e <= at_cut)) * weight;
+      }
+    }
+    for (int64_t i = 0; i < params.n_experts; ++i) {
+      const In* expert = static_cast<const In*>(params.experts[i]) + start;
+      const uint32_t threshold = float_bits(params.thresholds[i]);
+      const int64_t at_cut = params.cutoffs[i] - start;
+      const float weight = params.weights[i];
+      const uint32_t weight_bits = float_bits(weight);
+      for (int64_t e = 0; e < n; ++e) {
+        const float task = to_float(expert[e]) - base[e];
+        const float weighted =
+            bits_float(cut_bits(float_bits(task), threshold, e <= at_cut)) * weight;
+        const uint32_t agreeing_bits =
+            agrees(float_bits(weighted), elects_positive(float_bits(sum[e])));
+        agreeing[e] += bits_float(float_bits(weighted) & agreeing_bits);
+        divisor[e] += bits_float(weight_bits & agreeing_bits);
+      }
+    }
+    for (int64_t e = 0; e < n; ++e) {
+      const float mean =
+          params.normalize ? agreeing[e] / bits_float(nonzero_divisor_bits(float_bits(divisor[e])))
+                           : agreeing[e];
+      out[start + e] = base[e] + params.lam * mean;
+    }
+  }
+}
+
 }  // namespace
+
+R2M_CPU_CLONES void ties_merge_weighted_cpu(const TiesWeightedParams& params, int64_t begin,
+                                            int64_t end, float* out) {
+  dispatch_kind(params.kind, [&](auto tag) R2M_INLINE_LAMBDA {
+    ties_merge_weighted_typed<decltype(tag)>(params, begin, end, out);
+  });
+}
 
 R2M_CPU_CLONES void ties_merge_cpu(const TiesMergeParams& params, int64_t begin, int64_t end,
                                    float* out) {

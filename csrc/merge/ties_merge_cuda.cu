@@ -48,7 +48,54 @@ __global__ void __launch_bounds__(kThreads) ties_merge_kernel(TiesMergeParams pa
   }
 }
 
+template <typename In>
+__device__ __forceinline__ float weighted_task(const TiesWeightedParams& params, int64_t i,
+                                               int64_t e, float base) {
+  const float task = sub_rn(to_float(static_cast<const In*>(params.experts[i])[e]), base);
+  const uint32_t kept =
+      cut_bits(float_bits(task), float_bits(params.thresholds[i]), e <= params.cutoffs[i]);
+  return mul_rn(bits_float(kept), params.weights[i]);
+}
+
+template <typename In>
+__global__ void __launch_bounds__(kThreads)
+    ties_merge_weighted_kernel(TiesWeightedParams params, float* out) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < params.numel;
+       e += stride) {
+    const float base = to_float(static_cast<const In*>(params.base)[e]);
+    float sum = 0.0f;
+    for (int64_t i = 0; i < params.n_experts; ++i) {
+      sum = add_rn(sum, weighted_task<In>(params, i, e, base));
+    }
+    const bool positive = elects_positive(float_bits(sum));
+    float agreeing = 0.0f;
+    float divisor = 0.0f;
+    for (int64_t i = 0; i < params.n_experts; ++i) {
+      const float weighted = weighted_task<In>(params, i, e, base);
+      const uint32_t agreeing_bits = agrees(float_bits(weighted), positive);
+      agreeing = add_rn(agreeing, bits_float(float_bits(weighted) & agreeing_bits));
+      divisor = add_rn(divisor, bits_float(float_bits(params.weights[i]) & agreeing_bits));
+    }
+    const float mean =
+        params.normalize
+            ? __fdiv_rn(agreeing, bits_float(nonzero_divisor_bits(float_bits(divisor))))
+            : agreeing;
+    out[e] = add_rn(base, mul_rn(params.lam, mean));
+  }
+}
+
 }  // namespace
+
+int ties_merge_weighted_cuda(const TiesWeightedParams& params, float* out, void* stream) {
+  if (params.numel == 0) return 0;
+  cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
+  const unsigned blocks = elementwise_blocks(params.numel, kThreads);
+  dispatch_kind(params.kind, [&](auto tag) {
+    ties_merge_weighted_kernel<decltype(tag)><<<blocks, kThreads, 0, cuda_stream>>>(params, out);
+  });
+  return static_cast<int>(cudaGetLastError());
+}
 
 int ties_merge_cuda(const TiesMergeParams& params, float* out, void* stream) {
   if (params.numel == 0) return 0;

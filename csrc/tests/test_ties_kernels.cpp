@@ -64,6 +64,35 @@ void ties_by_hand() {
   expect(out[0] == 3 && out[1] == 4 && out[2] == 2 && out[3] == 2, "ties_merge by hand");
 }
 
+void weighted_ties_by_hand() {
+  // mergekit's TIES, thresholds 2, the third task keeping its tied entries only up to index 2:
+  // trimmed [3, 0, 0, 2], [-2, 4, 0, 0], [0, -3, 2, 0]; weighted by 1, 0.5, 2: [3, 0, 0, 2],
+  // [-1, 2, 0, 0], [0, -6, 4, 0]; sums [2, -4, 4, 2] elect +, -, +, +; agreeing sums
+  // [3, -6, 4, 2] over agreeing weights [1, 2, 2, 1]: [3, -3, 2, 2].
+  const float base[] = {0, 0, 0, 0};
+  const float e0[] = {3, -1, 0.5f, 2};
+  const float e1[] = {-2, 4, -1, -1};
+  const float e2[] = {1, -3, 2, -2};
+  const void* experts[] = {e0, e1, e2};
+  const float thresholds[] = {2, 2, 2};
+  const int64_t cutoffs[] = {4, 4, 2};
+  const float weights[] = {1.0f, 0.5f, 2.0f};
+  float out[4];
+  r2m::TiesWeightedParams params{base,       experts, 3,       4,    r2m::ScalarKind::kFloat32,
+                                 thresholds, cutoffs, weights, true, 1.0f};
+  r2m::ties_merge_weighted_cpu(params, 0, 4, out);
+  expect(out[0] == 3 && out[1] == -3 && out[2] == 2 && out[3] == 2, "weighted ties by hand");
+  params.normalize = false;
+  params.lam = 0.5f;
+  r2m::ties_merge_weighted_cpu(params, 0, 4, out);
+  expect(out[0] == 1.5f && out[1] == -3 && out[2] == 2 && out[3] == 1, "weighted ties, no norm");
+  // A block starting at element 2 keeps the same entries (cutoffs are whole-tensor indices).
+  params.normalize = true;
+  params.lam = 1.0f;
+  r2m::ties_merge_weighted_cpu(params, 2, 4, out);
+  expect(out[2] == 2 && out[3] == 2, "weighted ties, a later block");
+}
+
 void dare_by_hand() {
   // drop_rate 0 keeps every entry: 1 + 0.5 * ((3 - 1) + (5 - 1)) = 4, and the probe is 0.
   const float base[] = {1};
@@ -126,6 +155,7 @@ void dare_integer_test_is_the_uniform_test() {
 int main() {
   histogram_by_hand();
   ties_by_hand();
+  weighted_ties_by_hand();
   dare_by_hand();
   dare_integer_test_is_the_uniform_test();
   if (failures != 0) {

@@ -81,6 +81,17 @@ inline void check_thresholds(const at::Tensor& thresholds, int64_t n) {
       thresholds.sizes());
 }
 
+// ties_merge_weighted's per-task cutoffs and weights (one each per expert), the weights as the
+// float32 values the kernel multiplies by.
+inline std::vector<float> checked_task_weights(at::IntArrayRef cutoffs,
+                                               at::ArrayRef<double> weights, int64_t n) {
+  TORCH_CHECK(
+      static_cast<int64_t>(cutoffs.size()) == n && static_cast<int64_t>(weights.size()) == n,
+      "ties_merge_weighted: needs one cutoff and one weight per expert (", n, "), got ",
+      cutoffs.size(), " and ", weights.size());
+  return std::vector<float>(weights.begin(), weights.end());
+}
+
 inline DareMask checked_dare_mask(const char* op, at::IntArrayRef streams, int64_t first_index,
                                   double drop_rate, int64_t n_experts,
                                   std::vector<uint64_t>& bits) {

@@ -201,6 +201,46 @@ at::Tensor ties_merge_cuda_entry(const at::Tensor& base, at::TensorList experts,
   return out;
 }
 
+at::Tensor ties_merge_weighted_cuda_entry(const at::Tensor& base, at::TensorList experts,
+                                          const at::Tensor& thresholds, at::IntArrayRef cutoffs,
+                                          at::ArrayRef<double> weights, bool normalize,
+                                          double lam) {
+  const std::vector<at::Tensor> contiguous = checked_experts("ties_merge_weighted", base, experts);
+  TORCH_CHECK(base.is_cuda(), "ties_merge_weighted (CUDA): base is on ", base.device());
+  const ScalarKind kind = scalar_kind_of(base, "ties_merge_weighted", "base");
+  const int64_t n = static_cast<int64_t>(experts.size());
+  check_thresholds(thresholds, n);
+  const std::vector<float> task_weights = checked_task_weights(cutoffs, weights, n);
+  const c10::cuda::CUDAGuard guard(base.device());
+  at::Tensor out = at::empty(base.sizes(), base.options().dtype(at::kFloat));
+  const int64_t numel = base.numel();
+  if (numel == 0) return out;
+  const at::Tensor base_contiguous = base.contiguous();
+  const at::Tensor pointers = device_pointer_array(contiguous, base.device());
+  const at::Tensor thresholds_device =
+      thresholds.to(base.device(), at::kFloat, /*non_blocking=*/true).contiguous();
+  const at::Tensor cutoffs_device =
+      device_array(std::vector<int64_t>(cutoffs.begin(), cutoffs.end()), base.device());
+  at::Tensor weights_host =
+      at::empty({n}, at::TensorOptions().dtype(at::kFloat).pinned_memory(true));
+  std::memcpy(weights_host.data_ptr<float>(), task_weights.data(), n * sizeof(float));
+  const at::Tensor weights_device = weights_host.to(base.device(), /*non_blocking=*/true);
+  const TiesWeightedParams params{base_contiguous.const_data_ptr(),
+                                  reinterpret_cast<const void* const*>(pointers.const_data_ptr()),
+                                  n,
+                                  numel,
+                                  kind,
+                                  thresholds_device.const_data_ptr<float>(),
+                                  cutoffs_device.const_data_ptr<int64_t>(),
+                                  weights_device.const_data_ptr<float>(),
+                                  normalize,
+                                  static_cast<float>(lam)};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(base.device().index()).stream();
+  check_launch("ties_merge_weighted",
+               ties_merge_weighted_cuda(params, out.data_ptr<float>(), stream));
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> dare_merge_cuda_entry(const at::Tensor& base,
                                                          at::TensorList experts,
                                                          at::IntArrayRef dare_streams,
@@ -245,6 +285,7 @@ TORCH_LIBRARY_IMPL(r2m_ext, CUDA, m) {
   m.impl("combine_into", &combine_into_cuda);
   m.impl("magnitude_histogram", &magnitude_histogram_cuda_entry);
   m.impl("ties_merge", &ties_merge_cuda_entry);
+  m.impl("ties_merge_weighted", &ties_merge_weighted_cuda_entry);
   m.impl("dare_merge", &dare_merge_cuda_entry);
 }
 

@@ -47,6 +47,42 @@ at::Tensor ties_merge_cpu_entry(const at::Tensor& base, at::TensorList experts,
   return out;
 }
 
-TORCH_LIBRARY_IMPL(r2m_ext, CPU, m) { m.impl("ties_merge", &ties_merge_cpu_entry); }
+at::Tensor ties_merge_weighted_cpu_entry(const at::Tensor& base, at::TensorList experts,
+                                         const at::Tensor& thresholds, at::IntArrayRef cutoffs,
+                                         at::ArrayRef<double> weights, bool normalize, double lam) {
+  const std::vector<at::Tensor> contiguous = checked_experts("ties_merge_weighted", base, experts);
+  TORCH_CHECK(base.device().is_cpu(), "ties_merge_weighted (CPU): base is on ", base.device());
+  const ScalarKind kind = scalar_kind_of(base, "ties_merge_weighted", "base");
+  const int64_t n = static_cast<int64_t>(experts.size());
+  check_thresholds(thresholds, n);
+  const std::vector<float> task_weights = checked_task_weights(cutoffs, weights, n);
+  const at::Tensor thresholds_cpu = thresholds.to(at::kCPU).contiguous();
+  std::vector<const void*> pointers;
+  for (const at::Tensor& expert : contiguous) pointers.push_back(expert.const_data_ptr());
+  const at::Tensor base_contiguous = base.contiguous();
+  at::Tensor out = at::empty(base.sizes(), base.options().dtype(at::kFloat));
+  const int64_t numel = base.numel();
+  if (numel == 0) return out;
+  const TiesWeightedParams params{base_contiguous.const_data_ptr(),
+                                  pointers.data(),
+                                  n,
+                                  numel,
+                                  kind,
+                                  thresholds_cpu.const_data_ptr<float>(),
+                                  cutoffs.data(),
+                                  task_weights.data(),
+                                  normalize,
+                                  static_cast<float>(lam)};
+  float* result = out.data_ptr<float>();
+  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    ties_merge_weighted_cpu(params, begin, end, result);
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(r2m_ext, CPU, m) {
+  m.impl("ties_merge", &ties_merge_cpu_entry);
+  m.impl("ties_merge_weighted", &ties_merge_weighted_cpu_entry);
+}
 
 }  // namespace r2m

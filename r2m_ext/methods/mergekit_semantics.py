@@ -20,6 +20,7 @@ kept fraction and everything after the mask follow mergekit.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from r2m_ext.errors import R2MError
 from r2m_ext.methods.common import TaskTensors
 from r2m_ext.methods.passes import Merged, MethodPasses
 from r2m_ext.methods.registry import MergeMethod, Range, option, register
-from r2m_ext.methods.select import KthLargestMagnitude
+from r2m_ext.methods.select import KthLargestMagnitude, counts_nonfinite
 from r2m_ext.plan import TensorPlan
 from r2m_ext.reference import dare_kept
 
@@ -63,6 +64,9 @@ MERGEKIT_METHODS = ("linear", *GTA_METHODS)
 # magnitudes, its selected indices (int64) and bool mask; later the elected signs, the divisor
 # and the update (the task vectors are masked in place).
 _SPARSIFIED_WORKSPACE = 3
+# The fused TIES's, in tensors of its size: the result, and where a cut splits the entries tied
+# at it, one task's float32 differences and their match.
+_FUSED_TIES_WORKSPACE = 3
 
 
 @dataclass(frozen=True)
@@ -441,11 +445,63 @@ def merge_mergekit(tensors: TaskTensors, options: MergekitOptions, report: dict)
             stream = dare_stream(options.seed, entry.name, entry.shape, task)
             _random_(tau, density, rescale, stream)
 
+    def emit_fused_ties(entry: TensorPlan, shared, per_input) -> Merged:
+        """mergekit's TIES of one tensor without a task vector formed: each task's exact k-th
+        largest magnitude by two histogram passes over the raw inputs (the first also checks
+        them for NaN/Inf), then trim, weight, sign election, agreeing sum and its normalisation
+        in one fused pass (ops.ties_merge_weighted), with the torch path's bits where torch
+        sums in order."""
+        base, experts = tensors.load_raw(entry.name, _FUSED_TIES_WORKSPACE / n, "run TIES")
+        numel = entry.numel
+        densities = [values["density"] for values in per_input]
+        selector = KthLargestMagnitude(
+            [min(numel, max(1, int(d * numel))) for d in densities], torch.float32, -1
+        )
+        while not selector.done:
+            prefixes, shift, width = selector.histogram_digit()
+            counts = ops.magnitude_histogram(base, experts, prefixes, shift, width)
+            if shift + width == 31:  # the first pass sees every entry
+                nonfinite = counts_nonfinite(counts, shift, width)
+                proof = torch.full((), math.inf if nonfinite else 0)
+                tensors.check_finite(entry, None, proof, (), held=[base, *experts])
+            selector.finish_pass(selector.counts_partial(counts.cpu()))
+        thresholds = selector.values()
+        needed, at_value = selector.needed_at_value(), selector.at_value()
+        cutoffs = []
+        for i, density in enumerate(densities):
+            if density >= 1:  # no trim
+                thresholds[i] = 0.0
+                cutoffs.append(numel)
+            elif density > 0 and needed[i] == at_value[i]:
+                cutoffs.append(numel)  # every entry at the threshold is kept
+            elif density <= 0:  # nothing kept
+                thresholds[i] = math.inf
+                cutoffs.append(-1)
+            else:  # the first `needed` of the entries at the threshold, in index order
+                task = experts[i].to(torch.float32) - base.to(torch.float32)
+                at_threshold = torch.nonzero(task.abs().view(-1) == thresholds[i]).view(-1)
+                cutoffs.append(int(at_threshold[needed[i] - 1]))
+                del task, at_threshold
+        merged = ops.ties_merge_weighted(
+            base,
+            experts,
+            thresholds,
+            cutoffs,
+            [values["weight"] for values in per_input],
+            shared["normalize"],
+            shared["lambda"],
+        )
+        yield entry.name, None, merged
+
     def emit_sparsified(entry: TensorPlan) -> Merged:
         """The methods that sparsify (by a rank order or a norm of the whole tensor) and/or
         elect signs: whole tensors, the task vectors changed in place one task at a time, as
-        mergekit computes them: weighted, masked by the elected sign, summed over the tasks."""
+        mergekit computes them: weighted, masked by the elected sign, summed over the tasks.
+        TIES without rescale, in float32 with native kernels: one fused pass instead."""
         shared, per_input = resolved(entry)
+        if fused_ties and not shared["rescale"]:
+            yield from emit_fused_ties(entry, shared, per_input)
+            return
         base, tau = tensors.load(entry.name, _SPARSIFIED_WORKSPACE / n, task_vectors=True)
         weights = [values["weight"] for values in per_input]
         for task, values in enumerate(per_input):
@@ -474,6 +530,13 @@ def merge_mergekit(tensors: TaskTensors, options: MergekitOptions, report: dict)
         yield entry.name, None, update.add_(base)
 
     elementwise = gta is None or (gta.sparsification is None and not gta.consensus)
+    fused_ties = (
+        gta is not None
+        and gta.sparsification == "magnitude"
+        and gta.consensus
+        and tensors.compute_dtype == torch.float32
+        and ops.ties_kernels_native(tensors.device)
+    )
     return MethodPasses(
         write_label=f"mergekit {method}",
         emit=emit_combination if elementwise else emit_sparsified,

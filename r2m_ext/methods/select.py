@@ -119,6 +119,12 @@ class KthLargestMagnitude:
         assert self.done and not any(self._collecting), "after histogram passes"
         return list(self._ks)
 
+    def at_value(self) -> list[int]:
+        """Once `done`: per task, how many entries equal `values()` in all (needed_at_value of
+        them are among its k largest). Histogram passes only."""
+        assert self.done and not any(self._collecting), "after histogram passes"
+        return list(self._matching)
+
     def values(self) -> torch.Tensor:
         bits = torch.tensor(self._prefix, dtype=torch.int64).to(self._int_dtype)
         return bits.view(self._dtype)
