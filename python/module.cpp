@@ -33,6 +33,12 @@ TORCH_LIBRARY(r2m_ext, m) {
   m.def(
       "magnitude_histogram(Tensor base, Tensor[] experts, Tensor prefixes, int shift, int width, "
       "int[] dare_streams=[], int first_index=0, float drop_rate=0.) -> Tensor");
+  // Per task, the element index of the needed[i]-th entry (1-based, index order) whose float32
+  // |experts[i] - base| equals thresholds[i] exactly, -1 where there are fewer (or needed[i] <
+  // 1): the last of the entries tied at a top-k cut that the cut keeps. CPU only.
+  m.def(
+      "nth_at_magnitude(Tensor base, Tensor[] experts, Tensor thresholds, int[] needed) -> "
+      "Tensor");
   // TIES-Merging in one pass, in float32: base + lam * the disjoint mean of the task vectors
   // trimmed below thresholds[i] that agree with the elected sign (sums over experts in order).
   // With dare_streams (one per expert), on the task vectors after DARE's mask (DARE-TIES); so

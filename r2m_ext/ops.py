@@ -55,6 +55,10 @@ if native_module() is not None:
     ):
         return base.new_empty(base.shape, dtype=torch.float32)
 
+    @torch.library.register_fake("r2m_ext::nth_at_magnitude")
+    def _nth_at_magnitude_fake(base, experts, thresholds, needed):
+        return base.new_empty((len(experts),), dtype=torch.int64)
+
     @torch.library.register_fake("r2m_ext::ties_merge_weighted")
     def _ties_merge_weighted_fake(base, experts, thresholds, cutoffs, weights, normalize, lam):
         return base.new_empty(base.shape, dtype=torch.float32)
@@ -193,6 +197,24 @@ def ties_merge(
             base, list(experts), thresholds, float(lam), *_dare_arguments(dare)
         )
     return reference.ties_merge(base, experts, thresholds, lam, dare)
+
+
+def nth_at_magnitude(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    thresholds: torch.Tensor,
+    needed: Sequence[int],
+) -> list[int]:
+    """Per task, the flat element index of the needed[i]-th entry (1-based, in index order) whose
+    float32 |experts[i] - base| equals thresholds[i] exactly, -1 where there are fewer: where a
+    top-k cut splits the entries tied at the k-th largest magnitude, the last one it keeps (the
+    cutoff of ties_merge_weighted). Native on the CPU; elsewhere the reference."""
+    if ties_kernels_native(base.device) and _native_supports(base, experts):
+        found = torch.ops.r2m_ext.nth_at_magnitude.default(
+            base, list(experts), thresholds, [int(n) for n in needed]
+        )
+        return found.tolist()
+    return reference.nth_at_magnitude(base, experts, thresholds, needed)
 
 
 def ties_merge_weighted(

@@ -182,6 +182,22 @@ def ties_merge(
     return b + torch.tensor(lam, dtype=torch.float32) * mean
 
 
+def nth_at_magnitude(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    thresholds: torch.Tensor,
+    needed: Sequence[int],
+) -> list[int]:
+    """The oracle of ops.nth_at_magnitude."""
+    b = base.to(torch.float32).reshape(-1)
+    found = []
+    for i, expert in enumerate(experts):
+        at = (expert.to(torch.float32).reshape(-1) - b).abs() == thresholds[i].to(torch.float32)
+        indices = torch.nonzero(at).view(-1)
+        found.append(int(indices[needed[i] - 1]) if 0 < needed[i] <= indices.numel() else -1)
+    return found
+
+
 def ties_merge_weighted(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],

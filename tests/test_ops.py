@@ -724,3 +724,41 @@ def test_ties_merge_weighted_opcheck():
         torch.ops.r2m_ext.ties_merge_weighted.default,
         (base, experts, torch.tensor([0.5, 0.1]), [30, 7], [1.0, 0.5], True, 0.3),
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nth_at_magnitude_finds_the_last_tied_entry_a_cut_keeps(dtype):
+    """Against its oracle and against the definition by a stable sort, over blocks of the native
+    kernel (200,000 entries: 4 blocks), for any thread count; -1 where too few tie."""
+    g = torch.Generator().manual_seed(13)
+    base = torch.randn(200_000, generator=g).to(dtype)
+    # Rounded task vectors: thousands of entries share each magnitude.
+    experts = [
+        base + (torch.randn(200_000, generator=g) * 8).round().to(dtype) / 8 for _ in range(3)
+    ]
+    thresholds = torch.tensor([0.5, 1.0, 0.125])
+    magnitudes = [(e.float() - base.float()).abs() for e in experts]
+    ties = [int((m == t).sum()) for m, t in zip(magnitudes, thresholds, strict=True)]
+    needed = [1, ties[1] // 2, ties[2] + 1]  # the first, a middle one, one too many
+    want = reference.nth_at_magnitude(base, experts, thresholds, needed)
+    for i, m in enumerate(magnitudes[:2]):
+        order = torch.sort(torch.where(m == thresholds[i], 0, 1), stable=True).indices
+        assert want[i] == int(order[needed[i] - 1])
+    assert want[2] == -1
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            assert ops.nth_at_magnitude(base, experts, thresholds, needed) == want
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native
+def test_nth_at_magnitude_opcheck():
+    base = torch.zeros(6, 5)
+    experts = [torch.ones(6, 5), torch.full((6, 5), -2.0)]
+    torch.library.opcheck(
+        torch.ops.r2m_ext.nth_at_magnitude.default,
+        (base, experts, torch.tensor([1.0, 2.0]), [3, 30]),
+    )

@@ -34,6 +34,27 @@ R2M_HOST_DEVICE uint32_t magnitude_bits(float difference) {
 void magnitude_histogram_cpu(const MagnitudeHistogramParams& params, int64_t begin, int64_t end,
                              int64_t* counts);
 
+// nth_at_magnitude's core: where a top-k cut splits the entries tied at the k-th largest
+// magnitude, which of them are kept (the first ones in index order) is told by the index of the
+// last one kept. Per task, entries "at" its magnitude are those whose |x_i[e] - b[e]| (float32)
+// has exactly the bits magnitudes[i].
+struct MagnitudeMatchParams {
+  const void* base;            // numel elements of `kind`
+  const void* const* experts;  // n_experts pointers, numel elements each, same kind
+  int64_t n_experts;
+  int64_t numel;
+  ScalarKind kind;
+  const uint32_t* magnitudes;  // n_experts float32 bit patterns
+};
+
+// Adds, per task, the number of entries of [begin, end) at its magnitude into counts[i].
+void count_at_magnitude_cpu(const MagnitudeMatchParams& params, int64_t begin, int64_t end,
+                            int64_t* counts);
+
+// The index of task i's `n`-th (1-based) entry at its magnitude within [begin, end), or -1.
+int64_t find_at_magnitude_cpu(const MagnitudeMatchParams& params, int64_t i, int64_t begin,
+                              int64_t end, int64_t n);
+
 #if defined(R2M_WITH_CUDA)
 // Adds every element into counts (device memory, zeroed by the caller), on `stream`; params'
 // pointers (experts, prefixes, mask streams) are device pointers. Returns a cudaError_t.

@@ -59,7 +59,51 @@ R2M_ALWAYS_INLINE void histogram_kind(const MagnitudeHistogramParams& params, in
   });
 }
 
+template <typename In>
+R2M_ALWAYS_INLINE void count_at(const MagnitudeMatchParams& params, int64_t begin, int64_t end,
+                                int64_t* counts) {
+  const In* base = static_cast<const In*>(params.base);
+  for (int64_t i = 0; i < params.n_experts; ++i) {
+    const In* expert = static_cast<const In*>(params.experts[i]);
+    const uint32_t magnitude = params.magnitudes[i];
+    int64_t count = 0;
+    for (int64_t e = begin; e < end; ++e) {
+      count += magnitude_bits(to_float(expert[e]) - to_float(base[e])) == magnitude ? 1 : 0;
+    }
+    counts[i] += count;
+  }
+}
+
+template <typename In>
+int64_t find_at(const MagnitudeMatchParams& params, int64_t i, int64_t begin, int64_t end,
+                int64_t n) {
+  const In* base = static_cast<const In*>(params.base);
+  const In* expert = static_cast<const In*>(params.experts[i]);
+  for (int64_t e = begin; e < end; ++e) {
+    if (magnitude_bits(to_float(expert[e]) - to_float(base[e])) == params.magnitudes[i] &&
+        --n == 0) {
+      return e;
+    }
+  }
+  return -1;
+}
+
 }  // namespace
+
+R2M_CPU_CLONES void count_at_magnitude_cpu(const MagnitudeMatchParams& params, int64_t begin,
+                                           int64_t end, int64_t* counts) {
+  dispatch_kind(params.kind, [&](auto tag) R2M_INLINE_LAMBDA {
+    count_at<decltype(tag)>(params, begin, end, counts);
+  });
+}
+
+int64_t find_at_magnitude_cpu(const MagnitudeMatchParams& params, int64_t i, int64_t begin,
+                              int64_t end, int64_t n) {
+  int64_t found = -1;
+  dispatch_kind(params.kind,
+                [&](auto tag) { found = find_at<decltype(tag)>(params, i, begin, end, n); });
+  return found;
+}
 
 R2M_CPU_CLONES void magnitude_histogram_cpu(const MagnitudeHistogramParams& params, int64_t begin,
                                             int64_t end, int64_t* counts) {

@@ -64,9 +64,8 @@ MERGEKIT_METHODS = ("linear", *GTA_METHODS)
 # magnitudes, its selected indices (int64) and bool mask; later the elected signs, the divisor
 # and the update (the task vectors are masked in place).
 _SPARSIFIED_WORKSPACE = 3
-# The fused TIES's, in tensors of its size: the result, and where a cut splits the entries tied
-# at it, one task's float32 differences and their match.
-_FUSED_TIES_WORKSPACE = 3
+# The fused TIES's, in tensors of its size: the result.
+_FUSED_TIES_WORKSPACE = 1
 
 
 @dataclass(frozen=True)
@@ -467,21 +466,25 @@ def merge_mergekit(tensors: TaskTensors, options: MergekitOptions, report: dict)
             selector.finish_pass(selector.counts_partial(counts.cpu()))
         thresholds = selector.values()
         needed, at_value = selector.needed_at_value(), selector.at_value()
+        # Where the cut splits the entries tied at the threshold, the first `needed` of them in
+        # index order are kept: up to the index of the last of those.
+        splits = [0 < d < 1 and needed[i] < at_value[i] for i, d in enumerate(densities)]
+        last_kept = ops.nth_at_magnitude(
+            base,
+            experts,
+            thresholds,
+            [n if split else 0 for n, split in zip(needed, splits, strict=True)],
+        )
         cutoffs = []
         for i, density in enumerate(densities):
             if density >= 1:  # no trim
                 thresholds[i] = 0.0
                 cutoffs.append(numel)
-            elif density > 0 and needed[i] == at_value[i]:
-                cutoffs.append(numel)  # every entry at the threshold is kept
             elif density <= 0:  # nothing kept
                 thresholds[i] = math.inf
                 cutoffs.append(-1)
-            else:  # the first `needed` of the entries at the threshold, in index order
-                task = experts[i].to(torch.float32) - base.to(torch.float32)
-                at_threshold = torch.nonzero(task.abs().view(-1) == thresholds[i]).view(-1)
-                cutoffs.append(int(at_threshold[needed[i] - 1]))
-                del task, at_threshold
+            else:  # every entry at the threshold kept, or those up to the last one kept
+                cutoffs.append(last_kept[i] if splits[i] else numel)
         merged = ops.ties_merge_weighted(
             base,
             experts,
