@@ -47,19 +47,21 @@ void histogram_by_hand() {
   expect(low[0] == 1 && total == 1, "histogram low digit under a prefix");
 }
 
+// Three task vectors on a zero base, for TIES by hand (tests/test_formulas.py's).
+const float kBase[] = {0, 0, 0, 0};
+const float kTask0[] = {3, -1, 0.5f, 2};
+const float kTask1[] = {-2, 4, -1, -1};
+const float kTask2[] = {1, -3, 2, -2};
+const void* const kTasks[] = {kTask0, kTask1, kTask2};
+const float kThresholds[] = {2, 2, 2};
+
 void ties_by_hand() {
-  // Per-tensor TIES at density 0.5 (tests/test_formulas.py): every task's threshold is 2, so
-  // the trimmed vectors are [3, 0, 0, 2], [-2, 4, 0, 0], [0, -3, 2, -2]; sums [1, 1, 2, 0] elect
-  // +, +, +, + (0 counts as +), and the agreeing means are [3, 4, 2, 2].
-  const float base[] = {0, 0, 0, 0};
-  const float e0[] = {3, -1, 0.5f, 2};
-  const float e1[] = {-2, 4, -1, -1};
-  const float e2[] = {1, -3, 2, -2};
-  const void* experts[] = {e0, e1, e2};
-  const float thresholds[] = {2, 2, 2};
+  // Per-tensor TIES at density 0.5: every task's threshold is 2, so the trimmed vectors are
+  // [3, 0, 0, 2], [-2, 4, 0, 0], [0, -3, 2, -2]; sums [1, 1, 2, 0] elect +, +, +, + (0 counts
+  // as +), and the agreeing means are [3, 4, 2, 2].
   float out[4];
   const r2m::DareMask no_mask{nullptr, 0, 0, 1.0f};
-  r2m::ties_merge_cpu({base, experts, 3, 4, r2m::ScalarKind::kFloat32, thresholds, 1.0f, no_mask},
+  r2m::ties_merge_cpu({kBase, kTasks, 3, 4, r2m::ScalarKind::kFloat32, kThresholds, 1.0f, no_mask},
                       0, 4, out);
   expect(out[0] == 3 && out[1] == 4 && out[2] == 2 && out[3] == 2, "ties_merge by hand");
 }
@@ -69,17 +71,11 @@ void weighted_ties_by_hand() {
   // trimmed [3, 0, 0, 2], [-2, 4, 0, 0], [0, -3, 2, 0]; weighted by 1, 0.5, 2: [3, 0, 0, 2],
   // [-1, 2, 0, 0], [0, -6, 4, 0]; sums [2, -4, 4, 2] elect +, -, +, +; agreeing sums
   // [3, -6, 4, 2] over agreeing weights [1, 2, 2, 1]: [3, -3, 2, 2].
-  const float base[] = {0, 0, 0, 0};
-  const float e0[] = {3, -1, 0.5f, 2};
-  const float e1[] = {-2, 4, -1, -1};
-  const float e2[] = {1, -3, 2, -2};
-  const void* experts[] = {e0, e1, e2};
-  const float thresholds[] = {2, 2, 2};
   const int64_t cutoffs[] = {4, 4, 2};
   const float weights[] = {1.0f, 0.5f, 2.0f};
   float out[4];
-  r2m::TiesWeightedParams params{base,       experts, 3,       4,    r2m::ScalarKind::kFloat32,
-                                 thresholds, cutoffs, weights, true, 1.0f};
+  r2m::TiesWeightedParams params{kBase,       kTasks,  3,       4,    r2m::ScalarKind::kFloat32,
+                                 kThresholds, cutoffs, weights, true, 1.0f};
   r2m::ties_merge_weighted_cpu(params, 0, 4, out);
   expect(out[0] == 3 && out[1] == -3 && out[2] == 2 && out[3] == 2, "weighted ties by hand");
   params.normalize = false;
