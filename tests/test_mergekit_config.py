@@ -208,6 +208,33 @@ def test_fused_ties_gives_the_torch_paths_bytes_with_ties_at_every_cut(models, t
         assert torch.equal(outputs["native"][name], value), name
 
 
+@pytest.mark.parametrize("method", ["ties", "linear"])  # the fused TIES and the combination
+def test_nan_in_a_model_is_named_and_leaves_no_output(models, tmp_path, method):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "m2"
+    broken.mkdir()
+    for path in (models / "m2").iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    shard = sorted(broken.glob("*.safetensors"))[1]
+    weights = load_file(shard)
+    name = sorted(weights)[0]
+    weights[name].view(-1)[3] = float("nan")
+    save_file(weights, str(shard), metadata={"format": "pt"})
+    parameters = "{weight: 0.5, density: 0.4}" if method == "ties" else "{weight: 0.5}"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"merge_method: {method}\n"
+        + (f"base_model: {models}/base\n" if method == "ties" else "")
+        + f"models:\n  - {{model: {models}/m1, parameters: {parameters}}}\n"
+        + f"  - {{model: {broken}, parameters: {parameters}}}\n"
+        + "dtype: float32\n"
+    )
+    with pytest.raises(R2MError, match=rf"'{name}' in {shard}.* NaN or Inf"):
+        r2m_ext.merge_config(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_config_against_mergekit_yaml(models, tmp_path):
     """The two command lines on one YAML: mergekit-yaml and r2m merge --config; the recipe
     r2m_ext writes re-runs the merge to the same bytes."""

@@ -286,16 +286,27 @@ def _rescale_(tau: torch.Tensor, before: torch.Tensor | None) -> None:
     tau.mul_(before / after)
 
 
-def _kth_largest_magnitude(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
-    """The exact k-th largest |flat| (float32, finite) by the native radix select of TIES's
-    global threshold (two histogram passes of ops.magnitude_histogram, no sort), and how many
-    entries equal to it are among the k largest."""
-    selector = KthLargestMagnitude([k], torch.float32, collect_limit=-1)
-    zero = torch.zeros_like(flat)  # the kernel histograms |experts - base|: here |flat - 0|
+def _select_by_histograms(
+    base: torch.Tensor, experts: list[torch.Tensor], ks: list[int], on_counts=None
+) -> KthLargestMagnitude:
+    """Each task's exact ks[i]-th largest |experts[i] - base| (float32) by the native radix
+    select of TIES's global threshold: two histogram passes of ops.magnitude_histogram, no
+    sort. `on_counts(counts, shift, width)` sees each pass's counts."""
+    selector = KthLargestMagnitude(ks, torch.float32, collect_limit=-1)
     while not selector.done:
         prefixes, shift, width = selector.histogram_digit()
-        counts = ops.magnitude_histogram(zero, [flat], prefixes, shift, width)
+        counts = ops.magnitude_histogram(base, experts, prefixes, shift, width)
+        if on_counts is not None:
+            on_counts(counts, shift, width)
         selector.finish_pass(selector.counts_partial(counts.cpu()))
+    return selector
+
+
+def _kth_largest_magnitude(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """The exact k-th largest |flat| (float32, finite), and how many entries equal to it are
+    among the k largest."""
+    # The kernel histograms |experts - base|: here |flat - 0|.
+    selector = _select_by_histograms(torch.zeros_like(flat), [flat], [k])
     return selector.values()[0], selector.needed_at_value()[0]
 
 
@@ -453,17 +464,15 @@ def merge_mergekit(tensors: TaskTensors, options: MergekitOptions, report: dict)
         base, experts = tensors.load_raw(entry.name, _FUSED_TIES_WORKSPACE / n, "run TIES")
         numel = entry.numel
         densities = [values["density"] for values in per_input]
-        selector = KthLargestMagnitude(
-            [min(numel, max(1, int(d * numel))) for d in densities], torch.float32, -1
-        )
-        while not selector.done:
-            prefixes, shift, width = selector.histogram_digit()
-            counts = ops.magnitude_histogram(base, experts, prefixes, shift, width)
+
+        def check_finite(counts, shift, width):
             if shift + width == 31:  # the first pass sees every entry
                 nonfinite = counts_nonfinite(counts, shift, width)
                 proof = torch.full((), math.inf if nonfinite else 0)
                 tensors.check_finite(entry, None, proof, (), held=[base, *experts])
-            selector.finish_pass(selector.counts_partial(counts.cpu()))
+
+        ks = [min(numel, max(1, int(d * numel))) for d in densities]
+        selector = _select_by_histograms(base, experts, ks, check_finite)
         thresholds = selector.values()
         needed, at_value = selector.needed_at_value(), selector.at_value()
         # Where the cut splits the entries tied at the threshold, the first `needed` of them in
