@@ -33,6 +33,13 @@ TORCH_LIBRARY(r2m_ext, m) {
   m.def(
       "magnitude_histogram(Tensor base, Tensor[] experts, Tensor prefixes, int shift, int width, "
       "int[] dare_streams=[], int first_index=0, float drop_rate=0.) -> Tensor");
+  // magnitude_histogram counted into `counts` (int64 [N, 2^width]); with a window [low[i],
+  // high[i]] of digits per task ([2^width, 2^width]: none), also returns per task the float32
+  // magnitude bit patterns (int32) of the entries it counted in the window. CPU only.
+  m.def(
+      "magnitude_histogram_into(Tensor(a!) counts, Tensor base, Tensor[] experts, "
+      "Tensor prefixes, int shift, int width, Tensor? low=None, Tensor? high=None, "
+      "int[] dare_streams=[], int first_index=0, float drop_rate=0.) -> Tensor[]");
   // Per task, the element index of the needed[i]-th entry (1-based, index order) whose float32
   // |experts[i] - base| equals thresholds[i] exactly, -1 where there are fewer (or needed[i] <
   // 1): the last of the entries tied at a top-k cut that the cut keeps. CPU only.

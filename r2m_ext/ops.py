@@ -49,6 +49,25 @@ if native_module() is not None:
     ):
         return base.new_empty((len(experts), 1 << width), dtype=torch.int64)
 
+    @torch.library.register_fake("r2m_ext::magnitude_histogram_into")
+    def _magnitude_histogram_into_fake(
+        counts,
+        base,
+        experts,
+        prefixes,
+        shift,
+        width,
+        low=None,
+        high=None,
+        dare_streams=(),
+        first_index=0,
+        drop_rate=0.0,
+    ):
+        if low is None:
+            return []
+        ctx = torch.library.get_ctx()
+        return [base.new_empty((ctx.new_dynamic_size(),), dtype=torch.int32) for _ in experts]
+
     @torch.library.register_fake("r2m_ext::ties_merge")
     def _ties_merge_fake(
         base, experts, thresholds, lam, dare_streams=(), first_index=0, drop_rate=0.0
@@ -169,6 +188,43 @@ def magnitude_histogram(
             base, list(experts), prefixes, shift, width, *_dare_arguments(dare)
         )
     return reference.magnitude_histogram(base, experts, prefixes, shift, width, dare)
+
+
+def magnitude_histogram_into(
+    counts: torch.Tensor,
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    prefixes: torch.Tensor,
+    shift: int,
+    width: int,
+    window: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dare: DareMask | None = None,
+) -> list[torch.Tensor] | None:
+    """magnitude_histogram's counts added into `counts` (int64 [N, 2^width] on the CPU), so
+    that a pass counts every tensor into one histogram. With a `window` (low, high: int64 [N]
+    digits, inclusive; [2^width, 2^width] for none), also returns per task the magnitude bit
+    patterns (int32, in no particular order) of the entries it counted in the window: where the
+    window holds the digit a select pass pins, the rest of the answer is read off those, with no
+    further pass over the inputs. Native on the CPU; elsewhere the reference."""
+    if ties_kernels_native(base.device) and _native_supports(base, experts):
+        low, high = window if window is not None else (None, None)
+        collected = torch.ops.r2m_ext.magnitude_histogram_into.default(
+            counts,
+            base,
+            list(experts),
+            prefixes,
+            shift,
+            width,
+            low,
+            high,
+            *_dare_arguments(dare),
+        )
+        return collected if window is not None else None
+    more, collected = reference.magnitude_histogram_collect(
+        base, experts, prefixes, shift, width, window, dare
+    )
+    counts += more.to(counts.device)
+    return collected
 
 
 def ties_kernels_native(device: torch.device | str) -> bool:

@@ -136,6 +136,14 @@ def _masked_tasks(
     return list(tasks if dare is None else dare_masked(tasks, dare))
 
 
+def _magnitude_patterns(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], dare: DareMask | None
+) -> torch.Tensor:
+    """[N, numel] int64 bit patterns of the float32 |task vectors| (after DARE's mask)."""
+    tau = torch.stack(_masked_tasks(base, experts, dare))
+    return (tau.reshape(len(experts), -1).view(torch.int32).long()) & 0x7FFFFFFF
+
+
 def magnitude_histogram(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
@@ -145,14 +153,35 @@ def magnitude_histogram(
     dare: DareMask | None = None,
 ) -> torch.Tensor:
     """The oracle of ops.magnitude_histogram: bincount of the float32 magnitude bit patterns."""
-    tau = torch.stack(_masked_tasks(base, experts, dare))
-    bits = (tau.reshape(len(experts), -1).view(torch.int32).long()) & 0x7FFFFFFF
     bins = 1 << width
     counts = torch.zeros(len(experts), bins, dtype=torch.int64, device=base.device)
-    for i, row in enumerate(bits):
+    for i, row in enumerate(_magnitude_patterns(base, experts, dare)):
         matches = row[(row >> (shift + width)) == int(prefixes[i])]
         counts[i] += torch.bincount((matches >> shift) & (bins - 1), minlength=bins)
     return counts
+
+
+def magnitude_histogram_collect(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    prefixes: torch.Tensor,
+    shift: int,
+    width: int,
+    window: tuple[torch.Tensor, torch.Tensor] | None,
+    dare: DareMask | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """The oracle of ops.magnitude_histogram_into: the counts, and with a window the bit
+    patterns it collects (in index order)."""
+    counts = magnitude_histogram(base, experts, prefixes, shift, width, dare)
+    if window is None:
+        return counts, None
+    low, high = window
+    collected = []
+    for i, row in enumerate(_magnitude_patterns(base, experts, dare)):
+        digits = (row >> shift) & ((1 << width) - 1)
+        inside = ((row >> (shift + width)) == int(prefixes[i])) & (digits >= int(low[i]))
+        collected.append(row[inside & (digits <= int(high[i]))].to(torch.int32))
+    return counts, collected
 
 
 def ties_merge(

@@ -1,5 +1,6 @@
 """Native ops against the float64 reference, with torch.library.opcheck."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -551,6 +552,91 @@ def test_magnitude_histogram_opcheck():
         torch.ops.r2m_ext.magnitude_histogram.default,
         (base, experts, torch.zeros(2, dtype=torch.int64), 15, 16),
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_magnitude_histogram_into_counts_and_collects_its_windows(dtype):
+    # Counts add into the given tensor (equal to magnitude_histogram's once more); the collected
+    # bit patterns are, as a multiset, those of the entries in each task's window of digits, by
+    # Python's struct, in a first pass and in a second under a prefix; an empty window [2^width,
+    # 2^width] collects nothing; with DARE's mask the masked task vectors'. Over two of the
+    # kernel's 65536-element blocks, on 1 and 2 threads (over tasks, 4 of them, and over
+    # blocks, 3 of them).
+    g = torch.Generator().manual_seed(12)
+    base = torch.randn(600, 120, generator=g).to(dtype)
+    experts = [
+        (base.double() + 0.01 * torch.randn(600, 120, generator=g)).to(dtype) for _ in "abcd"
+    ]
+    bits = [
+        torch.tensor(
+            [
+                _magnitude_bits_by_hand(x, b)
+                for x, b in zip(
+                    e.float().flatten().tolist(), base.float().flatten().tolist(), strict=True
+                )
+            ]
+        )
+        for e in experts
+    ]
+    zeros = torch.zeros(4, dtype=torch.int64)
+    first = ops.magnitude_histogram(base, experts, zeros, 15, 16)
+    peak = int(first.sum(0).argmax())
+    empty = 1 << 16
+    cases = [
+        (zeros, 15, 16, [peak - 3, peak, empty, 0], [peak + 2, peak, empty, 65535]),
+        (torch.tensor([peak] * 4), 0, 15, [0, 1000, 20000, 5], [32767, 1000, 30000, 5]),
+    ]
+    previous = torch.get_num_threads()
+    try:
+        for threads, n, (prefixes, shift, width, low, high) in itertools.product(
+            (1, 2), (4, 3), cases
+        ):
+            torch.set_num_threads(threads)
+            window = (torch.tensor(low[:n]), torch.tensor(high[:n]))
+            plain = ops.magnitude_histogram(base, experts[:n], prefixes[:n], shift, width)
+            counts = plain.clone()
+            collected = ops.magnitude_histogram_into(
+                counts, base, experts[:n], prefixes[:n], shift, width, window
+            )
+            assert torch.equal(counts, 2 * plain)
+            for i in range(n):
+                row = bits[i]
+                digits = (row >> shift) & ((1 << width) - 1)
+                inside = (row >> (shift + width) == int(prefixes[i])) & (digits >= low[i])
+                want = row[inside & (digits <= high[i])].sort().values
+                assert torch.equal(collected[i].long().sort().values, want), (shift, i)
+                assert want.numel() > 0 or low[i] == empty or shift == 0, (shift, i)
+        mask = DareMask((5, 2**64 - 3, 77, 8), 120 * 10, 0.5)
+        window = (torch.tensor([peak - 2] * 4), torch.tensor([peak + 2] * 4))
+        counts = torch.zeros(4, 1 << 16, dtype=torch.int64)
+        got = ops.magnitude_histogram_into(counts, base, experts, zeros, 15, 16, window, mask)
+        want = reference.magnitude_histogram_collect(base, experts, zeros, 15, 16, window, mask)
+        assert torch.equal(counts, want[0])
+        for a, b in zip(got, want[1], strict=True):
+            assert b.numel() > 0 and torch.equal(a.sort().values, b.sort().values)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_native
+def test_magnitude_histogram_into_opcheck_and_errors():
+    base = torch.randn(6, 5)
+    experts = [torch.randn(6, 5), torch.randn(6, 5)]
+    zeros = torch.zeros(2, dtype=torch.int64)
+    counts = torch.zeros(2, 1 << 16, dtype=torch.int64)
+    window = (torch.tensor([0, 10]), torch.tensor([65535, 65536]))
+    op = torch.ops.r2m_ext.magnitude_histogram_into.default
+    torch.library.opcheck(
+        op,
+        (counts, base, experts, zeros, 15, 16, *window),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+    with pytest.raises(RuntimeError, match=r"task 1's window \[10, 9\] is not a range"):
+        op(counts, base, experts, zeros, 15, 16, torch.tensor([0, 10]), torch.tensor([5, 9]))
+    with pytest.raises(RuntimeError, match=r"low and high must be int64 \[2\]"):
+        op(counts, base, experts, zeros, 15, 16, torch.tensor([0]), torch.tensor([5]))
+    with pytest.raises(RuntimeError, match=r"counts must be contiguous int64 \[2, 32768\]"):
+        op(counts, base, experts, zeros, 0, 15)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])

@@ -17,12 +17,14 @@ from conftest import make_experts, random_model, relative_error, run_cli
 from safetensors.torch import load_file
 
 import r2m_ext
+from r2m_ext import ops
 from r2m_ext.engine.inputs import MergeInputs, _Prefetcher
 from r2m_ext.errors import R2MError
 from r2m_ext.io import writer as writer_module
 from r2m_ext.io.buffers import HostBuffers
 from r2m_ext.io.output import MANIFEST_FILE, partial_dir
 from r2m_ext.io.writer import INTERRUPT_AFTER_SHARDS_ENV, ShardWriter
+from r2m_ext.methods import select as select_module
 from r2m_ext.methods.select import KthLargestMagnitude, combine_partials
 from r2m_ext.reference import splitmix64_uniform
 
@@ -325,6 +327,74 @@ def test_streamed_kth_largest_is_exact(dtype):
                 assert passes >= 3  # refined 16 bits at a time past the first two digits
             else:
                 assert passes == 2
+
+
+@pytest.mark.skipif(not ops.ties_kernels_native("cpu"), reason="r2m_ext._C is not built")
+def test_windowed_select_is_exact_whether_its_window_holds_the_answer_or_not(monkeypatch):
+    # The k-th largest magnitudes (and how many entries tie at them) are those of torch.kthvalue
+    # and of two histogram passes, whatever the sample: one pass when the sample's window holds
+    # the answer's first digit, a second where it does not, where the window collects more than
+    # its limit, or where one digit alone holds more than the limit (an empty window).
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(400, 300, generator=g)
+    experts = [base + scale * torch.randn(400, 300, generator=g) for scale in (0.01, 0.02, 0.03)]
+    base[:, ::5], experts[0][:, ::5] = 1.0, 1.5  # 24000 entries of task 0 tie at 0.5
+    total = base.numel()
+    ks = [23456, 1, total]
+    magnitudes = torch.stack([e - base for e in experts]).abs().flatten(1)
+    want = torch.stack([magnitudes[i].kthvalue(total - k + 1).values for i, k in enumerate(ks)])
+
+    def select(sample=None, limit_in_pass=None):
+        selector = KthLargestMagnitude(ks, torch.float32, collect_limit=-1)
+        if sample is not None:
+            selector.plan_window(sample, int(sample.sum()) // 3, total)
+        if limit_in_pass is not None:
+            monkeypatch.setattr(select_module, "WINDOW_COLLECT_LIMIT", limit_in_pass)
+        passes = 0
+        while not selector.done:
+            prefixes, shift, width = selector.histogram_digit()
+            window = selector.histogram_window()
+            total_partial = None  # two blocks counted apart, then combined (as ranks would)
+            for rows in (slice(0, 150), slice(150, 400)):
+                b, e = base[rows], [x[rows] for x in experts]
+                partial = selector.new_histograms()
+                partial.collect(
+                    ops.magnitude_histogram_into(
+                        partial.counts, b, e, prefixes, shift, width, window
+                    )
+                )
+                total_partial = combine_partials(total_partial, partial)
+            selector.finish_pass(total_partial)
+            passes += 1
+        monkeypatch.undo()
+        return selector.values(), selector.needed_at_value(), selector.at_value(), passes
+
+    plain = select()
+    assert torch.equal(plain[0], want) and plain[3] == 2
+    assert plain[1][0] == 23456 and plain[2][0] == 24000  # the ties at task 0's answer
+
+    def first_digits(tensors_base, tensors_experts):
+        return ops.magnitude_histogram(
+            tensors_base, tensors_experts, torch.zeros(3, dtype=torch.int64), 15, 16
+        )
+
+    sample = first_digits(base[::16], [e[::16] for e in experts])
+    far = first_digits(base[::16], [base[::16] + 8 * (e[::16] - base[::16]) for e in experts])
+    for case, passes in [
+        (dict(sample=sample), 1),
+        (dict(sample=far), 2),
+        (dict(sample=sample, limit_in_pass=100), 2),
+    ]:
+        got = select(**case)
+        assert torch.equal(got[0], want) and got[1:3] == plain[1:3], case
+        assert got[3] == passes, case
+    monkeypatch.setattr(select_module, "WINDOW_COLLECT_LIMIT", 100)
+    selector = KthLargestMagnitude(ks, torch.float32, collect_limit=-1)
+    selector.plan_window(sample, int(sample.sum()) // 3, total)
+    # Task 0's answer's digit alone holds 24000 entries: no window; the others' hold a few.
+    low, high = selector.histogram_window()
+    assert low[0] == high[0] == 1 << 16 and bool((low[1:] <= high[1:]).all())
+    assert high[1] == (1 << 16) - 1 and low[2] == 0  # past the sample's extremes: every digit
 
 
 def test_splitmix64_matches_the_reference_generator():

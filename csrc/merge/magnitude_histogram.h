@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "common/scalar.h"
 #include "merge/dare_mask.h"
@@ -23,6 +24,12 @@ struct MagnitudeHistogramParams {
   int shift;
   int width;      // bits per digit, 1..16: 2^width bins per task
   DareMask mask;  // DARE-TIES: the task vectors after DARE's mask (streams nullptr: none)
+  // Optional window of digits per task, inclusive (nullptr: none): the entries counted in a bin
+  // of task i within [collect_low[i], collect_high[i]] also have their magnitude's bit pattern
+  // collected, so that a window known to hold the answer's digit resolves the remaining bits
+  // without another pass over the inputs.
+  const int64_t* collect_low = nullptr;
+  const int64_t* collect_high = nullptr;
 };
 
 // The float32 bit pattern of |difference|: the sign bit cleared.
@@ -30,9 +37,10 @@ R2M_HOST_DEVICE uint32_t magnitude_bits(float difference) {
   return float_bits(difference) & 0x7fffffffu;
 }
 
-// Adds elements [begin, end) into counts (n_experts rows of 2^width int64, row-major).
+// Adds elements [begin, end) into counts (n_experts rows of 2^width int64, row-major); with a
+// collect window, appends the collected bit patterns of task i to collected[i] (in index order).
 void magnitude_histogram_cpu(const MagnitudeHistogramParams& params, int64_t begin, int64_t end,
-                             int64_t* counts);
+                             int64_t* counts, std::vector<uint32_t>* collected = nullptr);
 
 // nth_at_magnitude's core: where a top-k cut splits the entries tied at the k-th largest
 // magnitude, which of them are kept (the first ones in index order) is told by the index of the

@@ -15,11 +15,11 @@ constexpr int64_t kChunk = 1024;
 // marked entries with a branch, which is predictable in both passes (the first matches every
 // entry, the second few): counting them in a spare bin made the second pass 50% slower, every
 // increment waiting on the last one to the same counter.
-// `Masked` (DARE's mask) is a template argument so that the unmasked loop stays free of a test
-// per element.
-template <typename In, bool Masked>
+// `Masked` (DARE's mask) and `Collect` (a collect window) are template arguments so that the
+// plain loop stays free of a test per element.
+template <typename In, bool Masked, bool Collect>
 R2M_ALWAYS_INLINE void histogram(const MagnitudeHistogramParams& params, int64_t begin, int64_t end,
-                                 int64_t* counts) {
+                                 int64_t* counts, std::vector<uint32_t>* collected) {
   const In* base = static_cast<const In*>(params.base);
   const uint32_t bins = uint32_t{1} << params.width;
   const uint32_t digit_mask = bins - 1;
@@ -27,6 +27,7 @@ R2M_ALWAYS_INLINE void histogram(const MagnitudeHistogramParams& params, int64_t
   const int above = params.shift + params.width;
   float base_chunk[kChunk];
   uint32_t bin[kChunk];
+  uint32_t magnitude[Collect ? kChunk : 1];
   for (int64_t start = begin; start < end; start += kChunk) {
     const int64_t count = std::min(kChunk, end - start);
     for (int64_t e = 0; e < count; ++e) base_chunk[e] = to_float(base[start + e]);
@@ -42,8 +43,22 @@ R2M_ALWAYS_INLINE void histogram(const MagnitudeHistogramParams& params, int64_t
         const uint64_t bits = magnitude_bits(task);
         const uint32_t digit = static_cast<uint32_t>(bits >> params.shift) & digit_mask;
         bin[e] = (bits >> above) == prefix ? digit : bins;
+        if constexpr (Collect) magnitude[e] = static_cast<uint32_t>(bits);
       }
       int64_t* row = counts + i * bins;
+      if constexpr (Collect) {
+        // One unsigned comparison tells a bin inside [low, high] (the unmatched mark, 2^width,
+        // is above any window of digits).
+        const uint32_t low = static_cast<uint32_t>(params.collect_low[i]);
+        const uint32_t span = static_cast<uint32_t>(params.collect_high[i]) - low;
+        std::vector<uint32_t>& into = collected[i];
+        for (int64_t e = 0; e < count; ++e) {
+          if (bin[e] == bins) continue;
+          ++row[bin[e]];
+          if (bin[e] - low <= span) into.push_back(magnitude[e]);
+        }
+        continue;
+      }
       for (int64_t e = 0; e < count; ++e) {
         if (bin[e] != bins) ++row[bin[e]];
       }
@@ -51,11 +66,12 @@ R2M_ALWAYS_INLINE void histogram(const MagnitudeHistogramParams& params, int64_t
   }
 }
 
-template <bool Masked>
+template <bool Masked, bool Collect>
 R2M_ALWAYS_INLINE void histogram_kind(const MagnitudeHistogramParams& params, int64_t begin,
-                                      int64_t end, int64_t* counts) {
+                                      int64_t end, int64_t* counts,
+                                      std::vector<uint32_t>* collected) {
   dispatch_kind(params.kind, [&](auto tag) R2M_INLINE_LAMBDA {
-    histogram<decltype(tag), Masked>(params, begin, end, counts);
+    histogram<decltype(tag), Masked, Collect>(params, begin, end, counts, collected);
   });
 }
 
@@ -106,9 +122,15 @@ int64_t find_at_magnitude_cpu(const MagnitudeMatchParams& params, int64_t i, int
 }
 
 R2M_CPU_CLONES void magnitude_histogram_cpu(const MagnitudeHistogramParams& params, int64_t begin,
-                                            int64_t end, int64_t* counts) {
-  if (params.mask.streams != nullptr) return histogram_kind<true>(params, begin, end, counts);
-  return histogram_kind<false>(params, begin, end, counts);
+                                            int64_t end, int64_t* counts,
+                                            std::vector<uint32_t>* collected) {
+  const bool masked = params.mask.streams != nullptr;
+  if (params.collect_low != nullptr) {
+    if (masked) return histogram_kind<true, true>(params, begin, end, counts, collected);
+    return histogram_kind<false, true>(params, begin, end, counts, collected);
+  }
+  if (masked) return histogram_kind<true, false>(params, begin, end, counts, collected);
+  return histogram_kind<false, false>(params, begin, end, counts, collected);
 }
 
 }  // namespace r2m

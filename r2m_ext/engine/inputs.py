@@ -379,6 +379,17 @@ class MergeInputs:
             tensors = self._ready(prefetched)
             yield rows, tensors[0], tensors[1:]
 
+    def raw_rows(
+        self, entry: TensorPlan, rows: slice | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        n = self.n_experts
+        need = (n + 1) * entry.in_dtype.itemsize * _elements(entry, rows)
+        if need > self.block_budget():
+            return None
+        self.budget.note_step(need + self._in_flight())
+        tensors = self._ready(self._upload([self._read(s, entry.name, rows) for s in range(n + 1)]))
+        return tensors[0], tensors[1:]
+
     def check_finite(
         self,
         entry: TensorPlan,
@@ -556,13 +567,18 @@ class MergeInputs:
         }
 
     # -- passes ------------------------------------------------------------------------------
-    def pass_over(self, items: Iterable[TensorPlan], description: str) -> Iterator[TensorPlan]:
-        """`items` in order, as one pass: the reader loads ahead the tensors that fit whole, a
-        progress bar shows on a terminal, and the pass's time goes into `timings`."""
+    def pass_over(
+        self, items: Iterable[TensorPlan], description: str, read_ahead: bool = True
+    ) -> Iterator[TensorPlan]:
+        """`items` in order, as one pass: the reader loads ahead the tensors that fit whole
+        (unless the pass reads only parts of them: not `read_ahead`), a progress bar shows on a
+        terminal, and the pass's time goes into `timings`."""
         items = list(items)
         # Counted from before the reader starts on this pass's tensors.
         before = self._io_counts()
-        if self._prefetcher is not None:
+        if self._prefetcher is not None and not read_ahead:
+            self._prefetcher.drop()
+        elif self._prefetcher is not None:
             raw_bytes = [
                 (t.name, (self.n_experts + 1) * t.numel * t.in_dtype.itemsize) for t in items
             ]

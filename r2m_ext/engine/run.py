@@ -103,14 +103,17 @@ def _observe(statistic_pass: StatisticPass, tensors, inputs: MergeInputs) -> lis
     """(name, observed value) of each of `tensors`, in order."""
     return [
         (entry.name, statistic_pass.observe(entry))
-        for entry in inputs.pass_over(tensors, statistic_pass.label)
+        for entry in inputs.pass_over(tensors, statistic_pass.label, statistic_pass.read_ahead)
     ]
 
 
 def _fold(statistic_pass: StatisticPass, tensors, inputs: MergeInputs):
     total = statistic_pass.start
-    for entry in inputs.pass_over(tensors, statistic_pass.label):
-        total = statistic_pass.combine(total, statistic_pass.observe(entry))
+    for entry in inputs.pass_over(tensors, statistic_pass.label, statistic_pass.read_ahead):
+        if statistic_pass.observe_into is not None:
+            total = statistic_pass.observe_into(total, entry)
+        else:
+            total = statistic_pass.combine(total, statistic_pass.observe(entry))
     return total
 
 

@@ -71,6 +71,13 @@ class TaskTensors(Protocol):
         ops.delta_gram. Not yet checked for NaN/Inf: the caller passes what it computed from
         each block to `check_finite`."""
 
+    def raw_rows(
+        self, entry: TensorPlan, rows: slice | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        """(base rows, [expert rows]) as read (rows None: whole), for a sample of a tensor; None
+        when they do not fit one step of the budget. Never checked for NaN/Inf (a pass over
+        every entry is)."""
+
     def check_finite(
         self,
         entry: TensorPlan,

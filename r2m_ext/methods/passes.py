@@ -60,6 +60,13 @@ class StatisticPass(Generic[Statistic]):
     start: Statistic  # the total before any tensor
     finish: Callable[[Statistic], Any]  # receives the total, once
     exact: bool = False
+    # False where `observe` reads only parts of its tensors (a sample): nothing is read ahead.
+    read_ahead: bool = True
+    # Exact statistics only, optional: adds a tensor's observation into the total (None: the
+    # start), which it may change in place, and returns it; what a process folding its tensors
+    # uses instead of observe-then-combine (a histogram counted straight into the pass's counts,
+    # not into a fresh one per tensor). `observe(t)` must equal observe_into(start, t).
+    observe_into: Callable[[Statistic, TensorPlan], Statistic] | None = None
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,19 @@ global TIES threshold).
 Non-negative floats order like their bit patterns read as integers, so selection is a radix
 select on the bits: a pass histograms the next 16 bits of the entries that still match the known
 prefix, which pins 16 more bits of the answer; once few enough entries match, a pass collects them
-and the answer is read off a sort. Float32 needs at most 2 passes, float64 at most 4."""
+and the answer is read off a sort. Float32 needs at most 2 passes, float64 at most 4.
+
+With native kernels, a float32 select usually needs one pass over everything: a sample of the
+entries (a few row chunks of every tensor: SAMPLE_FRACTION of them) gives a window of first
+digits that very likely holds the answer's, and the first pass, besides counting, collects the
+entries whose digit lies in that window. Where the pass's counts then pin a digit inside the
+window, its collected entries give the answer's remaining bits; elsewhere (a poor sample, or a
+window overflowing its collect limit) a second pass runs as before. The answer is exact either
+way: the sample only decides how much work finding it takes."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -15,13 +25,77 @@ _DIGIT_BITS = 16
 COLLECT_LIMIT = 1 << 20
 
 
+# The share of entries a sample reads (in SAMPLE_CHUNKS row chunks spread over each tensor).
+SAMPLE_FRACTION = 1 / 16
+SAMPLE_CHUNKS = 8
+# Tensors of at most this many elements are sampled whole.
+SAMPLE_WHOLE = 1 << 16
+# A window spans at least this share of the entries around the sample's estimate of the
+# answer's rank, on each side, and at least WINDOW_SIGMAS standard errors of that estimate (as if
+# the sample were drawn at random): row chunks are not a random draw, and a window that misses
+# costs a second pass.
+WINDOW_SHARE = 0.005
+WINDOW_SIGMAS = 6.0
+# Entries a window may collect per task (int32 bit patterns: 8 MB), over a whole pass.
+WINDOW_COLLECT_LIMIT = 1 << 21
+
 # The smallest bit pattern of a non-finite float32 magnitude (Inf; NaN above it).
 _FLOAT32_INF_BITS = 0x7F800000
 
 
 # One pass's observations, per task: int64 digit counts [2^width], a list of collected bit
-# patterns (a task finishing by sort), or None (a task already done). Combined with `+`.
+# patterns (a task finishing by sort), or None (a task already done), combined with `+`; or, from
+# native kernels, Histograms of every task.
 SelectPartial = list
+
+
+class Histograms:
+    """A native histogram pass's observations of every task: int64 counts [N, 2^width] that
+    ops.magnitude_histogram_into counts into in place, and in a pass with a window the bit
+    patterns collected per task (int32 tensors; a task's become None once more than `limit`
+    were collected: its window then resolves nothing). Added like counts: exact and order-free
+    (a collection is a multiset)."""
+
+    def __init__(self, counts: torch.Tensor, windowed: bool, limit: int = 0):
+        self.counts = counts
+        n = counts.shape[0]
+        self.collected: list[list[torch.Tensor] | None] | None = (
+            [[] for _ in range(n)] if windowed else None
+        )
+        self._sizes = [0] * n
+        self._limit = limit
+
+    def collect(self, patterns: list[torch.Tensor] | None) -> None:
+        """Adds a block's collected bit patterns per task (None: a pass with no window)."""
+        if patterns is None or self.collected is None:
+            return
+        for i, more in enumerate(patterns):
+            if self.collected[i] is None:
+                continue
+            self._sizes[i] += more.numel()
+            self.collected[i] = None if self._sizes[i] > self._limit else self.collected[i] + [more]
+
+    def __add__(self, other: Histograms) -> Histograms:
+        total = Histograms(self.counts + other.counts, self.collected is not None, self._limit)
+        if self.collected is not None:
+            pairs = zip(self.collected, other.collected, strict=True)
+            for i, (mine, theirs) in enumerate(pairs):
+                total._sizes[i] = self._sizes[i] + other._sizes[i]
+                fits = mine is not None and theirs is not None and total._sizes[i] <= self._limit
+                total.collected[i] = mine + theirs if fits else None
+        return total
+
+
+def sample_rows(entry) -> list[slice | None]:
+    """The row chunks of a tensor (a TensorPlan) that a select's sample reads: SAMPLE_CHUNKS
+    chunks spread evenly over its rows, SAMPLE_FRACTION of them in all; the whole tensor (None)
+    when it is small or has too few rows."""
+    rows = entry.rows
+    if entry.numel <= SAMPLE_WHOLE or rows < SAMPLE_CHUNKS:
+        return [None]
+    per_chunk = max(1, math.ceil(rows * SAMPLE_FRACTION / SAMPLE_CHUNKS))
+    starts = [j * rows // SAMPLE_CHUNKS for j in range(SAMPLE_CHUNKS)]
+    return [slice(start, min(rows, start + per_chunk)) for start in starts]
 
 
 def combine_partials(total: SelectPartial | None, more: SelectPartial) -> SelectPartial:
@@ -31,6 +105,8 @@ def combine_partials(total: SelectPartial | None, more: SelectPartial) -> Select
         return more
     if more is None:  # a share with no tensors (a rank that observed none)
         return total
+    if isinstance(total, Histograms):
+        return total + more
     return [None if a is None else a + b for a, b in zip(total, more, strict=True)]
 
 
@@ -51,6 +127,7 @@ class KthLargestMagnitude:
         self._prefix = [0] * len(ks)
         self._matching = [None] * len(ks)  # entries matching the prefix, when known
         self._collecting = [False] * len(ks)
+        self._window: tuple[torch.Tensor, torch.Tensor] | None = None  # per task digits [low, high]
         self._start_pass()
 
     def _start_pass(self) -> None:
@@ -83,17 +160,77 @@ class KthLargestMagnitude:
         """(prefixes int64 [N], shift, width) of the next histogram pass, for
         ops.magnitude_histogram; float32 magnitudes, no task collecting."""
         assert self._dtype == torch.float32 and not any(self._collecting), "histogram passes only"
-        (free_bits,) = set(self._free_bits)  # every task pins the same bits each pass
+        # Every task still selecting pins the same bits each pass; a task its window finished
+        # gets a prefix no entry has (above any bit pattern), so the kernel counts nothing for it.
+        (free_bits,) = {bits for bits in self._free_bits if bits > 0}
         width = min(_DIGIT_BITS, free_bits)
-        return torch.tensor(self._prefix, dtype=torch.int64), free_bits - width, width
+        prefixes = [
+            p if bits > 0 else -1 for p, bits in zip(self._prefix, self._free_bits, strict=True)
+        ]
+        return torch.tensor(prefixes, dtype=torch.int64), free_bits - width, width
+
+    def plan_window(self, sample: torch.Tensor, sampled: int, total: int) -> None:
+        """Before the first histogram pass: from counts [N, 2^16] of its digit over a sample of
+        `sampled` of the `total` entries per task, the window of digits the pass collects per
+        task (`histogram_window`), sized to WINDOW_COLLECT_LIMIT."""
+        assert self._dtype == torch.float32 and self._free_bits == [31] * len(self._ks)
+        width = _DIGIT_BITS
+        lows, highs = [], []
+        for i, counts in enumerate(sample):
+            above = torch.cumsum(counts.flip(0), 0)  # sample entries at or above each digit
+            estimate = self._ks[i] * sampled / total  # the answer's rank within the sample
+            q = min(1.0, self._ks[i] / total)
+            spread = max(WINDOW_SHARE * sampled, WINDOW_SIGMAS * math.sqrt(q * (1 - q) * sampled))
+            while True:
+                top = max(1, math.floor(estimate - spread))
+                bottom = max(top, min(sampled, math.ceil(estimate + spread)))
+                high_position = int(torch.searchsorted(above, top))
+                low_position = int(torch.searchsorted(above, bottom))
+                inside = int(above[low_position]) - (
+                    int(above[high_position - 1]) if high_position > 0 else 0
+                )
+                fits = inside * total / sampled <= WINDOW_COLLECT_LIMIT / 2
+                if fits or spread < 1:
+                    break
+                spread /= 2
+            # A window reaching past the sample's largest (smallest) entries reaches every digit
+            # above (below) them: the whole data's may lie beyond the sample's.
+            if estimate - spread < 1:
+                high_position = 0
+            if estimate + spread > sampled:
+                low_position = (1 << width) - 1
+            if not fits:  # one digit holds too many entries (exact zeros after DARE's mask)
+                low_position = high_position = -1  # an empty window: digit 2^16
+            lows.append((1 << width) - 1 - low_position)
+            highs.append((1 << width) - 1 - high_position)
+        self._window = torch.tensor(lows), torch.tensor(highs)
+
+    def collect_everything(self) -> None:
+        """Before the first histogram pass over at most WINDOW_COLLECT_LIMIT entries per task
+        (a small tensor): a window of every digit, so that one pass finds the answer."""
+        assert self._free_bits == [31] * len(self._ks)
+        n = len(self._ks)
+        self._window = torch.zeros(n, dtype=torch.int64), torch.full((n,), (1 << _DIGIT_BITS) - 1)
+
+    def histogram_window(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(low, high) int64 [N] digits the next histogram pass collects within (a task with
+        [2^16, 2^16] collects nothing), or None."""
+        return self._window
 
     @staticmethod
     def counts_partial(counts: torch.Tensor) -> SelectPartial:
         """Counts [N, 2^width] of the digits `histogram_digit` names, as a partial."""
         return list(counts)
 
+    def new_histograms(self) -> Histograms:
+        """Empty Histograms for the next pass to count into (and collect in, with a window)."""
+        _, _, width = self.histogram_digit()
+        counts = torch.zeros(len(self._ks), 1 << width, dtype=torch.int64)
+        return Histograms(counts, self._window is not None, WINDOW_COLLECT_LIMIT)
+
     def finish_pass(self, total: SelectPartial) -> None:
         """Pins the next digit of every task from a whole pass's combined observations."""
+        histograms = total if isinstance(total, Histograms) else None
         for i in range(len(self._ks)):
             if self._free_bits[i] == 0:
                 continue
@@ -103,7 +240,7 @@ class KthLargestMagnitude:
                 self._free_bits[i] = 0
                 continue
             width = min(_DIGIT_BITS, self._free_bits[i])
-            counts = total[i].flip(0)  # highest digit first
+            counts = (total[i] if histograms is None else histograms.counts[i]).flip(0)
             above = torch.cumsum(counts, 0)
             position = int(torch.searchsorted(above, self._ks[i]))
             digit = (1 << width) - 1 - position
@@ -111,7 +248,26 @@ class KthLargestMagnitude:
             self._matching[i] = int(counts[position])
             self._prefix[i] = (self._prefix[i] << width) | digit
             self._free_bits[i] -= width
+            collected = None
+            if histograms is not None and histograms.collected is not None:
+                collected = histograms.collected[i]
+            if collected is not None:
+                low, high = (int(bound[i]) for bound in self._window)
+                if low <= digit <= high:
+                    self._finish_from_window(i, torch.cat(collected))
+        self._window = None
         self._start_pass()
+
+    def _finish_from_window(self, i: int, collected: torch.Tensor) -> None:
+        """Pins task i's remaining bits from the bit patterns its window collected, which hold
+        every entry matching its prefix (pinned just now)."""
+        matches = collected[(collected.long() >> self._free_bits[i]) == self._prefix[i]]
+        assert matches.numel() == self._matching[i], "a window holds every entry of its digits"
+        value = int(matches.kthvalue(matches.numel() - self._ks[i] + 1).values)
+        self._ks[i] -= int((matches > value).sum())
+        self._matching[i] = int((matches == value).sum())
+        self._prefix[i] = value
+        self._free_bits[i] = 0
 
     def needed_at_value(self) -> list[int]:
         """Once `done`: per task, how many of the entries equal to `values()` are among its k
@@ -130,8 +286,8 @@ class KthLargestMagnitude:
         return bits.view(self._dtype)
 
 
-def counts_nonfinite(counts: torch.Tensor, shift: int, width: int) -> bool:
-    """Whether histogram counts of a pass over every entry (shift + width = 31, no prefix) hold a
-    non-finite magnitude: Inf and NaN have the largest float32 bit patterns."""
+def counts_nonfinite(counts: torch.Tensor, shift: int, width: int) -> int:
+    """How many non-finite magnitudes histogram counts of a pass over every entry (shift + width
+    = 31, no prefix) hold: Inf and NaN have the largest float32 bit patterns."""
     assert shift + width == 31, "only a first pass sees every entry"
-    return bool(counts[:, _FLOAT32_INF_BITS >> shift :].any())
+    return int(counts[:, _FLOAT32_INF_BITS >> shift :].sum())

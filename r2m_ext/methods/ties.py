@@ -21,10 +21,12 @@ from r2m_ext.methods.passes import Merged, MethodPasses, StatisticPass
 from r2m_ext.methods.registry import MergeMethod, Range, option, register
 from r2m_ext.methods.select import (
     COLLECT_LIMIT,
+    SAMPLE_WHOLE,
     KthLargestMagnitude,
     SelectPartial,
     combine_partials,
     counts_nonfinite,
+    sample_rows,
 )
 from r2m_ext.plan import TensorPlan
 from r2m_ext.reference import dare_masked
@@ -68,6 +70,17 @@ def _per_task_kth_largest(magnitudes: torch.Tensor, density: float) -> torch.Ten
     return magnitudes.kthvalue(count - keep + 1, dim=1).values
 
 
+# A sample pass's observations: counts [N, 2^16] of the first digit (counted into in place) and
+# the entries per task they count.
+Sample = tuple[torch.Tensor, int] | None
+
+
+def _add_samples(total: Sample, more: Sample) -> Sample:
+    if total is None or more is None:
+        return more if total is None else total
+    return total[0] + more[0], total[1] + more[1]
+
+
 # [N, ...] stacks TIES holds per block: tau, |tau| or trimmed, signs, agreement.
 _TIES_STACKS = 4
 
@@ -77,16 +90,19 @@ def _no_mask(entry: TensorPlan, rows: slice | None) -> None:
 
 
 class _Thresholds:
-    """The exact keep-th largest |tau| per task over a set of tensors, one radix-select pass
-    over them at a time. With `native`, each pass is ops.magnitude_histogram over the raw
-    inputs (subtraction, mask, absolute value and counting fused: two float32 passes, no task
-    vector formed), the first of which also checks every input for NaN/Inf; otherwise the task
-    vectors' row blocks are formed and observed in pure torch (any compute dtype)."""
+    """The exact keep-th largest |tau| per task over a set of tensors of `total` entries per
+    task, one radix-select pass over them at a time. With `native`, each pass is
+    ops.magnitude_histogram over the raw inputs (subtraction, mask, absolute value and counting
+    fused, no task vector formed), the first of which also checks every input for NaN/Inf; a
+    sample of the entries first lets the first pass collect the entries near the answer, which
+    usually spares the second (select.py). Otherwise the task vectors' row blocks are formed and
+    observed in pure torch (any compute dtype)."""
 
-    def __init__(self, tensors: TaskTensors, keep: int, native: bool, mask_of: MaskOf):
+    def __init__(self, tensors: TaskTensors, keep: int, total: int, native: bool, mask_of: MaskOf):
         self._tensors = tensors
         self._native = native
         self._mask_of = mask_of
+        self._total = total
         dtype = torch.float32 if native else tensors.compute_dtype
         limit = -1 if native else COLLECT_LIMIT  # the kernel counts; it cannot collect
         self._selector = KthLargestMagnitude([keep] * tensors.n_experts, dtype, limit)
@@ -101,7 +117,13 @@ class _Thresholds:
 
     def observe(self, entry: TensorPlan, held: RawBlocks | None = None) -> SelectPartial:
         """One tensor's part of this pass, from its inputs `held` or read block by block."""
-        tensors, selector, total = self._tensors, self._selector, None
+        return self.observe_into(None, entry, held)
+
+    def observe_into(
+        self, total: SelectPartial | None, entry: TensorPlan, held: RawBlocks | None = None
+    ) -> SelectPartial:
+        """`total` with one tensor's part of this pass added (natively: counted into it)."""
+        tensors, selector = self._tensors, self._selector
         if not self._native:
             for rows, base, experts in tensors.blocks(entry, extra_stacks=2):
                 tau = experts - base
@@ -111,18 +133,59 @@ class _Thresholds:
                 total = combine_partials(total, selector.observe(tau.abs()))
             return total
         prefixes, shift, width = selector.histogram_digit()
+        window = selector.histogram_window()
+        total = selector.new_histograms() if total is None else total
         for rows, base, experts in held if held is not None else tensors.raw_blocks(entry):
             mask = self._mask_of(entry, rows)
-            counts = ops.magnitude_histogram(base, experts, prefixes, shift, width, mask)
+            nonfinite = counts_nonfinite(total.counts, shift, width) if self.number == 1 else 0
+            total.collect(
+                ops.magnitude_histogram_into(
+                    total.counts, base, experts, prefixes, shift, width, window, mask
+                )
+            )
             if self.number == 1:
+                # Every block before this one was checked: new non-finite counts are this one's.
                 # Under a DARE mask, which may drop a NaN, the inputs themselves are read.
-                nonfinite = counts_nonfinite(counts, shift, width)
+                grew = counts_nonfinite(total.counts, shift, width) > nonfinite
                 suspects = range(tensors.n_experts + 1) if mask is not None else ()
-                proof = torch.full((), math.inf if nonfinite else 0)
+                proof = torch.full((), math.inf if grew else 0)
                 tensors.check_finite(entry, rows, proof, suspects, held=[base, *experts])
-            total = combine_partials(total, selector.counts_partial(counts.cpu()))
             del base, experts  # one block at a time (MergeInputs.raw_blocks)
         return total
+
+    def observe_sample(self, entry: TensorPlan, held: RawBlocks | None = None) -> Sample:
+        """First-digit counts over a sample of one tensor's entries (select.sample_rows)."""
+        return self.sample_into(None, entry, held)
+
+    def sample_into(
+        self, total: Sample, entry: TensorPlan, held: RawBlocks | None = None
+    ) -> Sample:
+        """`total` with the first-digit counts of a sample of one tensor's entries
+        (select.sample_rows) added, from its whole inputs `held` or read; not checked for
+        NaN/Inf (the first pass checks every entry)."""
+        prefixes, shift, width = self._selector.histogram_digit()
+        if total is None:
+            total = torch.zeros(self._tensors.n_experts, 1 << width, dtype=torch.int64), 0
+        counts, sampled = total
+        for rows in sample_rows(entry):
+            if held is not None:
+                ((_, base, experts),) = held
+                if rows is not None:
+                    base, experts = base[rows], [expert[rows] for expert in experts]
+            else:
+                read = self._tensors.raw_rows(entry, rows)
+                if read is None:  # a chunk larger than a step: the sample goes without it
+                    continue
+                base, experts = read
+            mask = self._mask_of(entry, rows)
+            ops.magnitude_histogram_into(counts, base, experts, prefixes, shift, width, None, mask)
+            sampled += base.numel()
+            del base, experts
+        return counts, sampled
+
+    def finish_sample(self, total: Sample) -> None:
+        if total is not None and total[1] > 0:
+            self._selector.plan_window(total[0], total[1], self._total)
 
     def finish(self, total: SelectPartial) -> None:
         self._selector.finish_pass(total)
@@ -130,6 +193,18 @@ class _Thresholds:
 
     def passes(self, entries, label: str) -> Iterator[StatisticPass]:
         """Passes over `entries` for the engine to run, until the thresholds are known."""
+        if self._native:
+            yield StatisticPass(
+                label=f"{label} threshold sample",
+                tensors=entries,
+                observe=self.observe_sample,
+                combine=_add_samples,
+                start=None,
+                finish=self.finish_sample,
+                exact=True,
+                read_ahead=False,
+                observe_into=self.sample_into,
+            )
         while not self.done:
             yield StatisticPass(
                 label=f"{label} threshold pass {self.number}",
@@ -139,10 +214,15 @@ class _Thresholds:
                 start=None,
                 finish=self.finish,
                 exact=True,
+                observe_into=self.observe_into,
             )
 
     def of_tensor(self, entry: TensorPlan, held: list | None = None) -> torch.Tensor:
         """The thresholds over one tensor, passing over its blocks here (per-tensor scope)."""
+        if self._native and entry.numel <= SAMPLE_WHOLE:
+            self._selector.collect_everything()  # a sample would be the whole tensor
+        elif self._native:
+            self.finish_sample(self.observe_sample(entry, held))
         while not self.done:
             self.finish(self.observe(entry, held))
         return self.values()
@@ -181,8 +261,9 @@ def ties_passes(
             del base, tau  # one block at a time (MergeInputs.blocks)
 
     if options.ties_scope == "global":
-        keep = max(1, exact_ceil(options.density, sum(entry.numel for entry in tensors.body)))
-        thresholds = _Thresholds(tensors, keep, native, mask_of)
+        total = sum(entry.numel for entry in tensors.body)
+        keep = max(1, exact_ceil(options.density, total))
+        thresholds = _Thresholds(tensors, keep, total, native, mask_of)
         return MethodPasses(
             write_label=label,
             emit=lambda entry: merged_blocks(entry, thresholds.values()),
@@ -196,7 +277,9 @@ def ties_passes(
             rows, base, experts = next(blocks)
             if rows is None:  # whole: every pass over the same inputs, read once
                 held = [(None, base, experts)]
-                values = _Thresholds(tensors, keep, native, mask_of).of_tensor(entry, held)
+                values = _Thresholds(tensors, keep, entry.numel, native, mask_of).of_tensor(
+                    entry, held
+                )
                 mask = mask_of(entry, None)
                 yield entry.name, None, ops.ties_merge(base, experts, values, options.lam, mask)
                 return
@@ -210,7 +293,7 @@ def ties_passes(
             return
         # Too large to hold whole: select its thresholds over row blocks, then merge them.
         yield from merged_blocks(
-            entry, _Thresholds(tensors, keep, native, mask_of).of_tensor(entry)
+            entry, _Thresholds(tensors, keep, entry.numel, native, mask_of).of_tensor(entry)
         )
 
     return MethodPasses(write_label=label, emit=emit_per_tensor)
