@@ -35,7 +35,7 @@ TORCH_LIBRARY(r2m_ext, m) {
       "int[] dare_streams=[], int first_index=0, float drop_rate=0.) -> Tensor");
   // magnitude_histogram counted into `counts` (int64 [N, 2^width]); with a window [low[i],
   // high[i]] of digits per task ([2^width, 2^width]: none), also returns per task the float32
-  // magnitude bit patterns (int32) of the entries it counted in the window. CPU only.
+  // magnitude bit patterns (int32) of the nonzero entries it counted in the window. CPU only.
   m.def(
       "magnitude_histogram_into(Tensor(a!) counts, Tensor base, Tensor[] experts, "
       "Tensor prefixes, int shift, int width, Tensor? low=None, Tensor? high=None, "

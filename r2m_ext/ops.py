@@ -203,7 +203,8 @@ def magnitude_histogram_into(
     """magnitude_histogram's counts added into `counts` (int64 [N, 2^width] on the CPU), so
     that a pass counts every tensor into one histogram. With a `window` (low, high: int64 [N]
     digits, inclusive; [2^width, 2^width] for none), also returns per task the magnitude bit
-    patterns (int32, in no particular order) of the entries it counted in the window: where the
+    patterns (int32, in no particular order) of the nonzero entries it counted in the window
+    (exact zeros are only counted: after DARE's mask most entries are zeros): where the
     window holds the digit a select pass pins, the rest of the answer is read off those, with no
     further pass over the inputs. Native on the CPU; elsewhere the reference."""
     if ties_kernels_native(base.device) and _native_supports(base, experts):

@@ -170,7 +170,7 @@ def magnitude_histogram_collect(
     window: tuple[torch.Tensor, torch.Tensor] | None,
     dare: DareMask | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """The oracle of ops.magnitude_histogram_into: the counts, and with a window the bit
+    """The oracle of ops.magnitude_histogram_into: the counts, and with a window the nonzero bit
     patterns it collects (in index order)."""
     counts = magnitude_histogram(base, experts, prefixes, shift, width, dare)
     if window is None:
@@ -180,7 +180,8 @@ def magnitude_histogram_collect(
     for i, row in enumerate(_magnitude_patterns(base, experts, dare)):
         digits = (row >> shift) & ((1 << width) - 1)
         inside = ((row >> (shift + width)) == int(prefixes[i])) & (digits >= int(low[i]))
-        collected.append(row[inside & (digits <= int(high[i]))].to(torch.int32))
+        inside &= (digits <= int(high[i])) & (row != 0)
+        collected.append(row[inside].to(torch.int32))
     return counts, collected
 
 

@@ -337,17 +337,22 @@ def test_windowed_select_is_exact_whether_its_window_holds_the_answer_or_not(mon
     # its limit, or where one digit alone holds more than the limit (an empty window).
     g = torch.Generator().manual_seed(4)
     base = torch.randn(400, 300, generator=g)
-    experts = [base + scale * torch.randn(400, 300, generator=g) for scale in (0.01, 0.02, 0.03)]
+    scales = (0.01, 0.02, 0.03, 0.04)
+    experts = [base + scale * torch.randn(400, 300, generator=g) for scale in scales]
     base[:, ::5], experts[0][:, ::5] = 1.0, 1.5  # 24000 entries of task 0 tie at 0.5
+    # Task 3 as after DARE's mask: 90% exact zeros, its answer among them (counted, not
+    # collected); task 2's is the smallest magnitude, past the sample's.
+    dropped = torch.rand(400, 300, generator=g) < 0.9
+    experts[3][dropped] = base[dropped]
     total = base.numel()
-    ks = [23456, 1, total]
+    ks = [23456, 1, total, total // 5]
     magnitudes = torch.stack([e - base for e in experts]).abs().flatten(1)
     want = torch.stack([magnitudes[i].kthvalue(total - k + 1).values for i, k in enumerate(ks)])
 
     def select(sample=None, limit_in_pass=None):
         selector = KthLargestMagnitude(ks, torch.float32, collect_limit=-1)
         if sample is not None:
-            selector.plan_window(sample, int(sample.sum()) // 3, total)
+            selector.plan_window(sample, int(sample.sum()) // 4, total)
         if limit_in_pass is not None:
             monkeypatch.setattr(select_module, "WINDOW_COLLECT_LIMIT", limit_in_pass)
         passes = 0
@@ -372,10 +377,11 @@ def test_windowed_select_is_exact_whether_its_window_holds_the_answer_or_not(mon
     plain = select()
     assert torch.equal(plain[0], want) and plain[3] == 2
     assert plain[1][0] == 23456 and plain[2][0] == 24000  # the ties at task 0's answer
+    assert want[3] == 0 and plain[2][3] == int(dropped.sum())
 
     def first_digits(tensors_base, tensors_experts):
         return ops.magnitude_histogram(
-            tensors_base, tensors_experts, torch.zeros(3, dtype=torch.int64), 15, 16
+            tensors_base, tensors_experts, torch.zeros(4, dtype=torch.int64), 15, 16
         )
 
     sample = first_digits(base[::16], [e[::16] for e in experts])
@@ -390,11 +396,13 @@ def test_windowed_select_is_exact_whether_its_window_holds_the_answer_or_not(mon
         assert got[3] == passes, case
     monkeypatch.setattr(select_module, "WINDOW_COLLECT_LIMIT", 100)
     selector = KthLargestMagnitude(ks, torch.float32, collect_limit=-1)
-    selector.plan_window(sample, int(sample.sum()) // 3, total)
-    # Task 0's answer's digit alone holds 24000 entries: no window; the others' hold a few.
+    selector.plan_window(sample, int(sample.sum()) // 4, total)
+    # Task 0's answer's digit alone holds 24000 entries: no window; the others' hold a few
+    # (task 3's zeros are not collected).
     low, high = selector.histogram_window()
     assert low[0] == high[0] == 1 << 16 and bool((low[1:] <= high[1:]).all())
     assert high[1] == (1 << 16) - 1 and low[2] == 0  # past the sample's extremes: every digit
+    assert low[3] == 0
 
 
 def test_splitmix64_matches_the_reference_generator():

@@ -24,10 +24,10 @@ struct MagnitudeHistogramParams {
   int shift;
   int width;      // bits per digit, 1..16: 2^width bins per task
   DareMask mask;  // DARE-TIES: the task vectors after DARE's mask (streams nullptr: none)
-  // Optional window of digits per task, inclusive (nullptr: none): the entries counted in a bin
-  // of task i within [collect_low[i], collect_high[i]] also have their magnitude's bit pattern
-  // collected, so that a window known to hold the answer's digit resolves the remaining bits
-  // without another pass over the inputs.
+  // Optional window of digits per task, inclusive (nullptr: none): the nonzero entries counted
+  // in a bin of task i within [collect_low[i], collect_high[i]] also have their magnitude's bit
+  // pattern collected, so that a window known to hold the answer's digit resolves the remaining
+  // bits without another pass over the inputs (exact zeros: the count less the collected).
   const int64_t* collect_low = nullptr;
   const int64_t* collect_high = nullptr;
 };

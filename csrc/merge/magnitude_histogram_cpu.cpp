@@ -48,14 +48,15 @@ R2M_ALWAYS_INLINE void histogram(const MagnitudeHistogramParams& params, int64_t
       int64_t* row = counts + i * bins;
       if constexpr (Collect) {
         // One unsigned comparison tells a bin inside [low, high] (the unmatched mark, 2^width,
-        // is above any window of digits).
+        // is above any window of digits). Exact zeros are counted, never collected: after DARE's
+        // mask most entries are zeros, and the count of them is all a select needs.
         const uint32_t low = static_cast<uint32_t>(params.collect_low[i]);
         const uint32_t span = static_cast<uint32_t>(params.collect_high[i]) - low;
         std::vector<uint32_t>& into = collected[i];
         for (int64_t e = 0; e < count; ++e) {
           if (bin[e] == bins) continue;
           ++row[bin[e]];
-          if (bin[e] - low <= span) into.push_back(magnitude[e]);
+          if (bin[e] - low <= span && magnitude[e] != 0) into.push_back(magnitude[e]);
         }
         continue;
       }

@@ -189,6 +189,8 @@ class KthLargestMagnitude:
                 inside = int(above[low_position]) - (
                     int(above[high_position - 1]) if high_position > 0 else 0
                 )
+                if low_position == (1 << width) - 1:  # digit 0: taken for exact zeros, which
+                    inside -= int(counts[0])  # are counted, not collected
                 fits = inside * total / sampled <= WINDOW_COLLECT_LIMIT / 2
                 if fits or spread < 1:
                     break
@@ -260,12 +262,17 @@ class KthLargestMagnitude:
 
     def _finish_from_window(self, i: int, collected: torch.Tensor) -> None:
         """Pins task i's remaining bits from the bit patterns its window collected, which hold
-        every entry matching its prefix (pinned just now)."""
+        every nonzero entry matching its prefix (pinned just now); the others are exact zeros."""
         matches = collected[(collected.long() >> self._free_bits[i]) == self._prefix[i]]
-        assert matches.numel() == self._matching[i], "a window holds every entry of its digits"
-        value = int(matches.kthvalue(matches.numel() - self._ks[i] + 1).values)
-        self._ks[i] -= int((matches > value).sum())
-        self._matching[i] = int((matches == value).sum())
+        zeros = self._matching[i] - matches.numel()
+        assert zeros == 0 or self._prefix[i] == 0, "a window holds every nonzero entry"
+        if self._ks[i] > matches.numel():  # beyond every nonzero entry: the answer is 0
+            value, above, at_value = 0, matches.numel(), zeros
+        else:
+            value = int(matches.kthvalue(matches.numel() - self._ks[i] + 1).values)
+            above, at_value = int((matches > value).sum()), int((matches == value).sum())
+        self._ks[i] -= above
+        self._matching[i] = at_value
         self._prefix[i] = value
         self._free_bits[i] = 0
 
