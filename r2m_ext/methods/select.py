@@ -26,7 +26,7 @@ COLLECT_LIMIT = 1 << 20
 
 
 # The share of entries a sample reads (in SAMPLE_CHUNKS row chunks spread over each tensor).
-SAMPLE_FRACTION = 1 / 16
+SAMPLE_FRACTION = 1 / 64
 SAMPLE_CHUNKS = 8
 # Tensors of at most this many elements are sampled whole.
 SAMPLE_WHOLE = 1 << 16
@@ -176,8 +176,9 @@ class KthLargestMagnitude:
         assert self._dtype == torch.float32 and self._free_bits == [31] * len(self._ks)
         width = _DIGIT_BITS
         lows, highs = [], []
+        at_or_above = sample.flip(1).cumsum(1)  # per task, sample entries at or above each digit
         for i, counts in enumerate(sample):
-            above = torch.cumsum(counts.flip(0), 0)  # sample entries at or above each digit
+            above = at_or_above[i]
             estimate = self._ks[i] * sampled / total  # the answer's rank within the sample
             q = min(1.0, self._ks[i] / total)
             spread = max(WINDOW_SHARE * sampled, WINDOW_SIGMAS * math.sqrt(q * (1 - q) * sampled))
@@ -233,6 +234,9 @@ class KthLargestMagnitude:
     def finish_pass(self, total: SelectPartial) -> None:
         """Pins the next digit of every task from a whole pass's combined observations."""
         histograms = total if isinstance(total, Histograms) else None
+        if histograms is not None:  # every task's at once: one flip and one sum for all
+            flipped = histograms.counts.flip(1)  # highest digit first
+            at_or_above = flipped.cumsum(1)
         for i in range(len(self._ks)):
             if self._free_bits[i] == 0:
                 continue
@@ -242,8 +246,11 @@ class KthLargestMagnitude:
                 self._free_bits[i] = 0
                 continue
             width = min(_DIGIT_BITS, self._free_bits[i])
-            counts = (total[i] if histograms is None else histograms.counts[i]).flip(0)
-            above = torch.cumsum(counts, 0)
+            if histograms is None:
+                counts = total[i].flip(0)  # highest digit first
+                above = torch.cumsum(counts, 0)
+            else:
+                counts, above = flipped[i], at_or_above[i]
             position = int(torch.searchsorted(above, self._ks[i]))
             digit = (1 << width) - 1 - position
             self._ks[i] -= int(above[position - 1]) if position > 0 else 0
@@ -263,7 +270,7 @@ class KthLargestMagnitude:
     def _finish_from_window(self, i: int, collected: torch.Tensor) -> None:
         """Pins task i's remaining bits from the bit patterns its window collected, which hold
         every nonzero entry matching its prefix (pinned just now); the others are exact zeros."""
-        matches = collected[(collected.long() >> self._free_bits[i]) == self._prefix[i]]
+        matches = collected[(collected >> self._free_bits[i]) == self._prefix[i]]  # int32: >= 0
         zeros = self._matching[i] - matches.numel()
         assert zeros == 0 or self._prefix[i] == 0, "a window holds every nonzero entry"
         if self._ks[i] > matches.numel():  # beyond every nonzero entry: the answer is 0
