@@ -139,6 +139,12 @@ def test_ties_kernels_cuda_are_bitwise_the_cpu_kernels(dtype, masked):
         want = ops_.magnitude_histogram.default(base, experts, prefixes, shift, width, *dare)
         got = ops_.magnitude_histogram.default(*gpu, prefixes.cuda(), shift, width, *dare)
         assert torch.equal(got.cpu(), want), (shift, width)
+        # Counted into given counts: added to what they held.
+        into = got.clone()
+        ops_.magnitude_histogram_into.default(
+            into, *gpu, prefixes.cuda(), shift, width, None, None, *dare
+        )
+        assert torch.equal(into.cpu(), 2 * want), (shift, width)
     thresholds = torch.tensor([0.05, 0.0, 0.1, 1e30], dtype=torch.float32)
     want = ops_.ties_merge.default(base, experts, thresholds, 0.7, *dare)
     got = ops_.ties_merge.default(*gpu, thresholds.cuda(), 0.7, *dare)

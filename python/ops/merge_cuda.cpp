@@ -9,8 +9,10 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -132,22 +134,29 @@ void combine_into_cuda(const at::Tensor& base, at::TensorList experts, const at:
   }
 }
 
-at::Tensor magnitude_histogram_cuda_entry(const at::Tensor& base, at::TensorList experts,
-                                          const at::Tensor& prefixes, int64_t shift, int64_t width,
-                                          at::IntArrayRef dare_streams, int64_t first_index,
-                                          double drop_rate) {
-  const std::vector<at::Tensor> contiguous = checked_experts("magnitude_histogram", base, experts);
-  TORCH_CHECK(base.is_cuda(), "magnitude_histogram (CUDA): base is on ", base.device());
-  const ScalarKind kind = scalar_kind_of(base, "magnitude_histogram", "base");
+namespace {
+
+// Adds the histogram of base and experts into counts (device memory), after the checks.
+void histogram_into_cuda(at::Tensor& counts, const at::Tensor& base, at::TensorList experts,
+                         const char* op, const at::Tensor& prefixes, int64_t shift, int64_t width,
+                         at::IntArrayRef dare_streams, int64_t first_index, double drop_rate) {
+  const std::vector<at::Tensor> contiguous = checked_experts(op, base, experts);
+  TORCH_CHECK(base.is_cuda(), op, " (CUDA): base is on ", base.device());
+  const ScalarKind kind = scalar_kind_of(base, op, "base");
   const int64_t n = static_cast<int64_t>(experts.size());
   check_histogram_digit(prefixes, shift, width, n);
+  TORCH_CHECK(counts.device() == base.device() && counts.scalar_type() == at::kLong &&
+                  counts.is_contiguous() && counts.dim() == 2 && counts.size(0) == n &&
+                  counts.size(1) == (int64_t{1} << width),
+              op, ": counts must be contiguous int64 [", n, ", ", int64_t{1} << width, "] on ",
+              base.device(), ", got ", counts.scalar_type(), " ", counts.sizes(), " on ",
+              counts.device());
   const c10::cuda::CUDAGuard guard(base.device());
   at::Tensor streams;
-  const DareMask mask = device_dare_mask("magnitude_histogram", dare_streams, first_index,
-                                         drop_rate, n, base.device(), streams);
-  at::Tensor counts = at::zeros({n, int64_t{1} << width}, base.options().dtype(at::kLong));
+  const DareMask mask =
+      device_dare_mask(op, dare_streams, first_index, drop_rate, n, base.device(), streams);
   const int64_t numel = base.numel();
-  if (numel == 0) return counts;
+  if (numel == 0) return;
   const at::Tensor base_contiguous = base.contiguous();
   const at::Tensor pointers = device_pointer_array(contiguous, base.device());
   const at::Tensor prefixes_device =
@@ -163,9 +172,36 @@ at::Tensor magnitude_histogram_cuda_entry(const at::Tensor& base, at::TensorList
       static_cast<int>(width),
       mask};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(base.device().index()).stream();
-  check_launch("magnitude_histogram",
-               magnitude_histogram_cuda(params, counts.data_ptr<int64_t>(), stream));
+  // The kernel adds into the counts it is given.
+  check_launch(op, magnitude_histogram_cuda(params, counts.data_ptr<int64_t>(), stream));
+}
+
+}  // namespace
+
+at::Tensor magnitude_histogram_cuda_entry(const at::Tensor& base, at::TensorList experts,
+                                          const at::Tensor& prefixes, int64_t shift, int64_t width,
+                                          at::IntArrayRef dare_streams, int64_t first_index,
+                                          double drop_rate) {
+  at::Tensor counts = at::zeros(
+      {static_cast<int64_t>(experts.size()), int64_t{1} << std::clamp<int64_t>(width, 0, 16)},
+      base.options().dtype(at::kLong));
+  histogram_into_cuda(counts, base, experts, "magnitude_histogram", prefixes, shift, width,
+                      dare_streams, first_index, drop_rate);
   return counts;
+}
+
+// Counting only: a window's collection is CPU-only so far (TIES runs its pure-torch select on a
+// GPU until tests/test_cuda.py has passed on one).
+std::vector<at::Tensor> magnitude_histogram_into_cuda_entry(
+    at::Tensor& counts, const at::Tensor& base, at::TensorList experts, const at::Tensor& prefixes,
+    int64_t shift, int64_t width, const std::optional<at::Tensor>& low,
+    const std::optional<at::Tensor>& high, at::IntArrayRef dare_streams, int64_t first_index,
+    double drop_rate) {
+  TORCH_CHECK(!low.has_value() && !high.has_value(),
+              "magnitude_histogram_into (CUDA): collect windows are CPU-only");
+  histogram_into_cuda(counts, base, experts, "magnitude_histogram_into", prefixes, shift, width,
+                      dare_streams, first_index, drop_rate);
+  return {};
 }
 
 at::Tensor ties_merge_cuda_entry(const at::Tensor& base, at::TensorList experts,
@@ -284,6 +320,7 @@ TORCH_LIBRARY_IMPL(r2m_ext, CUDA, m) {
   m.impl("combine", &combine_cuda_entry);
   m.impl("combine_into", &combine_into_cuda);
   m.impl("magnitude_histogram", &magnitude_histogram_cuda_entry);
+  m.impl("magnitude_histogram_into", &magnitude_histogram_into_cuda_entry);
   m.impl("ties_merge", &ties_merge_cuda_entry);
   m.impl("ties_merge_weighted", &ties_merge_weighted_cuda_entry);
   m.impl("dare_merge", &dare_merge_cuda_entry);

@@ -35,7 +35,7 @@ SAMPLE_WHOLE = 1 << 16
 # the sample were drawn at random): row chunks are not a random draw, and a window that misses
 # costs a second pass.
 WINDOW_SHARE = 0.005
-WINDOW_SIGMAS = 6.0
+WINDOW_SIGMAS = 4.0
 # Entries a window may collect per task (int32 bit patterns: 8 MB), over a whole pass.
 WINDOW_COLLECT_LIMIT = 1 << 21
 
@@ -263,7 +263,8 @@ class KthLargestMagnitude:
             if collected is not None:
                 low, high = (int(bound[i]) for bound in self._window)
                 if low <= digit <= high:
-                    self._finish_from_window(i, torch.cat(collected))
+                    whole = collected[0] if len(collected) == 1 else torch.cat(collected)
+                    self._finish_from_window(i, whole)
         self._window = None
         self._start_pass()
 

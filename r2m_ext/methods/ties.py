@@ -21,6 +21,7 @@ from r2m_ext.methods.passes import Merged, MethodPasses, StatisticPass
 from r2m_ext.methods.registry import MergeMethod, Range, option, register
 from r2m_ext.methods.select import (
     COLLECT_LIMIT,
+    SAMPLE_FRACTION,
     SAMPLE_WHOLE,
     KthLargestMagnitude,
     SelectPartial,
@@ -103,6 +104,7 @@ class _Thresholds:
         self._native = native
         self._mask_of = mask_of
         self._total = total
+        self._keep = keep
         dtype = torch.float32 if native else tensors.compute_dtype
         limit = -1 if native else COLLECT_LIMIT  # the kernel counts; it cannot collect
         self._selector = KthLargestMagnitude([keep] * tensors.n_experts, dtype, limit)
@@ -167,6 +169,14 @@ class _Thresholds:
         if total is None:
             total = torch.zeros(self._tensors.n_experts, 1 << width, dtype=torch.int64), 0
         counts, sampled = total
+        mask = self._mask_of(entry, None)
+        if held is not None and mask is None and entry.numel > SAMPLE_WHOLE:
+            # In memory and unmasked: every 64th row (a copy) in one call, not chunk by chunk.
+            ((_, base, experts),) = held
+            step = round(1 / SAMPLE_FRACTION)
+            base, experts = base[::step], [expert[::step] for expert in experts]
+            ops.magnitude_histogram_into(counts, base, experts, prefixes, shift, width)
+            return counts, sampled + base.numel()
         for rows in sample_rows(entry):
             if held is not None:
                 ((_, base, experts),) = held
@@ -217,11 +227,25 @@ class _Thresholds:
                 observe_into=self.observe_into,
             )
 
+    def _of_small_tensor(self, entry: TensorPlan, held: list) -> torch.Tensor:
+        """A small whole tensor's thresholds by torch.kthvalue over its float32 magnitudes
+        (formed as the kernels form them): the radix select's exact values without its 2^16
+        bins per task to clear and sum, which cost a bias far more than its entries do."""
+        ((_, base, experts),) = held
+        mask = self._mask_of(entry, None)
+        tau = torch.stack([expert.float() - base.float() for expert in experts])
+        magnitudes = (tau if mask is None else dare_masked(tau, mask)).abs().flatten(1)
+        # Under a DARE mask, which may drop a NaN, the inputs themselves are read.
+        suspects = range(self._tensors.n_experts + 1) if mask is not None else ()
+        proof = magnitudes.sum()
+        self._tensors.check_finite(entry, None, proof, suspects, held=[base, *experts])
+        return magnitudes.kthvalue(magnitudes.shape[1] - self._keep + 1, dim=1).values
+
     def of_tensor(self, entry: TensorPlan, held: list | None = None) -> torch.Tensor:
         """The thresholds over one tensor, passing over its blocks here (per-tensor scope)."""
-        if self._native and entry.numel <= SAMPLE_WHOLE:
-            self._selector.collect_everything()  # a sample would be the whole tensor
-        elif self._native:
+        if self._native and held is not None and entry.numel <= SAMPLE_WHOLE:
+            return self._of_small_tensor(entry, held)
+        if self._native:
             self.finish_sample(self.observe_sample(entry, held))
         while not self.done:
             self.finish(self.observe(entry, held))
