@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 _DIGIT_BITS = 16
@@ -176,8 +177,11 @@ class KthLargestMagnitude:
         assert self._dtype == torch.float32 and self._free_bits == [31] * len(self._ks)
         width = _DIGIT_BITS
         lows, highs = [], []
-        at_or_above = sample.flip(1).cumsum(1)  # per task, sample entries at or above each digit
-        for i, counts in enumerate(sample):
+        # NumPy for this bookkeeping over 2^16 bins per task: a few small operations per task,
+        # each a tenth of torch's overhead on two busy cores.
+        counts_all = sample.numpy()
+        at_or_above = counts_all[:, ::-1].cumsum(1)  # per task, sample entries at or above a digit
+        for i, counts in enumerate(counts_all):
             above = at_or_above[i]
             estimate = self._ks[i] * sampled / total  # the answer's rank within the sample
             q = min(1.0, self._ks[i] / total)
@@ -185,8 +189,8 @@ class KthLargestMagnitude:
             while True:
                 top = max(1, math.floor(estimate - spread))
                 bottom = max(top, min(sampled, math.ceil(estimate + spread)))
-                high_position = int(torch.searchsorted(above, top))
-                low_position = int(torch.searchsorted(above, bottom))
+                high_position = int(np.searchsorted(above, top))
+                low_position = int(np.searchsorted(above, bottom))
                 inside = int(above[low_position]) - (
                     int(above[high_position - 1]) if high_position > 0 else 0
                 )
@@ -208,13 +212,6 @@ class KthLargestMagnitude:
             highs.append((1 << width) - 1 - high_position)
         self._window = torch.tensor(lows), torch.tensor(highs)
 
-    def collect_everything(self) -> None:
-        """Before the first histogram pass over at most WINDOW_COLLECT_LIMIT entries per task
-        (a small tensor): a window of every digit, so that one pass finds the answer."""
-        assert self._free_bits == [31] * len(self._ks)
-        n = len(self._ks)
-        self._window = torch.zeros(n, dtype=torch.int64), torch.full((n,), (1 << _DIGIT_BITS) - 1)
-
     def histogram_window(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(low, high) int64 [N] digits the next histogram pass collects within (a task with
         [2^16, 2^16] collects nothing), or None."""
@@ -234,8 +231,8 @@ class KthLargestMagnitude:
     def finish_pass(self, total: SelectPartial) -> None:
         """Pins the next digit of every task from a whole pass's combined observations."""
         histograms = total if isinstance(total, Histograms) else None
-        if histograms is not None:  # every task's at once: one flip and one sum for all
-            flipped = histograms.counts.flip(1)  # highest digit first
+        if histograms is not None:  # every task's at once (NumPy: see plan_window)
+            flipped = histograms.counts.numpy()[:, ::-1]  # highest digit first
             at_or_above = flipped.cumsum(1)
         for i in range(len(self._ks)):
             if self._free_bits[i] == 0:
@@ -247,11 +244,11 @@ class KthLargestMagnitude:
                 continue
             width = min(_DIGIT_BITS, self._free_bits[i])
             if histograms is None:
-                counts = total[i].flip(0)  # highest digit first
-                above = torch.cumsum(counts, 0)
+                counts = total[i].flip(0).cpu().numpy()  # highest digit first
+                above = counts.cumsum()
             else:
                 counts, above = flipped[i], at_or_above[i]
-            position = int(torch.searchsorted(above, self._ks[i]))
+            position = int(np.searchsorted(above, self._ks[i]))
             digit = (1 << width) - 1 - position
             self._ks[i] -= int(above[position - 1]) if position > 0 else 0
             self._matching[i] = int(counts[position])
@@ -264,20 +261,21 @@ class KthLargestMagnitude:
                 low, high = (int(bound[i]) for bound in self._window)
                 if low <= digit <= high:
                     whole = collected[0] if len(collected) == 1 else torch.cat(collected)
-                    self._finish_from_window(i, whole)
+                    self._finish_from_window(i, whole.numpy())
         self._window = None
         self._start_pass()
 
-    def _finish_from_window(self, i: int, collected: torch.Tensor) -> None:
-        """Pins task i's remaining bits from the bit patterns its window collected, which hold
-        every nonzero entry matching its prefix (pinned just now); the others are exact zeros."""
-        matches = collected[(collected >> self._free_bits[i]) == self._prefix[i]]  # int32: >= 0
-        zeros = self._matching[i] - matches.numel()
+    def _finish_from_window(self, i: int, collected: np.ndarray) -> None:
+        """Pins task i's remaining bits from the bit patterns (int32) its window collected,
+        which hold every nonzero entry matching its prefix (pinned just now); the others are
+        exact zeros."""
+        matches = collected[(collected >> self._free_bits[i]) == self._prefix[i]]  # all >= 0
+        zeros = self._matching[i] - matches.size
         assert zeros == 0 or self._prefix[i] == 0, "a window holds every nonzero entry"
-        if self._ks[i] > matches.numel():  # beyond every nonzero entry: the answer is 0
-            value, above, at_value = 0, matches.numel(), zeros
+        if self._ks[i] > matches.size:  # beyond every nonzero entry: the answer is 0
+            value, above, at_value = 0, matches.size, zeros
         else:
-            value = int(matches.kthvalue(matches.numel() - self._ks[i] + 1).values)
+            value = int(np.partition(matches, matches.size - self._ks[i])[-self._ks[i]])
             above, at_value = int((matches > value).sum()), int((matches == value).sum())
         self._ks[i] -= above
         self._matching[i] = at_value
