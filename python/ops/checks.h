@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -71,6 +72,26 @@ inline void check_histogram_digit(const at::Tensor& prefixes, int64_t shift, int
   TORCH_CHECK(prefixes.dim() == 1 && prefixes.size(0) == n && prefixes.scalar_type() == at::kLong,
               "magnitude_histogram: prefixes must be int64 [", n, "], got ", prefixes.scalar_type(),
               " ", prefixes.sizes());
+}
+
+// Counts of a histogram over n experts with a digit of `width` bits: int64 [n, 2^width].
+inline int64_t histogram_bins(int64_t width) {
+  return int64_t{1} << std::clamp<int64_t>(width, 0, 16);
+}
+
+inline at::Tensor zero_histogram(const at::Tensor& base, int64_t n, int64_t width) {
+  return at::zeros({n, histogram_bins(width)}, base.options().dtype(at::kLong));
+}
+
+// Counts a histogram op adds into: those of zero_histogram, contiguous, on base's device.
+inline void check_histogram_counts(const char* op, const at::Tensor& counts, const at::Tensor& base,
+                                   int64_t n, int64_t width) {
+  const int64_t bins = histogram_bins(width);
+  TORCH_CHECK(counts.device() == base.device() && counts.scalar_type() == at::kLong &&
+                  counts.is_contiguous() && counts.dim() == 2 && counts.size(0) == n &&
+                  counts.size(1) == bins,
+              op, ": counts must be contiguous int64 [", n, ", ", bins, "] on ", base.device(),
+              ", got ", counts.scalar_type(), " ", counts.sizes(), " on ", counts.device());
 }
 
 // TIES's per-task thresholds for n experts.

@@ -96,12 +96,7 @@ void histogram_into(at::Tensor& counts, const at::Tensor& base, at::TensorList e
   const ScalarKind kind = scalar_kind_of(base, op, "base");
   const int64_t n = static_cast<int64_t>(experts.size());
   check_histogram_digit(prefixes, shift, width, n);
-  const int64_t bins = int64_t{1} << width;
-  TORCH_CHECK(counts.device().is_cpu() && counts.scalar_type() == at::kLong &&
-                  counts.is_contiguous() && counts.dim() == 2 && counts.size(0) == n &&
-                  counts.size(1) == bins,
-              op, ": counts must be contiguous int64 [", n, ", ", bins, "] on the CPU, got ",
-              counts.scalar_type(), " ", counts.sizes());
+  check_histogram_counts(op, counts, base, n, width);
   const at::Tensor prefixes_cpu = prefixes.to(at::kCPU).contiguous();
   std::vector<uint64_t> stream_bits;
   const DareMask mask = checked_dare_mask(op, dare_streams, first_index, drop_rate, n, stream_bits);
@@ -130,9 +125,7 @@ at::Tensor magnitude_histogram_cpu_entry(const at::Tensor& base, at::TensorList 
                                          const at::Tensor& prefixes, int64_t shift, int64_t width,
                                          at::IntArrayRef dare_streams, int64_t first_index,
                                          double drop_rate) {
-  at::Tensor counts = at::zeros(
-      {static_cast<int64_t>(experts.size()), int64_t{1} << std::clamp<int64_t>(width, 0, 16)},
-      base.options().dtype(at::kLong));
+  at::Tensor counts = zero_histogram(base, static_cast<int64_t>(experts.size()), width);
   histogram_into(counts, base, experts, "magnitude_histogram", prefixes, shift, width, dare_streams,
                  first_index, drop_rate, nullptr, nullptr, nullptr);
   return counts;
@@ -151,7 +144,7 @@ std::vector<at::Tensor> magnitude_histogram_into_cpu_entry(
                    drop_rate, nullptr, nullptr, nullptr);
     return {};
   }
-  const int64_t bins = int64_t{1} << std::clamp<int64_t>(width, 0, 16);
+  const int64_t bins = histogram_bins(width);
   for (const at::Tensor* window : {&*low, &*high}) {
     TORCH_CHECK(window->dim() == 1 && window->size(0) == n && window->scalar_type() == at::kLong,
                 op, ": low and high must be int64 [", n, "], got ", window->scalar_type(), " ",

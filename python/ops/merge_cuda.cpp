@@ -145,12 +145,7 @@ void histogram_into_cuda(at::Tensor& counts, const at::Tensor& base, at::TensorL
   const ScalarKind kind = scalar_kind_of(base, op, "base");
   const int64_t n = static_cast<int64_t>(experts.size());
   check_histogram_digit(prefixes, shift, width, n);
-  TORCH_CHECK(counts.device() == base.device() && counts.scalar_type() == at::kLong &&
-                  counts.is_contiguous() && counts.dim() == 2 && counts.size(0) == n &&
-                  counts.size(1) == (int64_t{1} << width),
-              op, ": counts must be contiguous int64 [", n, ", ", int64_t{1} << width, "] on ",
-              base.device(), ", got ", counts.scalar_type(), " ", counts.sizes(), " on ",
-              counts.device());
+  check_histogram_counts(op, counts, base, n, width);
   const c10::cuda::CUDAGuard guard(base.device());
   at::Tensor streams;
   const DareMask mask =
@@ -182,9 +177,7 @@ at::Tensor magnitude_histogram_cuda_entry(const at::Tensor& base, at::TensorList
                                           const at::Tensor& prefixes, int64_t shift, int64_t width,
                                           at::IntArrayRef dare_streams, int64_t first_index,
                                           double drop_rate) {
-  at::Tensor counts = at::zeros(
-      {static_cast<int64_t>(experts.size()), int64_t{1} << std::clamp<int64_t>(width, 0, 16)},
-      base.options().dtype(at::kLong));
+  at::Tensor counts = zero_histogram(base, static_cast<int64_t>(experts.size()), width);
   histogram_into_cuda(counts, base, experts, "magnitude_histogram", prefixes, shift, width,
                       dare_streams, first_index, drop_rate);
   return counts;
