@@ -74,7 +74,10 @@ class Histograms:
             if self.collected[i] is None:
                 continue
             self._sizes[i] += more.numel()
-            self.collected[i] = None if self._sizes[i] > self._limit else self.collected[i] + [more]
+            if self._sizes[i] > self._limit:
+                self.collected[i] = None
+            else:
+                self.collected[i].append(more)
 
     def __add__(self, other: Histograms) -> Histograms:
         total = Histograms(self.counts + other.counts, self.collected is not None, self._limit)
@@ -260,8 +263,8 @@ class KthLargestMagnitude:
             if collected is not None:
                 low, high = (int(bound[i]) for bound in self._window)
                 if low <= digit <= high:
-                    whole = collected[0] if len(collected) == 1 else torch.cat(collected)
-                    self._finish_from_window(i, whole.numpy())
+                    whole = np.concatenate([part.numpy() for part in collected] or [[]])
+                    self._finish_from_window(i, whole.astype(np.int32, copy=False))
         self._window = None
         self._start_pass()
 
