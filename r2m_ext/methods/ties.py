@@ -3,8 +3,10 @@ count)-th largest magnitude (over all body tensors, or per tensor), elect a sign
 take the mean of the kept entries that agree with it.
 
 In float32 with the native kernels the thresholds come from magnitude histograms of the raw
-inputs (two passes, no task vector formed) and the merge is one fused kernel; otherwise, in pure
-torch, from a radix select over task-vector blocks."""
+inputs, no task vector formed: a sample of 1/64 of the entries, then one pass that counts and
+collects the entries near each answer (a second only where the sample misled it: select.py); the
+merge is one fused kernel. Otherwise, in pure torch, from a radix select over task-vector
+blocks."""
 
 from __future__ import annotations
 
