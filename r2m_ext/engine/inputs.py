@@ -379,6 +379,11 @@ class MergeInputs:
             tensors = self._ready(prefetched)
             yield rows, tensors[0], tensors[1:]
 
+    def statistic_allowance(self) -> int:
+        # The share set aside for merged blocks waiting for the writer, idle before the write
+        # pass (steps never plan on it: step_budget).
+        return int(self.budget.limit * WRITE_BEHIND_SHARE)
+
     def raw_rows(
         self, entry: TensorPlan, rows: slice | None
     ) -> tuple[torch.Tensor, list[torch.Tensor]] | None:

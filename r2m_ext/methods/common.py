@@ -71,6 +71,10 @@ class TaskTensors(Protocol):
         ops.delta_gram. Not yet checked for NaN/Inf: the caller passes what it computed from
         each block to `check_finite`."""
 
+    def statistic_allowance(self) -> int:
+        """Bytes a statistic pass may hold beyond its steps while it runs (TIES's window
+        collections), within the memory budget."""
+
     def raw_rows(
         self, entry: TensorPlan, rows: slice | None
     ) -> tuple[torch.Tensor, list[torch.Tensor]] | None:

@@ -37,8 +37,13 @@ SAMPLE_WHOLE = 1 << 16
 # costs a second pass.
 WINDOW_SHARE = 0.005
 WINDOW_SIGMAS = 4.0
-# Entries a window may collect per task (int32 bit patterns: 8 MB), over a whole pass.
-WINDOW_COLLECT_LIMIT = 1 << 21
+# Entries a window may collect per task (int32 bit patterns: 16 MB), over a whole pass, at most:
+# a select is given its own limit within the memory budget. A window is planned to collect at
+# most WINDOW_PLANNED of its limit (the rest is room for the sample's error); where one digit
+# alone holds more (a large model's digit at the answer, DARE's zeros), no window is planned and
+# the select takes its second pass.
+WINDOW_COLLECT_LIMIT = 1 << 22
+WINDOW_PLANNED = 0.75
 
 # The smallest bit pattern of a non-finite float32 magnitude (Inf; NaN above it).
 _FLOAT32_INF_BITS = 0x7F800000
@@ -119,10 +124,18 @@ class KthLargestMagnitude:
     kernel, `counts_partial` of histograms of the digits `histogram_digit` names), combine what
     they return with `combine_partials`, and hand the total to `finish_pass`; until `done`."""
 
-    def __init__(self, ks: list[int], dtype: torch.dtype, collect_limit: int = COLLECT_LIMIT):
+    def __init__(
+        self,
+        ks: list[int],
+        dtype: torch.dtype,
+        collect_limit: int = COLLECT_LIMIT,
+        window_limit: int | None = None,
+    ):
         """`collect_limit`: entries per task a pass may collect to finish by sorting (-1: never,
-        every pass a histogram)."""
+        every pass a histogram); `window_limit`: entries per task a window may collect (None:
+        WINDOW_COLLECT_LIMIT)."""
         self._collect_limit = collect_limit
+        self._given_window_limit = window_limit
         self._ks = list(ks)  # rank still sought within the entries matching the prefix
         self._int_dtype = torch.int32 if dtype == torch.float32 else torch.int64
         self._dtype = dtype
@@ -173,10 +186,15 @@ class KthLargestMagnitude:
         ]
         return torch.tensor(prefixes, dtype=torch.int64), free_bits - width, width
 
+    @property
+    def _window_limit(self) -> int:
+        given = self._given_window_limit
+        return WINDOW_COLLECT_LIMIT if given is None else min(given, WINDOW_COLLECT_LIMIT)
+
     def plan_window(self, sample: torch.Tensor, sampled: int, total: int) -> None:
         """Before the first histogram pass: from counts [N, 2^16] of its digit over a sample of
         `sampled` of the `total` entries per task, the window of digits the pass collects per
-        task (`histogram_window`), sized to WINDOW_COLLECT_LIMIT."""
+        task (`histogram_window`), sized to its window limit."""
         assert self._dtype == torch.float32 and self._free_bits == [31] * len(self._ks)
         width = _DIGIT_BITS
         lows, highs = [], []
@@ -199,7 +217,7 @@ class KthLargestMagnitude:
                 )
                 if low_position == (1 << width) - 1:  # digit 0: taken for exact zeros, which
                     inside -= int(counts[0])  # are counted, not collected
-                fits = inside * total / sampled <= WINDOW_COLLECT_LIMIT / 2
+                fits = inside * total / sampled <= self._window_limit * WINDOW_PLANNED
                 if fits or spread < 1:
                     break
                 spread /= 2
@@ -229,7 +247,7 @@ class KthLargestMagnitude:
         """Empty Histograms for the next pass to count into (and collect in, with a window)."""
         _, _, width = self.histogram_digit()
         counts = torch.zeros(len(self._ks), 1 << width, dtype=torch.int64)
-        return Histograms(counts, self._window is not None, WINDOW_COLLECT_LIMIT)
+        return Histograms(counts, self._window is not None, self._window_limit)
 
     def finish_pass(self, total: SelectPartial) -> None:
         """Pins the next digit of every task from a whole pass's combined observations."""

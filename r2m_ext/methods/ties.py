@@ -109,7 +109,9 @@ class _Thresholds:
         self._keep = keep
         dtype = torch.float32 if native else tensors.compute_dtype
         limit = -1 if native else COLLECT_LIMIT  # the kernel counts; it cannot collect
-        self._selector = KthLargestMagnitude([keep] * tensors.n_experts, dtype, limit)
+        # Every task's window collection (int32 bit patterns) within the engine's allowance.
+        window_limit = tensors.statistic_allowance() // (4 * tensors.n_experts)
+        self._selector = KthLargestMagnitude([keep] * tensors.n_experts, dtype, limit, window_limit)
         self.number = 1  # the pass under way
 
     @property
