@@ -16,7 +16,12 @@ from typing import Any
 import torch
 
 from r2m_ext.engine import MemoryBudget, MergeInputs, run_merge
-from r2m_ext.engine.budget import default_budget, peak_rss_bytes, return_large_frees_to_os
+from r2m_ext.engine.budget import (
+    default_budget,
+    host_tier_bytes,
+    peak_rss_bytes,
+    return_large_frees_to_os,
+)
 from r2m_ext.engine.inputs import WRITE_BEHIND_SHARE
 from r2m_ext.engine.ranks import DEFAULT_DIST_TIMEOUT_S, Ranks, join_ranks
 from r2m_ext.errors import R2MError
@@ -166,6 +171,7 @@ def merge_files(
     device: str = "cpu",
     allow_external_shards: bool = False,
     scratch_dir: str | Path | None = None,
+    host_memory: str | int | None = None,
     dist_timeout: float = DEFAULT_DIST_TIMEOUT_S,
     out_format: str = "safetensors",
     max_rank: int | None = None,
@@ -190,9 +196,11 @@ def merge_files(
     `device="cuda"` computes on the GPU: tensors are read into page-locked buffers and copied on a
     side stream while the previous one computes, and `max_memory` (default: half the GPU's free
     memory) bounds GPU memory. What a method keeps between passes (R²M's truncation factors)
-    stays in memory while the budget allows, else goes to an anonymous scratch file in
-    `scratch_dir` (default: beside the partial output; "none": recompute it instead, with the
-    same bits).
+    stays in memory while the budget allows, else in host memory within `host_memory` (on
+    `device="cuda"` page-locked; default there a quarter of the available host memory, on the
+    CPU 0, as `max_memory` already bounds host memory), else goes to an anonymous scratch file
+    in `scratch_dir` (default: beside the partial output; "none": recompute it instead, with the
+    same bits), written behind by a background thread and read back ahead of the write pass.
     Under torchrun (or any launcher that sets RANK and WORLD_SIZE), or inside a process group
     the caller initialised, the merge runs on every rank: each reads, merges and writes its own
     share of the tensors (`max_memory` per rank), statistics are exchanged so that the output
@@ -222,6 +230,7 @@ def merge_files(
                 device=device,
                 allow_external_shards=allow_external_shards,
                 scratch_dir=scratch_dir,
+                host_memory=host_memory,
                 out_format=out_format,
                 max_rank=max_rank,
                 options=options,
@@ -250,6 +259,7 @@ def _merge_files_on_rank(
     device: str,
     allow_external_shards: bool,
     scratch_dir: str | Path | None,
+    host_memory: str | int | None,
     out_format: str,
     max_rank: int | None,
     options: dict[str, Any],
@@ -270,6 +280,7 @@ def _merge_files_on_rank(
         # The default budget is per rank: the ranks of a machine share its memory.
         max_memory = default_budget(compute_device) // sharing
     budget = MemoryBudget(max_memory, compute_device)
+    host_limit = host_tier_bytes(host_memory, compute_device, sharing)
     if io_threads < 0:
         raise R2MError(f"io_threads must be >= 0, got {io_threads}")
     sources: list[TensorSource] = []
@@ -344,6 +355,7 @@ def _merge_files_on_rank(
                 device=compute_device,
                 written_behind=lambda: writer.queued_bytes,
                 scratch_dir=scratch,
+                host_memory=host_limit,
                 owns=ranks.owns,
                 writes_updates=adapter is not None,
             )
@@ -406,6 +418,7 @@ def _merge_files_on_rank(
                     "max_memory": budget.limit,
                     "peak_accounted": budget.peak,
                     "peak_rss": peak_rss_bytes(),
+                    "host_memory": inputs.host_memory,
                     **(
                         {"device_peak_after_pass": inputs.device_peaks}
                         if inputs.device_peaks

@@ -178,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the partial output; none: recompute instead",
     )
     merge.add_argument(
+        "--host-memory",
+        metavar="SIZE",
+        help="host memory beyond --max-memory that what the merge keeps between passes may use "
+        "before --scratch-dir (page-locked on cuda); default: a quarter of the available memory "
+        "on cuda, 0 on cpu (--max-memory bounds host memory there)",
+    )
+    merge.add_argument(
         "--out-format",
         choices=OUT_FORMATS,
         help="safetensors (default): the merged model; peft: for LoRA experts, the merge as a "
@@ -308,6 +315,7 @@ def _run_merge(args: argparse.Namespace) -> None:
             device=args.device,
             allow_external_shards=args.allow_external_shards,
             scratch_dir=args.scratch_dir,
+            host_memory=args.host_memory,
             dist_timeout=args.dist_timeout,
             out_format=args.out_format or recipe.get("out_format") or "safetensors",
             max_rank=args.max_rank if args.max_rank is not None else recipe.get("max_rank"),

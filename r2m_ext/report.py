@@ -104,8 +104,9 @@ def format_report(report: dict, rows: int = 20) -> str:
                 "as 0 (compute_dtype float64 resolves it)"
             )
         lines += [
-            f"truncation factors kept in memory: {report['factors_cached']}, in the scratch "
-            f"file: {report.get('factors_spilled', 0)}, recomputed in the write pass: "
+            f"truncation factors kept in memory: {report['factors_cached']}, in host memory: "
+            f"{report.get('factors_in_host_memory', 0)}, in the scratch file: "
+            f"{report.get('factors_spilled', 0)}, recomputed in the write pass: "
             f"{report['factors_recomputed']}",
         ]
         if "factorisations" in report:

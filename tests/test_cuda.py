@@ -296,3 +296,50 @@ def test_gpu_streaming_equals_the_cpu_merge(tmp_path, method, max_memory):
             assert relative_error(got, want) <= 1e-5, name
         else:
             assert torch.equal(got, want), name
+
+
+@needs_cuda
+@pytest.mark.parametrize("io_threads", [0, 2])
+def test_gpu_factor_tiers_give_the_same_bits(tmp_path, io_threads):
+    """On the GPU, R²M's factors beyond a budget that keeps none on the device: in page-locked
+    host memory, in the scratch file (through host memory), partly each, or recomputed; the
+    same bytes every way (tests/test_factor_store.py checks the same on the CPU)."""
+    from checkpoints import save_sharded
+    from conftest import make_experts
+    from test_factor_store import TRUNCATED, merged, model
+
+    from r2m_ext.api import merge_files
+
+    base = model()
+    paths = [save_sharded(base, tmp_path / "base", shards=2)]
+    for index, expert in enumerate(make_experts(base, 3)):
+        paths.append(save_sharded(expert, tmp_path / f"expert{index}", shards=2))
+    ways = {
+        "recomputed": {"scratch_dir": "none", "host_memory": "0"},
+        "host": {"host_memory": "1GB"},
+        "scratch": {"host_memory": "0"},
+        # Page-locked blocks are powers of two: 98 kB per small matrix's factors, so one fits.
+        "both": {"host_memory": "150kB"},
+    }
+    reports = {}
+    for way, arguments in ways.items():
+        reports[way] = {}
+        merge_files(
+            paths[0],
+            paths[1:],
+            tmp_path / way,
+            "r2m",
+            device="cuda",
+            max_memory="1200kB",
+            io_threads=io_threads,
+            report=reports[way],
+            **arguments,
+        )
+        assert merged(tmp_path / way) == merged(tmp_path / "recomputed"), way
+    assert reports["recomputed"]["factors_recomputed"] == TRUNCATED
+    assert reports["host"]["factors_in_host_memory"] == TRUNCATED
+    assert reports["scratch"]["factors_spilled"] == TRUNCATED
+    both = reports["both"]
+    assert 0 < both["factors_in_host_memory"] < TRUNCATED
+    assert both["factors_in_host_memory"] + both["factors_spilled"] == TRUNCATED
+    assert "R²M write pass" not in both["factorisations"]

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from conftest import REPO, make_experts
 from safetensors.torch import load_file, save_file
 
 import r2m_ext
+from r2m_ext.engine.inputs import MergeInputs
+from r2m_ext.engine.kept import KeptStore
 
 N_EXPERTS = 3
 
@@ -53,7 +56,8 @@ def merged(out) -> dict[str, bytes]:
 
 def merge(inputs, out, **arguments):
     report: dict = {}
-    r2m_ext.merge_files(inputs[0], inputs[1:], out, io_threads=0, report=report, **arguments)
+    arguments = {"io_threads": 0, **arguments}
+    r2m_ext.merge_files(inputs[0], inputs[1:], out, report=report, **arguments)
     return report
 
 
@@ -72,6 +76,7 @@ def test_every_tier_gives_the_same_bits_and_the_report_counts_factorisations(
         tiers = [report["tensors"][name].get("factors") for name in report["tensors"]]
         assert sorted(t for t in tiers if t) == sorted(
             ["memory"] * report["factors_cached"]
+            + ["host"] * report["factors_in_host_memory"]
             + ["scratch"] * report["factors_spilled"]
             + ["recomputed"] * report["factors_recomputed"]
         )
@@ -96,6 +101,80 @@ def test_small_budgets_spill_and_a_large_one_keeps_every_factor_in_memory(inputs
     small = merge(inputs, tmp_path / "small", max_memory="700kB")
     assert large["factors_cached"] == TRUNCATED and large["factors_spilled"] == 0
     assert small["factors_spilled"] == TRUNCATED
+
+
+FACTOR_BYTES = {  # rank 12 of min(m, n) = 128 for each, float32, 3 experts: 12 (m + n) * 3 * 4
+    "blocks.0.attn.qkv.weight": 73_728,
+    "blocks.0.mlp.fc1.weight": 55_296,
+    "blocks.0.mlp.fc2.weight": 55_296,
+    "blocks.1.mlp.fc1.weight": 92_160,
+}
+
+
+@pytest.mark.parametrize("io_threads", [0, 2])
+def test_host_memory_then_scratch_give_the_same_bits_written_behind_and_read_ahead(
+    inputs, tmp_path, io_threads, monkeypatch
+):
+    """Beyond the budget (1200 kB holds no factors), --host-memory holds what fits, in plan
+    order, the scratch file the rest; with I/O threads the scratch writes happen behind the
+    truncation pass (those within 5% of the budget, 60 kB: the 55 kB ones) and the write pass
+    reads the factors ahead. Every way gives the bytes of recomputing."""
+    threads = {"write": [], "read": []}
+    write, read = KeptStore._write, MergeInputs._read_kept
+
+    def noted(what, function):
+        def run(*args):
+            threads[what].append(threading.current_thread().name.split("_")[0])
+            return function(*args)
+
+        return run
+
+    monkeypatch.setattr(KeptStore, "_write", noted("write", write))
+    monkeypatch.setattr(MergeInputs, "_read_kept", noted("read", read))
+    reference = merge(inputs, tmp_path / "reference", max_memory="1200kB", scratch_dir="none")
+    assert reference["factors_recomputed"] == TRUNCATED
+    # 150 kB: the first two matrices' factors in plan order (fc2 and qkv: 129 kB), not a third.
+    for host_memory, in_host in (("1GB", TRUNCATED), ("150kB", 2), ("0", 0)):
+        out = tmp_path / f"host_{host_memory}"
+        threads["write"].clear(), threads["read"].clear()
+        report = merge(
+            inputs, out, max_memory="1200kB", host_memory=host_memory, io_threads=io_threads
+        )
+        assert merged(out) == merged(tmp_path / "reference"), host_memory
+        assert report["factors_in_host_memory"] == in_host
+        assert report["factors_spilled"] == TRUNCATED - in_host
+        assert report["factors_cached"] == report["factors_recomputed"] == 0
+        assert "R²M write pass" not in report["factorisations"]
+        in_plan_order = [n for n, t in report["tensors"].items() if "factors" in t]
+        in_host_names = [n for n in in_plan_order if report["tensors"][n]["factors"] == "host"]
+        assert in_host_names == in_plan_order[:in_host]
+        host = report["memory"]["host_memory"]
+        assert host["peak_kept"] == sum(FACTOR_BYTES[n] for n in in_host_names)
+        io = report["io_bytes"]
+        spilled = sum(FACTOR_BYTES[n] for n in in_plan_order[in_host:])
+        assert io["R²M truncation pass"]["scratch_bytes_written"] == spilled
+        assert io["R²M write pass"]["scratch_bytes_read"] == spilled
+        assert len(threads["write"]) == TRUNCATED - in_host
+        if io_threads == 0:
+            assert set(threads["write"]) <= {"MainThread"} and threads["read"] == []
+            continue
+        # fc2 and fc1 (55 kB each) behind the pass; qkv (74 kB) and blocks.1 (92 kB) at once.
+        behind = [n for n in in_plan_order[in_host:] if FACTOR_BYTES[n] <= 60_000]
+        assert threads["write"].count("r2m-scratch") == len(behind)
+        assert threads["read"] == ["r2m-read"] * (TRUNCATED - in_host)
+
+
+def test_host_memory_from_the_command_line(inputs, tmp_path):
+    common = ["--base", inputs[0], *[a for p in inputs[1:] for a in ("--expert", p)]]
+    common += ["--max-memory", "700kB", "--quiet"]
+    result = _cli(*common, "--out", tmp_path / "out", "--host-memory", "1MB")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["factors_in_host_memory"] == TRUNCATED
+    assert report["memory"]["host_memory"]["limit"] == 10**6
+    bad = _cli(*common, "--out", tmp_path / "bad", "--host-memory", "lots")
+    assert bad.returncode == 1 and "cannot read size 'lots'" in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def _scratch_fds() -> set[str]:

@@ -487,8 +487,17 @@ def test_a_failed_write_on_the_writer_thread_reaches_the_caller_and_leaves_nothi
 
 def test_the_reader_moves_past_a_tensor_too_large_to_read_ahead():
     read = []
-    prefetcher = _Prefetcher(lambda name: (read.append(name) or [torch.zeros(1)], None), 1, 50)
-    prefetcher.plan([("a", 10), ("big", 100), ("b", 10), ("c", 10)])
+
+    def reader(name):
+        return lambda: (read.append(name) or [torch.zeros(1)], None)
+
+    prefetcher = _Prefetcher(1, 50)
+    prefetcher.plan(
+        [
+            (name, size, reader(name))
+            for name, size in (("a", 10), ("big", 100), ("b", 10), ("c", 10))
+        ]
+    )
     assert prefetcher.take("a") is not None
     assert prefetcher.take("big") is None  # the caller reads it itself
     assert prefetcher.take("b") is not None and prefetcher.take("c") is not None

@@ -38,6 +38,22 @@ def default_budget(device: torch.device | None = None) -> int:
     return int(available_memory() * DEFAULT_FRACTION_OF_AVAILABLE)
 
 
+# Without --host-memory on a GPU: the share of available host memory the host tier of kept
+# values (R²M's truncation factors beyond the GPU budget) may pin.
+DEFAULT_HOST_TIER_FRACTION = 0.25
+
+
+def host_tier_bytes(given: str | int | None, device: torch.device, sharing: int = 1) -> int:
+    """Bytes of host memory kept values may use beyond --max-memory (`--host-memory`). Unless
+    told: on a GPU a quarter of the available host memory (shared by the ranks of a machine); on
+    the CPU none, since --max-memory already bounds host memory there."""
+    if given is not None:
+        return 0 if str(given).strip() == "0" else parse_size(given)  # 0: no host tier
+    if device.type != "cuda":
+        return 0
+    return int(available_memory() * DEFAULT_HOST_TIER_FRACTION) // sharing
+
+
 def format_bytes(count: int) -> str:
     for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
         if count >= size:

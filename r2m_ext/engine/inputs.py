@@ -6,12 +6,13 @@ them to the GPU on a side stream; the compute stream waits for each copy's event
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import shutil
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -59,43 +60,49 @@ def _elements(entry: TensorPlan, rows: slice | None) -> int:
     return (rows.stop - rows.start) * entry.row_numel
 
 
-class _Prefetcher:
-    """Loads the raw inputs of upcoming tensors on worker threads, holding at most `allowance`
-    bytes that have not been taken yet."""
+# What the reader loads ahead: a tensor's inputs under its name, a value kept for it under
+# (KEPT, its name).
+KEPT = "kept"
+ReadKey = Hashable
 
-    def __init__(self, read_all: Callable[[str], Uploaded], threads: int, allowance: int):
-        self._read_all = read_all
+
+class _Prefetcher:
+    """Loads what upcoming steps read (inputs, kept values) on worker threads, in the order
+    planned, holding at most `allowance` bytes that have not been taken yet."""
+
+    def __init__(self, threads: int, allowance: int):
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="r2m-read")
         self._threads = threads
         self.allowance = allowance
         self.in_flight = 0
-        self._queue: deque[tuple[str, int]] = deque()
-        self._pending: OrderedDict[str, tuple] = OrderedDict()
+        self._queue: deque[tuple[ReadKey, int, Callable[[], Uploaded | None]]] = deque()
+        self._pending: OrderedDict[ReadKey, tuple] = OrderedDict()
 
-    def plan(self, upcoming: list[tuple[str, int]]) -> None:
+    def plan(self, upcoming: list[tuple[ReadKey, int, Callable[[], Uploaded | None]]]) -> None:
+        """`upcoming`: (key, bytes, read) in the order the steps will take them."""
         self.drop()
         self._queue = deque(upcoming)
         self._fill()
 
     def _fill(self) -> None:
         while self._queue and len(self._pending) < 2 * self._threads:
-            name, nbytes = self._queue[0]
+            key, nbytes, read = self._queue[0]
             if self.in_flight + nbytes > self.allowance:
                 break
             self._queue.popleft()
             self.in_flight += nbytes
-            self._pending[name] = (self._pool.submit(self._read_all, name), nbytes)
+            self._pending[key] = (self._pool.submit(read), nbytes)
 
-    def take(self, name: str) -> Uploaded | None:
-        if name not in self._pending:
+    def take(self, key: ReadKey) -> Uploaded | None:
+        if key not in self._pending:
             # Read by the caller instead (too large for the allowance, or not reached yet): the
             # reader moves past it, rather than waiting at it for room it will never get.
-            if any(queued == name for queued, _ in self._queue):
-                while self._queue.popleft()[0] != name:
+            if any(queued == key for queued, _, _ in self._queue):
+                while self._queue.popleft()[0] != key:
                     pass
                 self._fill()
             return None
-        future, nbytes = self._pending.pop(name)
+        future, nbytes = self._pending.pop(key)
         try:
             return future.result()
         finally:
@@ -132,6 +139,7 @@ class MergeInputs:
         scratch_dir: Path | None = None,
         owns: Callable[[str], bool] = lambda name: True,
         writes_updates: bool = False,
+        host_memory: int = 0,
     ):
         self.body = plan.body
         # What the write pass produces: this rank's tensors (all on one process) not yet done.
@@ -157,7 +165,14 @@ class MergeInputs:
         self._show_progress = show_progress
         self._checked: set[tuple] = set()
         self._written_behind = written_behind  # bytes of merged blocks the writer still holds
-        self._kept = KeptStore(scratch_dir)
+        # Values bound for the scratch file are written behind, with I/O threads, within the
+        # share the statistic passes may hold (R²M's truncation pass holds nothing else there).
+        self._kept = KeptStore(
+            scratch_dir,
+            host_limit=host_memory,
+            pin=self._pinned,
+            write_behind=self.statistic_allowance() if io_threads > 0 else 0,
+        )
         # Bytes of the budget kept values may hold in memory, fixed before the first pass.
         self._kept_allowance = 0
         # Per pass: bytes read from the inputs and from and to the scratch file.
@@ -176,9 +191,7 @@ class MergeInputs:
         }
         self._prefetcher = None
         if io_threads > 0:
-            self._prefetcher = _Prefetcher(
-                self._read_all, io_threads, int(budget.limit * PREFETCH_SHARE)
-            )
+            self._prefetcher = _Prefetcher(io_threads, int(budget.limit * PREFETCH_SHARE))
 
     def close(self) -> None:
         if self._prefetcher is not None:
@@ -493,7 +506,7 @@ class MergeInputs:
         keep_free = max((self.whole_need(t, kept.step_stacks) for t in kept.steps_after), default=0)
         self._kept_allowance = max(0, min(kept.total_bytes, self.step_budget() - keep_free))
         scratch = self._kept.scratch_dir
-        beyond_memory = kept.total_bytes - self._kept_allowance
+        beyond_memory = kept.total_bytes - self._kept_allowance - self._kept.host_limit
         if scratch is None or beyond_memory <= 0:
             return
         free = shutil.disk_usage(scratch).free
@@ -505,19 +518,36 @@ class MergeInputs:
                 "instead"
             )
 
-    def keep(self, key: str, values: tuple[torch.Tensor, ...]) -> str | None:
+    def keep(self, key: str, values: tuple[torch.Tensor, ...]) -> None:
         nbytes = sum(v.numel() * v.element_size() for v in values)
         in_memory = self._kept.memory_bytes() + nbytes <= self._kept_allowance
         in_memory = in_memory and self.budget.try_reserve(nbytes)
-        return self._kept.put(key, values, nbytes, in_memory)
+        self._kept.put(key, values, nbytes, in_memory)
+
+    def kept_where(self, key: str) -> str | None:
+        return self._kept.where(key)
+
+    def _read_kept(self, key: str) -> Uploaded | None:
+        """A value kept off the compute device, on its way back there (for the reader)."""
+        taken = self._kept.take(key)
+        return None if taken is None else self._upload(list(taken[0]))
 
     def take(self, key: str) -> tuple[torch.Tensor, ...] | None:
+        if self._prefetcher is not None:
+            prefetched = self._prefetcher.take((KEPT, key))
+            if prefetched is not None:
+                return tuple(self._ready(prefetched))
         taken = self._kept.take(key)
         if taken is None:
             return None
         values, reserved = taken
         self.budget.release(reserved)
-        return values
+        return tuple(self._ready(self._upload(list(values))))
+
+    @property
+    def host_memory(self) -> dict[str, int]:
+        """The host tier's limit and the most it held."""
+        return {"limit": self._kept.host_limit, "peak_kept": self._kept.host_peak}
 
     def drop_kept(self) -> None:
         """Releases what was kept and never taken (tensors a resumed merge had written), and the
@@ -576,25 +606,26 @@ class MergeInputs:
         self, items: Iterable[TensorPlan], description: str, read_ahead: bool = True
     ) -> Iterator[TensorPlan]:
         """`items` in order, as one pass: the reader loads ahead the tensors that fit whole
-        (unless the pass reads only parts of them: not `read_ahead`), a progress bar shows on a
-        terminal, and the pass's time goes into `timings`."""
+        (unless the pass reads only parts of them: not `read_ahead`) and, before each, what was
+        kept for it in host memory on a GPU or on disk; a progress bar shows on a terminal, and
+        the pass's time goes into `timings`. When the pass ends, the values it kept are where
+        they will stay (`kept_where`)."""
         items = list(items)
         # Counted from before the reader starts on this pass's tensors.
         before = self._io_counts()
         if self._prefetcher is not None and not read_ahead:
             self._prefetcher.drop()
         elif self._prefetcher is not None:
-            raw_bytes = [
-                (t.name, (self.n_experts + 1) * t.numel * t.in_dtype.itemsize) for t in items
-            ]
             fits = self.block_budget()
-            self._prefetcher.plan(
-                [
-                    (n, b)
-                    for (n, b), t in zip(raw_bytes, items, strict=True)
-                    if self.whole_need(t) <= fits and t.name not in self._from_factors
-                ]
-            )
+            upcoming = []
+            for t in items:
+                if self._kept.is_held_off_device(t.name):
+                    read = functools.partial(self._read_kept, t.name)
+                    upcoming.append(((KEPT, t.name), self._kept.nbytes_of(t.name), read))
+                if self.whole_need(t) <= fits and t.name not in self._from_factors:
+                    raw_bytes = (self.n_experts + 1) * t.numel * t.in_dtype.itemsize
+                    upcoming.append((t.name, raw_bytes, functools.partial(self._read_all, t.name)))
+            self._prefetcher.plan(upcoming)
         iterator = items
         if self._show_progress:
             try:
@@ -605,6 +636,7 @@ class MergeInputs:
                 pass
         started = time.perf_counter()
         yield from iterator
+        self._kept.flush()
         self.timings[description] = (
             self.timings.get(description, 0.0) + time.perf_counter() - started
         )

@@ -115,10 +115,15 @@ class TaskTensors(Protocol):
         thin factors) while `entry`'s row blocks with `block_stacks` are served; raises, saying
         `purpose`, when not even one row fits beside it."""
 
-    def keep(self, key: str, values: tuple[torch.Tensor, ...]) -> str | None:
+    def keep(self, key: str, values: tuple[torch.Tensor, ...]) -> None:
         """Holds `values` for a later pass (`take(key)`): in memory if they fit beside the later
-        steps the method declared (MethodPasses.keeps), else in a scratch file if the merge has
-        one with room. Returns where ("memory", "scratch"), or None: not held."""
+        steps the method declared (MethodPasses.keeps), else in host memory within the merge's
+        host tier, else in a scratch file if the merge has one with room, else not at all. The
+        method does not change `values` afterwards."""
+
+    def kept_where(self, key: str) -> str | None:
+        """Where `keep` put `key`'s values ("memory", "host", "scratch"), or None: nowhere.
+        Settled once the pass that kept them has ended."""
 
     def take(self, key: str) -> tuple[torch.Tensor, ...] | None:
         """What `keep` holds under `key` (and no longer), or None."""

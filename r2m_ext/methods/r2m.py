@@ -185,7 +185,8 @@ class _R2mMerge:
         }
         self.whole_stacks = 2 + self.svd_stacks
         # Where the engine held the factors of the truncated matrices this process observed.
-        self.factors_kept = {"memory": 0, "scratch": 0, "recomputed": 0}
+        # How many matrices' factors each tier served (TaskTensors.kept_where), or none did.
+        self.factors_kept = {"memory": 0, "host": 0, "scratch": 0, "recomputed": 0}
         # Factorisations of [N, m, n] stacks per pass (N each): a matrix factored in both the
         # truncation and the write pass counts twice.
         self.factorisations: dict[str, int] = {}
@@ -423,9 +424,8 @@ class _R2mMerge:
                 energy_kept=torch.where(full_sq > 0, kept_sq / full_sq, 1.0).tolist(),
                 singular_values=singular.double().tolist(),
             )
-            tier = tensors.keep(entry.name, (left, right)) or "recomputed"
-            self.factors_kept[tier] += 1
-            entry_report["factors"] = tier
+            # Where they went is settled when the pass ends (set_norm_matching reports it).
+            tensors.keep(entry.name, (left, right))
         else:
             for _, base, experts in tensors.blocks(entry, extra_stacks=2):
                 tau = (experts - base).reshape(n, -1)
@@ -479,6 +479,11 @@ class _R2mMerge:
             self.eta = options.alpha * core_norm
         else:
             self.eta = options.alpha
+        for name in self.truncating:
+            if name in self.tensor_reports:  # else observed by another rank, which reports it
+                tier = self.tensors.kept_where(name) or "recomputed"
+                self.tensor_reports[name]["factors"] = tier
+                self.factors_kept[tier] += 1
         for name, grams in residual_grams.items():
             if name not in self.tensor_reports:
                 continue  # observed by another rank, which reports it
@@ -493,6 +498,7 @@ class _R2mMerge:
             residual_cancelled=not residual_resolved and residual_norm_sq != 0,
             eta=self.eta,
             factors_cached=self.factors_kept["memory"],
+            factors_in_host_memory=self.factors_kept["host"],
             factors_spilled=self.factors_kept["scratch"],
             factors_recomputed=self.factors_kept["recomputed"],
             factorisations=self.factorisations,
@@ -619,6 +625,7 @@ register(
         relative_work=factoring_work,
         summed_report_keys=(
             "factors_cached",
+            "factors_in_host_memory",
             "factors_spilled",
             "factors_recomputed",
             "factorisations",
