@@ -32,6 +32,8 @@ METHODS = {
     "r2m_exact": ["--method", "r2m", "--svd", "exact"],
     # R²M with no scratch file: factors the budget cannot hold are recomputed in the write pass.
     "r2m_recompute": ["--method", "r2m", "--scratch-dir", "none"],
+    # R²M with a host-memory tier beyond the budget (on the CPU: plain memory) for the factors.
+    "r2m_host": ["--method", "r2m", "--host-memory", "4GB"],
     "ties": ["--method", "ties"],
     "ties_tensor": ["--method", "ties", "--ties-scope", "tensor"],
     "dare": ["--method", "dare"],
@@ -137,7 +139,19 @@ def run_merge(
         "timings_s": report["timings_s"],
         "engine_peak_bytes": report["memory"]["peak_accounted"],
         "tiled_tensors": len(report.get("tiled_tensors", [])),
+        # Where R²M's truncation factors were kept, and what each pass read and wrote.
+        "factors": {tier: report[key] for tier, key in FACTOR_TIERS.items() if key in report},
+        "factorisations": report.get("factorisations"),
+        "io_bytes": report.get("io_bytes"),
     }
+
+
+FACTOR_TIERS = {
+    "memory": "factors_cached",
+    "host": "factors_in_host_memory",
+    "scratch": "factors_spilled",
+    "recomputed": "factors_recomputed",
+}
 
 
 def startup_seconds(repeat: int) -> float:
@@ -272,6 +286,20 @@ def main() -> None:
                     )
                 )
             )
+    for row in rows:
+        if not row["factors"]:
+            continue
+        scratch_io = {
+            what: sum(counts.get(f"scratch_bytes_{what}", 0) for counts in row["io_bytes"].values())
+            for what in ("written", "read")
+        }
+        lines.append(
+            f"\n{row['method']}: truncation factors per tier "
+            + ", ".join(f"{tier} {count}" for tier, count in row["factors"].items())
+            + f"; scratch file {scratch_io['written'] / 1e6:.0f} MB written, "
+            f"{scratch_io['read'] / 1e6:.0f} MB read; factorisations "
+            + ", ".join(f"{name} {n}" for name, n in row["factorisations"].items())
+        )
     stem = f"streaming_{info['architecture']}_{info['dtype']}_{result['machine']['date']}"
     write_results(args.results, stem, result, lines)
     shutil.rmtree(scratch, ignore_errors=True)
