@@ -5,6 +5,7 @@ each matrix and how often each was factored; the scratch file never outlives the
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -243,31 +244,66 @@ def test_a_full_scratch_disk_falls_back_to_recomputation_with_the_same_bits(inpu
 
 
 def test_scratch_space_is_checked_before_the_merge_starts(inputs, tmp_path):
-    if shutil.which("unshare") is None:
-        pytest.skip("no unshare to mount a small tmpfs without privileges")
     tiny = tmp_path / "tiny"
     tiny.mkdir()
-    mount = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c"]
-    mount_tiny = f"mount -t tmpfs -o size=64k none {tiny}"
-    probe = subprocess.run([*mount, mount_tiny], capture_output=True, text=True, timeout=60)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.strip()}")
     out = tmp_path / "out"
-    merge_command = " ".join(
-        [sys.executable, "-m", "r2m_ext", "merge", "--base", str(inputs[0])]
-        + [f"--expert {p}" for p in inputs[1:]]
-        + ["--max-memory", "700kB", "--scratch-dir", str(tiny), "--out", str(out)]
-    )
-    result = subprocess.run(
-        [*mount, f"{mount_tiny} && cd {REPO} && exec {merge_command}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    merge_command = [sys.executable, "-m", "r2m_ext", "merge", "--base", inputs[0]]
+    merge_command += [a for p in inputs[1:] for a in ("--expert", p)]
+    merge_command += ["--max-memory", "700kB", "--scratch-dir", tiny, "--out", out]
+    result = _in_a_small_tmpfs(tiny, "64k", merge_command)
     assert result.returncode == 1, result.stderr
     assert f"{tiny}: the scratch space" in result.stderr and "free" in result.stderr
     assert "--scratch-dir none" in result.stderr
     assert not out.exists()
+
+
+def _in_a_small_tmpfs(directory, size: str, command: list) -> subprocess.CompletedProcess:
+    """Runs `command` (in the repository) with a fresh tmpfs of `size` mounted on `directory`,
+    in a user and mount namespace of its own (no privileges needed); skips where it cannot."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare to mount a small tmpfs without privileges")
+    mount = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c"]
+    mount_tmpfs = f"mount -t tmpfs -o size={size} none {directory}"
+    probe = subprocess.run([*mount, mount_tmpfs], capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.strip()}")
+    quoted = " ".join(shlex.quote(str(part)) for part in command)
+    return subprocess.run(
+        [*mount, f"{mount_tmpfs} && cd {REPO} && exec {quoted}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_a_tmpfs_that_fills_mid_merge_falls_back_to_recomputation_with_the_same_bits(
+    inputs, tmp_path
+):
+    """The check before the merge counts the host tier's whole 150 kB as taken; first fit in
+    plan order leaves it holding 129 kB (fc2, qkv), so the scratch file needs 147 kB (fc1, then
+    blocks.1), more than the 136 kB tmpfs holds though the check passed (126 kB): fc1 goes to
+    the scratch file, blocks.1's write fails with ENOSPC, and its factors are recomputed."""
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    common = ["--base", inputs[0], *[a for p in inputs[1:] for a in ("--expert", p)]]
+    common += ["--max-memory", "1200kB", "--host-memory", "150kB", "--quiet"]
+    merge_command = [sys.executable, "-m", "r2m_ext", "merge", *common]
+    filled = _in_a_small_tmpfs(
+        tiny, "136k", [*merge_command, "--scratch-dir", tiny, "--out", tmp_path / "filled"]
+    )
+    assert filled.returncode == 0, filled.stderr
+    none = _cli(*common, "--out", tmp_path / "none", "--scratch-dir", "none")
+    assert none.returncode == 0, none.stderr
+    assert merged(tmp_path / "filled") == merged(tmp_path / "none")
+    report = json.loads((tmp_path / "filled" / "report.json").read_text())
+    tiers = {n: t["factors"] for n, t in report["tensors"].items() if "factors" in t}
+    assert tiers == {
+        "blocks.0.mlp.fc2.weight": "host",
+        "blocks.0.attn.qkv.weight": "host",
+        "blocks.0.mlp.fc1.weight": "scratch",
+        "blocks.1.mlp.fc1.weight": "recomputed",
+    }
+    assert report["factorisations"]["R²M write pass"] == N_EXPERTS
 
 
 def test_ctrl_c_after_spilling_leaves_no_scratch_and_resume_gives_the_same_bits(
