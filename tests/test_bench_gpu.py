@@ -38,5 +38,10 @@ def test_gpu_benchmark_script_runs_every_part_at_toy_sizes(tmp_path):
     assert streaming["r2m"]["vs_cpu"]["max_relative_difference"] < 1e-4
     assert streaming["r2m"]["vs_cpu"]["tensors"] == streaming["average"]["vs_cpu"]["tensors"] > 0
     assert set(streaming["r2m"]["timings_s"]) >= {"R²M gram pass", "total"}
+    # Without a host tier (and on the CPU, where it is 0 unless told) the factors go through the
+    # scratch file: the same bits, nothing factored twice.
+    assert streaming["r2m_scratch"]["same_bits_as_host_tier"] is True
+    for key in ("r2m", "r2m_scratch"):
+        assert "R²M write pass" not in streaming[key]["factorisations"]
     table = (tmp_path / "out" / "gpu_ops_streaming_smoke.md").read_text()
     assert "failed" not in table and "not run" not in table
