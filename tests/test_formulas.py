@@ -2,6 +2,7 @@
 numbers are derived in the comments, never by calling the code under test."""
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -223,6 +224,35 @@ def test_tsv_by_hand():
     merged = r2m_ext.merge(base, experts, "tsv", alpha=0.5, svd="exact", compute_dtype="float64")
     torch.testing.assert_close(merged["w"], torch.diag(t([1.5, 1.0])), rtol=0, atol=1e-12)
     torch.testing.assert_close(merged["b"], t([2, 3]), rtol=0, atol=0)
+
+
+def test_polar_factor_by_hand_and_by_either_route():
+    from r2m_ext.methods import tsv
+
+    # [[3, 0], [0, 4], [0, 0], [0, 0]] = P diag(3, 4) with P its first two unit columns: the
+    # polar factor is P. Tall (4 >= 2 * 2) and cond(G) = 16 / 9: the Gram route serves it.
+    tall = torch.zeros(4, 2, dtype=F64)
+    tall[0, 0], tall[1, 1] = 3.0, 4.0
+    torch.testing.assert_close(tsv.polar_factor(tall), t([[1, 0], [0, 1], [0, 0], [0, 0]]))
+    # Against the SVD's P Q^T in float64, float32 results within 1e-5: well-conditioned tall
+    # columns (the Gram route), tall columns with cond(G) = 1e4 (past the limit: the SVD), and a
+    # square matrix (always the SVD).
+    g = torch.Generator().manual_seed(0)
+    cases = {
+        "tall": torch.randn(600, 100, generator=g, dtype=F64),
+        "tall, ill-conditioned": torch.randn(600, 100, generator=g, dtype=F64)
+        @ torch.diag(torch.logspace(0, -2, 100, dtype=F64)),
+        "square": torch.randn(100, 100, generator=g, dtype=F64),
+    }
+    svd = torch.linalg.svd
+    for (name, matrix), svds in zip(cases.items(), (0, 1, 1), strict=True):
+        p, _, qh = svd(matrix, full_matrices=False)
+        with mock.patch.object(torch.linalg, "svd", wraps=svd) as counted:
+            got = tsv.polar_factor(matrix.float()).double()
+        assert counted.call_count == svds, name  # which route served it
+        assert float((got - p @ qh).norm() / (p @ qh).norm()) < 1e-5, name
+        eye = torch.eye(matrix.shape[1], dtype=F64)
+        assert float((got.T @ got - eye).abs().max()) < 1e-5, name
 
 
 def test_dare_by_hand():
