@@ -27,8 +27,8 @@ import torch
 # Tiers, in the order they are tried; "recomputed" is what the report says of a value none held.
 MEMORY, HOST, SCRATCH = "memory", "host", "scratch"
 
-# (shape, dtype, device) of each value of a key held off the compute device.
-Layout = list[tuple[torch.Size, torch.dtype, torch.device]]
+# (shape, dtype) of each value of a key in the scratch file.
+Layout = list[tuple[torch.Size, torch.dtype]]
 
 
 def host_bytes(nbytes: int, pinned: bool) -> int:
@@ -57,7 +57,7 @@ class KeptStore:
         self._pin = pin
         self._lock = threading.Lock()
         self._memory: dict[str, tuple[tuple[torch.Tensor, ...], int]] = {}
-        self._host: dict[str, tuple[tuple[torch.Tensor, ...], Layout, int]] = {}
+        self._host: dict[str, tuple[tuple[torch.Tensor, ...], int]] = {}  # (values, cost)
         self.host_held = 0
         self.host_peak = 0
         self._spilled: dict[str, tuple[int, Layout]] = {}  # key: (offset in the file, layout)
@@ -81,12 +81,11 @@ class KeptStore:
             with self._lock:
                 self._memory[key] = (values, nbytes)
             return
-        layout = [(v.shape, v.dtype, v.device) for v in values]
         cost = sum(host_bytes(v.numel() * v.element_size(), self._pin) for v in values)
         if self.host_held + cost <= self.host_limit:
             held = tuple(self._to_host(v) for v in values)
             with self._lock:
-                self._host[key] = (held, layout, cost)
+                self._host[key] = (held, cost)
                 self.host_held += cost
                 self.host_peak = max(self.host_peak, self.host_held)
             return
@@ -102,7 +101,7 @@ class KeptStore:
         offset = self._end
         self._end += nbytes
         with self._lock:
-            self._spilled[key] = (offset, layout)
+            self._spilled[key] = (offset, [(v.shape, v.dtype) for v in values])
         if nbytes > self._write_behind:
             self.flush()  # in file order, so that a failure ends the tier at one place
             self._write(key, data, offset)
@@ -140,14 +139,14 @@ class KeptStore:
                 return self._memory.pop(key)
             host = self._host.pop(key, None)
             if host is not None:
-                self.host_held -= host[2]
+                self.host_held -= host[1]
                 return host[0], 0
             spilled = self._spilled.pop(key, None)
         if spilled is None:
             return None
         offset, layout = spilled
         values = []
-        for shape, dtype, _ in layout:
+        for shape, dtype in layout:
             value = torch.empty(shape, dtype=dtype, pin_memory=self._pin)
             buffer = value.view(-1).view(torch.uint8).numpy()
             _read_exactly(self._file.fileno(), memoryview(buffer), offset)
@@ -164,9 +163,11 @@ class KeptStore:
             return key in self._spilled or (self._pin and key in self._host)
 
     def nbytes_of(self, key: str) -> int:
+        """Bytes of `key`'s values, held in host memory or on disk."""
         with self._lock:
-            layout = self._host[key][1] if key in self._host else self._spilled[key][1]
-        return sum(shape.numel() * dtype.itemsize for shape, dtype, _ in layout)
+            if key in self._host:
+                return sum(v.numel() * v.element_size() for v in self._host[key][0])
+            return sum(shape.numel() * dtype.itemsize for shape, dtype in self._spilled[key][1])
 
     def memory_bytes(self) -> int:
         with self._lock:
