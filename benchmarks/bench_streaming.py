@@ -32,8 +32,9 @@ METHODS = {
     "r2m_exact": ["--method", "r2m", "--svd", "exact"],
     # R²M with no scratch file: factors the budget cannot hold are recomputed in the write pass.
     "r2m_recompute": ["--method", "r2m", "--scratch-dir", "none"],
-    # R²M with a host-memory tier beyond the budget (on the CPU: plain memory) for the factors.
-    "r2m_host": ["--method", "r2m", "--host-memory", "4GB"],
+    # R²M with a host-memory tier beyond the budget (on the CPU: plain memory) for the factors
+    # (--host-memory from the command line below).
+    "r2m_host": ["--method", "r2m"],
     "ties": ["--method", "ties"],
     "ties_tensor": ["--method", "ties", "--ties-scope", "tensor"],
     "dare": ["--method", "dare"],
@@ -177,6 +178,7 @@ def main() -> None:
     parser.add_argument("--max-memory", default="1GB")
     parser.add_argument("--methods", nargs="+", default=["average", "r2m"], choices=sorted(METHODS))
     parser.add_argument("--repeat", type=int, default=3, help="runs of the floor and of average")
+    parser.add_argument("--host-memory", default="4GB", help="r2m_host's --host-memory")
     parser.add_argument("--scratch", type=Path, default=None, help="output directory (same disk)")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
@@ -206,7 +208,12 @@ def main() -> None:
             floors.append(io_floor(inputs, output_bytes, scratch))
             runs.append(
                 run_merge(
-                    args.checkpoints, experts, scratch / method, METHODS[method], args.max_memory
+                    args.checkpoints,
+                    experts,
+                    scratch / method,
+                    METHODS[method]
+                    + (["--host-memory", args.host_memory] if method == "r2m_host" else []),
+                    args.max_memory,
                 )
             )
             # Each run against the floor measured just before it, so that a run-to-run spread
@@ -294,7 +301,9 @@ def main() -> None:
             for what in ("written", "read")
         }
         lines.append(
-            f"\n{row['method']}: truncation factors per tier "
+            f"\n{row['method']}"
+            + (f" (--host-memory {args.host_memory})" if row["method"] == "r2m_host" else "")
+            + ": truncation factors per tier "
             + ", ".join(f"{tier} {count}" for tier, count in row["factors"].items())
             + f"; scratch file {scratch_io['written'] / 1e6:.0f} MB written, "
             f"{scratch_io['read'] / 1e6:.0f} MB read; factorisations "
