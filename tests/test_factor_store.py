@@ -165,6 +165,20 @@ def test_host_memory_then_scratch_give_the_same_bits_written_behind_and_read_ahe
         assert threads["read"] == ["r2m-read"] * (TRUNCATED - in_host)
 
 
+def test_the_host_tier_defaults_to_a_quarter_of_available_memory_on_a_gpu_and_none_on_the_cpu():
+    from r2m_ext.engine.budget import available_memory, host_tier_bytes
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device name: no GPU needed
+    assert host_tier_bytes(None, cpu) == 0
+    for given, want in (("0", 0), ("0GB", 0), ("0.0 MB", 0), ("1MB", 10**6), (4096, 4096)):
+        assert host_tier_bytes(given, cuda) == want, given
+    # Two ranks of a machine share it; available memory moves a little between the two reads.
+    default = host_tier_bytes(None, cuda, sharing=2)
+    assert abs(default - available_memory() // 8) < 0.05 * available_memory() // 8
+    with pytest.raises(r2m_ext.R2MError, match="cannot read size 'lots'"):
+        host_tier_bytes("lots", cpu)
+
+
 def test_host_memory_from_the_command_line(inputs, tmp_path):
     common = ["--base", inputs[0], *[a for p in inputs[1:] for a in ("--expert", p)]]
     common += ["--max-memory", "700kB", "--quiet"]
