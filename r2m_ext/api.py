@@ -418,7 +418,7 @@ def _merge_files_on_rank(
                     "max_memory": budget.limit,
                     "peak_accounted": budget.peak,
                     "peak_rss": peak_rss_bytes(),
-                    "host_memory": inputs.host_memory,
+                    "host_memory": inputs.host_tier,
                     **(
                         {"device_peak_after_pass": inputs.device_peaks}
                         if inputs.device_peaks

@@ -6,7 +6,6 @@ live; the host then holds only tensors read ahead and one step's raw inputs."""
 from __future__ import annotations
 
 import ctypes
-import re
 import resource
 import threading
 
@@ -49,9 +48,7 @@ def host_tier_bytes(given: str | int | None, device: torch.device, sharing: int 
     told: on a GPU a quarter of the available host memory (shared by the ranks of a machine); on
     the CPU none, since --max-memory already bounds host memory there."""
     if given is not None:
-        if re.fullmatch(r"\s*0*\.?0*\s*[A-Za-z]*\s*", str(given)) and "0" in str(given):
-            return 0  # 0 (in any unit): no host tier
-        return parse_size(given)
+        return parse_size(given, allow_zero=True)  # 0 (in any unit): no host tier
     if device.type != "cuda":
         return 0
     return int(available_memory() * DEFAULT_HOST_TIER_FRACTION) // sharing

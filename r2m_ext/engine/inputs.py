@@ -545,7 +545,7 @@ class MergeInputs:
         return tuple(self._ready(self._upload(list(values))))
 
     @property
-    def host_memory(self) -> dict[str, int]:
+    def host_tier(self) -> dict[str, int]:
         """The host tier's limit and the most it held."""
         return {"limit": self._kept.host_limit, "peak_kept": self._kept.host_peak}
 

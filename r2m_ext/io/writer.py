@@ -74,8 +74,9 @@ _MAX_SIZE = 2**63
 Layout = Sequence[tuple[str, Sequence[int], torch.dtype]]
 
 
-def parse_size(text: str | int) -> int:
-    """'5GB' -> 5 * 10**9 (decimal units as Hugging Face uses them; KiB/MiB/GiB are binary)."""
+def parse_size(text: str | int, allow_zero: bool = False) -> int:
+    """'5GB' -> 5 * 10**9 (decimal units as Hugging Face uses them; KiB/MiB/GiB are binary);
+    0 in any unit only with `allow_zero` (a size that can be turned off)."""
     if isinstance(text, int) and not isinstance(text, bool):
         value = text
     else:
@@ -84,8 +85,8 @@ def parse_size(text: str | int) -> int:
         if match is None or unit not in _SIZE_UNITS:
             raise R2MError(f"cannot read size {text!r}; write e.g. 500MB, 5GB or 2GiB")
         value = int(Fraction(match.group(1)) * _SIZE_UNITS[unit])
-    if value <= 0:
-        raise R2MError(f"size {text!r} must be positive")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise R2MError(f"size {text!r} must be {'0 or more' if allow_zero else 'positive'}")
     if value >= _MAX_SIZE:
         raise R2MError(f"size {text!r} is beyond 2**63 bytes, more than any machine holds")
     return value
